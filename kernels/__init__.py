@@ -1,0 +1,1 @@
+"""Fused kernels (installed as ``fdpg_scale.kernels``)."""
