@@ -1,0 +1,112 @@
+"""What a run reports: ``metrics.jsonl`` (one JSON object per optimizer step), TensorBoard scalars, a
+progress bar and a one-line summary every N steps. Rank 0 writes; other ranks get a logger that does nothing.
+
+``metrics.jsonl`` is appended to, so a resumed run continues the same file; on resume the lines of steps at
+or after the resumed step (written after the checkpoint the run restarts from) are dropped first, so every
+step appears exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from tqdm import tqdm
+
+__all__ = ["RunLogger"]
+
+
+class RunLogger:
+    """Per-step metrics sink of one run.
+
+    Args:
+        output_dir: the run directory; ``metrics.jsonl`` and ``tensorboard/`` go there.
+        enabled: False on every rank but 0 (then every method is a no-op).
+        total_steps / start_step: for the progress bar; ``start_step`` also truncates stale lines.
+        summary_every: print a one-line summary every this many steps.
+    """
+
+    def __init__(self, output_dir: str | Path, *, enabled: bool, total_steps: int, start_step: int = 0,
+                 summary_every: int = 1, tensorboard: bool = True, progress_bar: bool = True):
+        self.enabled = enabled
+        self.summary_every = summary_every
+        self._tb = None
+        self._bar = None
+        if not enabled:
+            return
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._drop_lines_from(start_step)
+        self._file = open(self.path, "a", encoding="utf-8")
+        if tensorboard:
+            # Imported here: tensorboard pulls in protobuf/grpc, which ranks > 0 never need.
+            from torch.utils.tensorboard import SummaryWriter
+            self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"), purge_step=start_step)
+        if progress_bar:
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="f-DPG", unit="step", dynamic_ncols=True,
+                             leave=True)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Record the metrics of optimizer step ``step`` (1-based: the step just completed)."""
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(record, allow_nan=True) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self._tb.add_scalar(key, value, step)
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(loss=f"{record.get('loss', float('nan')):.3g}",
+                                  kl_p_pi=f"{record.get('kl_p_pi', float('nan')):.3g}")
+        if step % self.summary_every == 0:
+            self.message(_summary_line(record))
+
+    def message(self, text: str) -> None:
+        """Print a line on rank 0 without breaking the progress bar."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._bar is not None:
+            self._bar.close()
+
+    def _drop_lines_from(self, start_step: int) -> None:
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line)["step"] <= start_step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+
+_SUMMARY_KEYS = ("loss", "log_z", "kl_p_pi", "kl_pi_a", "alignment", "ess", "proposal_version", "tokens_per_s")
+
+
+def _summary_line(record: dict) -> str:
+    parts = [f"step {record['step']}"]
+    for key in _SUMMARY_KEYS:
+        if key in record and isinstance(record[key], (int, float)):
+            parts.append(f"{key} {record[key]:.4g}")
+    return " | ".join(parts)
+
+
+def _plain(value):
+    """JSON-friendly scalar: tensors and numpy numbers become Python floats/ints."""
+    if hasattr(value, "item"):
+        value = value.item()
+    return value

@@ -1,0 +1,68 @@
+"""Config loading: every shipped config validates; overrides are typed; bad keys are named."""
+
+from pathlib import Path
+
+import pytest
+
+from fdpg_scale.config import ConfigError, RunConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_FILES = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
+def test_every_config_file_loads_and_its_deepspeed_json_exists(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)
+    assert (ROOT / cfg.deepspeed.config).is_file(), f"{path.name}: missing {cfg.deepspeed.config}"
+
+
+def test_overrides_are_parsed_with_the_field_type():
+    cfg = load_config(ROOT / "configs/smoke.yaml",
+                      ["train.steps=20", "train.lr=1e-4", "divergence.name=alpha", "divergence.alpha=0.5",
+                       "train.on_policy=true", "target.scorer_args.substring=def", "seed=3"])
+    assert cfg.train.steps == 20 and isinstance(cfg.train.steps, int)
+    assert cfg.train.lr == pytest.approx(1e-4)
+    assert cfg.divergence.alpha == 0.5 and cfg.train.on_policy is True and cfg.seed == 3
+    assert cfg.target.scorer_args == {"substring": "def"}
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("train.stepz=3", "'train.stepz'"),
+    ("trainn.steps=3", "'trainn.steps'"),
+    ("train.steps=many", "'train.steps' must be of type int"),
+    ("train.steps=2.5", "'train.steps' must be of type int"),
+    ("train.on_policy=3", "'train.on_policy' must be of type bool"),
+    ("divergence.name=kld", "one of kl, rkl"),
+    ("divergence.name=alpha", "'kl'"),
+    ("divergence.alpha=0.5", "takes no alpha"),
+    ("model.path.deeper=1", "'model.path.deeper'"),
+    ("train.steps", "key=value"),
+    ("sampling.top_p=0", "sampling.top_p"),
+])
+def test_bad_override_names_the_key(override, needle):
+    with pytest.raises(ConfigError, match=None) as info:
+        load_config(ROOT / "configs/smoke.yaml", [override])
+    assert needle in str(info.value), str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_key_in_file_is_rejected_by_name(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {path: x}\ntrain: {stepss: 3}\n")
+    with pytest.raises(ConfigError, match="'train.stepss'"):
+        load_config(bad)
+
+
+def test_missing_model_path_and_missing_file():
+    with pytest.raises(ConfigError, match="model.path"):
+        load_config(ROOT / "configs/smoke.yaml", ["model.path="])  # None is not a str
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(ROOT / "configs/nope.yaml")
+
+
+def test_global_batch_must_split_over_micro_batches_and_ranks():
+    cfg = load_config(ROOT / "configs/smoke.yaml", ["train.global_batch=8", "train.micro_batch=2"])
+    assert cfg.train.accumulation_steps(1) == 4 and cfg.train.accumulation_steps(2) == 2
+    with pytest.raises(ConfigError, match="train.global_batch=8 is not a multiple"):
+        cfg.train.accumulation_steps(3)
