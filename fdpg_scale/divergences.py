@@ -41,6 +41,12 @@ class Divergence:
         """The α the kernel receives (0.0 for every divergence but ``alpha``)."""
         return 0.0
 
+    @property
+    def exp_rate(self) -> float:
+        """κ: f′(log t) grows like e^{κ·log t} at worst (kl: −1, rkl: 0, chi2: −2, ...). ``fdiv_weights`` bounds
+        |log t| by 80 / max(1, |κ|) so that f′ stays finite in float32 at the bound."""
+        return 1.0
+
     def f(self, log_t: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -62,6 +68,10 @@ class ForwardKL(Divergence):
     name: ClassVar[str] = "kl"
     kernel_id: ClassVar[int] = 0
 
+    @property
+    def exp_rate(self) -> float:
+        return -1.0
+
     def f(self, log_t):
         return -log_t
 
@@ -75,6 +85,10 @@ class ReverseKL(Divergence):
 
     name: ClassVar[str] = "rkl"
     kernel_id: ClassVar[int] = 1
+
+    @property
+    def exp_rate(self) -> float:
+        return 0.0
 
     def f(self, log_t):
         # t·log t → 0 as log t → −∞; torch gives 0·(−inf) = nan there, so guard it.
@@ -91,11 +105,16 @@ class TotalVariation(Divergence):
     name: ClassVar[str] = "tv"
     kernel_id: ClassVar[int] = 2
 
+    @property
+    def exp_rate(self) -> float:
+        return 0.0
+
     def f(self, log_t):
         return 0.5 * torch.abs(torch.expm1(log_t))
 
     def f_prime(self, log_t):
-        return 0.5 * torch.sign(log_t)
+        # torch.sign(nan) is 0: keep a NaN log t NaN instead of turning it into a plausible pseudo-reward.
+        return torch.where(torch.isnan(log_t), log_t, 0.5 * torch.sign(log_t))
 
 
 @dataclass(frozen=True)
@@ -108,6 +127,10 @@ class JensenShannon(Divergence):
 
     name: ClassVar[str] = "js"
     kernel_id: ClassVar[int] = 3
+
+    @property
+    def exp_rate(self) -> float:
+        return 0.0
 
     def f(self, log_t):
         first = torch.exp(log_t) * (_LOG2 - F.softplus(-log_t))
@@ -128,6 +151,10 @@ class ChiSquared(Divergence):
     name: ClassVar[str] = "chi2"
     kernel_id: ClassVar[int] = 4
 
+    @property
+    def exp_rate(self) -> float:
+        return -2.0
+
     def f(self, log_t):
         return 4.0 * torch.sinh(0.5 * log_t) ** 2
 
@@ -142,6 +169,10 @@ class ReverseChiSquared(Divergence):
     name: ClassVar[str] = "rchi2"
     kernel_id: ClassVar[int] = 5
 
+    @property
+    def exp_rate(self) -> float:
+        return 1.0
+
     def f(self, log_t):
         return torch.expm1(log_t) ** 2
 
@@ -155,6 +186,10 @@ class Hellinger(Divergence):
 
     name: ClassVar[str] = "hellinger"
     kernel_id: ClassVar[int] = 6
+
+    @property
+    def exp_rate(self) -> float:
+        return -0.5
 
     def f(self, log_t):
         return torch.expm1(0.5 * log_t) ** 2
@@ -188,16 +223,28 @@ class AlphaDivergence(Divergence):
     def alpha_value(self) -> float:
         return float(self.alpha)
 
+    @property
+    def exp_rate(self) -> float:
+        return float(self.alpha) - 1.0
+
     def f(self, log_t):
         a = self.alpha
-        return (torch.expm1(a * log_t) - a * torch.expm1(log_t)) / (a * (a - 1.0))
+        return _expm1_over(a * log_t, a * (a - 1.0)) - _expm1_over(log_t, a - 1.0)
 
     def f_prime(self, log_t):
         a = self.alpha
-        return torch.expm1((a - 1.0) * log_t) / (a - 1.0)
+        return _expm1_over((a - 1.0) * log_t, a - 1.0)
 
     def __str__(self) -> str:
         return f"alpha({self.alpha:g})"
+
+
+def _expm1_over(y: torch.Tensor, c: float) -> torch.Tensor:
+    """expm1(y)/c, finite wherever the quotient fits: expm1(y) alone overflows fp32 for y > 88.7 even when
+    expm1(y)/c does not, so for y > 80 it is computed as sign(c)·exp(y − log|c|) − 1/c."""
+    big = y > 80.0
+    scaled = math.copysign(1.0, c) * torch.exp(torch.where(big, y, torch.zeros_like(y)) - math.log(abs(c))) - 1.0 / c
+    return torch.where(big, scaled, torch.expm1(y) / c)
 
 
 _REGISTRY: dict[str, type[Divergence]] = {
