@@ -1,0 +1,248 @@
+"""Process-group set-up and small collectives: who am I, start the group, agree on numbers.
+
+Rank, world size, local rank and the rendezvous address come from, in order:
+
+1. torchrun / the deepspeed launcher: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``;
+2. SLURM (``srun python ...`` starting one process per task): ``SLURM_PROCID``, ``SLURM_NTASKS``,
+   ``SLURM_LOCALID`` and the first host of ``SLURM_JOB_NODELIST``; DeepSpeed's own init never reads these,
+   so ``resolve_launch`` maps them; the port is ``MASTER_PORT`` if set, else derived from the job id so that
+   two jobs sharing a node do not collide;
+3. nothing: a single process (rank 0 of 1) on 127.0.0.1 with a free port.
+
+``resolve_launch`` is a pure function of an environment mapping (unit-tested on dicts);
+``init_distributed`` applies it to ``os.environ`` and starts DeepSpeed's process group: gloo on CPU, nccl on
+CUDA (the CPU accelerator would otherwise ask for oneCCL).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+
+__all__ = ["LaunchInfo", "resolve_launch", "expand_hostlist", "init_distributed", "device", "get_rank",
+           "get_world_size", "is_rank0", "barrier", "all_reduce_floats", "all_gather_rows", "broadcast_object"]
+
+
+@dataclass(frozen=True)
+class LaunchInfo:
+    """Where this process sits in the job. ``source`` is ``torchrun``, ``slurm`` or ``single``."""
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    source: str
+
+    def env(self) -> dict[str, str]:
+        """The variables torch.distributed's env:// rendezvous reads."""
+        return {"RANK": str(self.rank), "WORLD_SIZE": str(self.world_size), "LOCAL_RANK": str(self.local_rank),
+                "MASTER_ADDR": self.master_addr, "MASTER_PORT": str(self.master_port)}
+
+
+def _int(env: Mapping[str, str], key: str) -> int:
+    try:
+        return int(env[key])
+    except ValueError:
+        raise ValueError(f"environment variable {key}={env[key]!r} is not an integer") from None
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def expand_hostlist(nodelist: str) -> list[str]:
+    """Expand a SLURM hostlist: ``"n[1-3],gpu07"`` → ``["n1", "n2", "n3", "gpu07"]``.
+
+    Handles comma-separated items, bracket groups of numbers and ranges with zero padding (``node[01-03,7]``)
+    and several groups in one name (``r[1-2]n[1-2]`` is their product), which is what
+    ``scontrol show hostnames`` does for these forms.
+    """
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(nodelist):
+        depth += ch == "["
+        depth -= ch == "]"
+        if depth < 0:
+            raise ValueError(f"nodelist {nodelist!r}: unbalanced ']'")
+        if ch == "," and depth == 0:
+            items.append(nodelist[start:i])
+            start = i + 1
+    if depth != 0:
+        raise ValueError(f"nodelist {nodelist!r}: unbalanced '['")
+    items.append(nodelist[start:])
+    hosts: list[str] = []
+    for item in items:
+        if not item:
+            raise ValueError(f"nodelist {nodelist!r}: empty host name")
+        hosts.extend(_expand_one(item, nodelist))
+    return hosts
+
+
+def _expand_one(item: str, whole: str) -> list[str]:
+    m = re.search(r"\[([^\]]*)\]", item)
+    if m is None:
+        return [item]
+    head, tail = item[:m.start()], item[m.end():]
+    values = []
+    for part in m.group(1).split(","):
+        bounds = part.split("-")
+        if len(bounds) == 1 and bounds[0].isdigit():
+            values.append(bounds[0])
+        elif len(bounds) == 2 and bounds[0].isdigit() and bounds[1].isdigit() and int(bounds[0]) <= int(bounds[1]):
+            width = len(bounds[0])
+            values.extend(str(v).zfill(width) for v in range(int(bounds[0]), int(bounds[1]) + 1))
+        else:
+            raise ValueError(f"nodelist {whole!r}: cannot parse range {part!r}")
+    return [head + v + rest for v in values for rest in _expand_one(tail, whole)]
+
+
+def resolve_launch(env: Mapping[str, str]) -> LaunchInfo:
+    """Rank, world, local rank and rendezvous address from an environment mapping (see module docstring)."""
+    if "RANK" in env or "WORLD_SIZE" in env:
+        missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in env]
+        if missing:
+            raise ValueError(f"RANK/WORLD_SIZE are set but {', '.join(missing)} is not: launch with torchrun "
+                             f"or the deepspeed launcher, or set all of them")
+        info = LaunchInfo(rank=_int(env, "RANK"), world_size=_int(env, "WORLD_SIZE"),
+                          local_rank=_int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0,
+                          master_addr=env["MASTER_ADDR"], master_port=_int(env, "MASTER_PORT"), source="torchrun")
+    elif "SLURM_PROCID" in env:
+        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        for key in ("SLURM_NTASKS", "SLURM_LOCALID"):
+            if key not in env:
+                raise ValueError(f"SLURM_PROCID is set but {key} is not: start the processes with srun")
+        if not nodelist:
+            raise ValueError("SLURM_PROCID is set but neither SLURM_JOB_NODELIST nor SLURM_NODELIST is")
+        if "MASTER_PORT" in env:
+            port = _int(env, "MASTER_PORT")
+        elif "SLURM_JOB_ID" in env:
+            port = 20000 + _int(env, "SLURM_JOB_ID") % 20000  # one port per job: jobs sharing nodes differ
+        else:
+            raise ValueError("SLURM_PROCID is set but neither MASTER_PORT nor SLURM_JOB_ID is")
+        info = LaunchInfo(rank=_int(env, "SLURM_PROCID"), world_size=_int(env, "SLURM_NTASKS"),
+                          local_rank=_int(env, "SLURM_LOCALID"),
+                          master_addr=env.get("MASTER_ADDR") or expand_hostlist(nodelist)[0],
+                          master_port=port, source="slurm")
+    else:
+        info = LaunchInfo(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1",
+                          master_port=_free_port(), source="single")
+    if not 0 <= info.rank < info.world_size:
+        raise ValueError(f"rank {info.rank} is not in [0, world size {info.world_size}) ({info.source})")
+    if info.local_rank < 0:
+        raise ValueError(f"local rank {info.local_rank} must be ≥ 0 ({info.source})")
+    return info
+
+
+def init_distributed(env: Mapping[str, str] | None = None) -> LaunchInfo:
+    """Start the process group (idempotent) and select this process's device; returns the LaunchInfo.
+
+    env: the environment to read (default ``os.environ``); the resolved variables are written back into
+    ``os.environ`` because torch's env:// rendezvous reads them from there.
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    info = resolve_launch(os.environ if env is None else env)
+    os.environ.update(info.env())
+    accel = get_accelerator()
+    if accel.device_name() == "cuda":
+        accel.set_device(info.local_rank)
+        backend = "nccl"
+    elif accel.device_name() == "cpu":
+        backend = "gloo"
+    else:
+        backend = accel.communication_backend_name()
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    return info
+
+
+def device() -> torch.device:
+    """This process's accelerator device (``cpu`` on the CPU accelerator, ``cuda:<local rank>`` on GPUs)."""
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
+
+
+def get_rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def is_rank0() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def all_reduce_floats(values: Sequence[float] | torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """All-reduce a few numbers across ranks in float64; returns a float64 CPU tensor of the same shape.
+
+    op: ``sum``, ``mean``, ``max`` or ``min``. Runs on this process's device (nccl cannot reduce CPU tensors).
+    """
+    ops = {"sum", "mean", "max", "min"}
+    if op not in ops:
+        raise ValueError(f"op must be one of {sorted(ops)}, got {op!r}")
+    t = torch.as_tensor(values, dtype=torch.float64).detach().clone().to(device())
+    if torch.distributed.is_initialized() and get_world_size() > 1:
+        red = {"sum": torch.distributed.ReduceOp.SUM, "mean": torch.distributed.ReduceOp.SUM,
+               "max": torch.distributed.ReduceOp.MAX, "min": torch.distributed.ReduceOp.MIN}[op]
+        torch.distributed.all_reduce(t, op=red)
+    if op == "mean":
+        t = t / get_world_size()
+    return t.cpu()
+
+
+def all_gather_rows(rows: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Concatenate every rank's rows in rank order: {name: [B_r, ...]} -> {name: [Σ_r B_r, ...]} on CPU.
+
+    Ranks may hold different row counts; within a rank all tensors must have the same B_r. Dtypes are kept.
+    Collective: every rank calls it with the same names, trailing shapes and dtypes.
+    """
+    names = sorted(rows)
+    if not names:
+        return {}
+    n = rows[names[0]].shape[0]
+    for k in names:
+        if rows[k].dim() == 0 or rows[k].shape[0] != n:
+            raise ValueError(f"all_gather_rows: {k} has shape {tuple(rows[k].shape)}, expected [{n}, ...] like "
+                             f"{names[0]}")
+    world = get_world_size()
+    if world == 1:
+        return {k: rows[k].detach().cpu() for k in names}
+    dev = device()
+    counts = torch.zeros(world, dtype=torch.long, device=dev)
+    counts[get_rank()] = n
+    torch.distributed.all_reduce(counts)
+    counts = counts.tolist()
+    top = max(counts)
+    out = {}
+    for k in names:
+        t = rows[k].detach().to(dev)
+        padded = torch.zeros((top, *t.shape[1:]), dtype=t.dtype, device=dev)
+        padded[:n] = t
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        torch.distributed.all_gather(parts, padded)
+        out[k] = torch.cat([p[:c] for p, c in zip(parts, counts)]).cpu()
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank ``src``'s picklable ``obj`` on every rank."""
+    if not (torch.distributed.is_initialized() and get_world_size() > 1):
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=src)
+    return box[0]

@@ -1,0 +1,288 @@
+"""The one seam to DeepSpeed ZeRO-3: build the engines, score sequences through the fused head, step, copy q ← π.
+
+Three engines, all ZeRO-3 (every rank holds 1/world of every parameter, from load time on):
+
+- the policy π_θ (``build_policy``): trainable, torch AdamW as a client optimizer unless the DeepSpeed config
+  names its own, LR warm-up then constant/cosine;
+- the proposal q and the base model a (``build_frozen``): no optimizer, ``requires_grad`` off.
+
+Each engine wraps an unmodified transformers causal LM in ``FusedHeadLM``, whose forward returns per-token
+log-probs log π(x_t | x_<t) computed by ``fdpg_scale.kernels.linear_token_logprobs`` from the last hidden
+state and the lm_head weight, so no [B, T, V] logits tensor is ever made.
+
+Why the wrapper (the ZeRO-3 subtlety): a ZeRO-3 parameter holds only its shard (``ds_tensor``) except while a
+module that owns it runs its forward (a pre-forward hook all-gathers it, a post-forward hook frees it) and
+its gradient is reduce-scattered by hooks. Calling the fused op on ``lm_head.weight`` outside the lm_head
+module's forward would read an empty tensor (or, for GPT-2's tied head, whatever the embedding left).
+``FusedHeadLM`` registers the head weight as an *external parameter* of itself
+(``deepspeed.zero.register_external_parameter``), so the engine gathers it for the whole of the wrapper's
+forward and again in its backward, where the gradient hooks fire as for any other parameter. Tied heads
+(GPT-2: lm_head.weight IS wte.weight) need nothing more: one parameter, two uses, one summed gradient.
+
+Sequence layout used throughout (also by generation.py): ``input_ids`` [B, T] left-padded prompts followed
+by the generated tokens; ``attention_mask`` [B, T] (1 = real token); ``loss_mask`` [B, T] (1 = score this
+token). Per-token outputs are aligned with ``input_ids``: out[b, t] = log p(x_t | x_<t), 0 where
+``loss_mask`` is 0 and at t = 0 (nothing conditions it).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from .kernels import linear_token_logprobs
+
+__all__ = ["FusedHeadLM", "build_policy", "build_frozen", "sequence_logprobs", "train_step",
+           "copy_policy_into_proposal", "position_ids_from_mask", "gathered_state_dict"]
+
+IGNORE_INDEX = -100
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, as transformers' generate computes them for left padding.
+
+    attention_mask [B, T] (1 = token) -> int64 [B, T]; padded slots get 1 (their value is never attended to).
+    """
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.masked_fill(attention_mask == 0, 1)
+
+
+class FusedHeadLM(nn.Module):
+    """A causal LM whose forward gives per-token log-probs through the fused head (see module docstring).
+
+    ``hf_model``: the transformers model (``.generate`` and ``.save_pretrained`` are used through it).
+    ``trainable``: False for the frozen proposal/base (their scoring runs under ``torch.no_grad``).
+    """
+
+    def __init__(self, hf_model: nn.Module, *, trainable: bool, keepalive: Any = None):
+        super().__init__()
+        self.hf_model = hf_model
+        self.trainable = trainable
+        # transformers reads ZeRO-3 status from a weak reference to this object (is_deepspeed_zero3_enabled,
+        # e.g. generate's synced_gpus default): keep it alive as long as the engine.
+        self._hf_ds_config = keepalive
+        head = hf_model.get_output_embeddings()
+        if head is None or not hasattr(head, "weight"):
+            raise ValueError(f"{type(hf_model).__name__} has no output embedding (lm_head) to fuse")
+        self._head = [head]  # a list: not a submodule of this wrapper a second time
+        import deepspeed
+
+        for p in (head.weight, getattr(head, "bias", None)):
+            if p is not None and hasattr(p, "ds_id"):
+                deepspeed.zero.register_external_parameter(self, p)
+
+    def train(self, mode: bool = True) -> "FusedHeadLM":
+        """Dropout stays off even in training: log π must be one deterministic function of θ, the same when
+        q samples, when π is scored and when the ratios π/q and π/p are formed."""
+        super().train(mode)
+        self.hf_model.eval()
+        return self
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self._head[0]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
+                temperature: float = 1.0) -> torch.Tensor:
+        """input_ids, attention_mask, loss_mask [B, T] -> float32 [B, T] log softmax(logits/T)[x_t] (see top)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape [B, T], got {tuple(input_ids.shape)}")
+        for name, m in (("attention_mask", attention_mask), ("loss_mask", loss_mask)):
+            if m.shape != input_ids.shape:
+                raise ValueError(f"{name} shape {tuple(m.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
+        body = self.hf_model.base_model  # GPT-2: .transformer, Llama: .model (after the final norm)
+        hidden = body(input_ids=input_ids, attention_mask=attention_mask,
+                      position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+        targets = input_ids[:, 1:].masked_fill(loss_mask[:, 1:] == 0, IGNORE_INDEX)
+        head = self.lm_head
+        out = linear_token_logprobs(hidden[:, :-1], head.weight, targets, bias=getattr(head, "bias", None),
+                                    temperature=temperature)
+        return torch.nn.functional.pad(out, (1, 0))
+
+
+def _check_ds_config(ds_config: Mapping) -> dict:
+    if not isinstance(ds_config, Mapping):
+        raise TypeError(f"ds_config must be a dict (DeepSpeed JSON), got {type(ds_config).__name__}")
+    stage = ds_config.get("zero_optimization", {}).get("stage")
+    if stage != 3:
+        raise ValueError(f"ds_config zero_optimization.stage must be 3 (this seam assumes partitioned "
+                         f"parameters), got {stage!r}")
+
+    def find_auto(node, where):
+        if isinstance(node, Mapping):
+            for k, v in node.items():
+                find_auto(v, f"{where}.{k}" if where else k)
+        elif node == "auto":
+            raise ValueError(f"ds_config {where} is 'auto': DeepSpeed only resolves 'auto' inside the HF "
+                             f"Trainer; give an explicit value")
+    find_auto(ds_config, "")
+    if ds_config.get("fp16", {}).get("enabled"):
+        raise ValueError("ds_config fp16 is not supported (use bf16 or fp32)")
+    return copy.deepcopy(dict(ds_config))
+
+
+def _param_dtype(ds_config: Mapping) -> torch.dtype:
+    return torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
+
+
+def _load_zero3(model_dir: str | Path, ds_config: dict, *, trainable: bool) -> FusedHeadLM:
+    """from_pretrained under HfDeepSpeedConfig: zero.Init partitions each tensor as it is loaded."""
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"model_dir {model_dir} is not a Hugging Face model directory (no config.json)")
+    keepalive = HfDeepSpeedConfig(ds_config)
+    hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=_param_dtype(ds_config))
+    hf_model.config.use_cache = True
+    hf_model.eval()  # see FusedHeadLM.train: no dropout anywhere
+    if not trainable:
+        hf_model.requires_grad_(False)
+    return FusedHeadLM(hf_model, trainable=trainable, keepalive=keepalive)
+
+
+def _lr_lambda(schedule: str, warmup_steps: int, total_steps: int | None):
+    def fn(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return fn
+
+
+def build_policy(model_dir: str | Path, ds_config: Mapping, *, lr: float, weight_decay: float = 0.0,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, warmup_steps: int = 0,
+                 lr_schedule: str = "constant", total_steps: int | None = None):
+    """The trainable policy π_θ as a ZeRO-3 DeepSpeed engine around ``FusedHeadLM``.
+
+    ds_config: DeepSpeed JSON as a dict with explicit values (batch sizes and ``gradient_accumulation_steps``
+    filled in by the caller; ``zero_optimization.stage`` 3). Unless it has an ``optimizer`` section, a torch
+    AdamW (weight decay on matrices only) is the client optimizer (needs ``zero_allow_untested_optimizer``);
+    unless it has a ``scheduler`` section, the LR warms up linearly over ``warmup_steps`` optimizer steps
+    (factor (s+1)/(warmup_steps+1) at step s), then stays constant (``lr_schedule="constant"``) or follows a cosine to 0 at ``total_steps``.
+    Returns the engine; ``engine.module`` is the FusedHeadLM, ``engine.module.hf_model`` the HF model.
+    """
+    import deepspeed
+
+    cfg = _check_ds_config(ds_config)
+    if lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
+    if lr_schedule == "cosine" and (total_steps is None or total_steps <= warmup_steps):
+        raise ValueError(f"lr_schedule='cosine' needs total_steps > warmup_steps={warmup_steps}, got {total_steps}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    module = _load_zero3(model_dir, cfg, trainable=True)
+    optimizer = scheduler = None
+    if "optimizer" not in cfg:
+        if not cfg.get("zero_allow_untested_optimizer"):
+            raise ValueError("ds_config needs \"zero_allow_untested_optimizer\": true for the torch AdamW client "
+                             "optimizer (or an \"optimizer\" section)")
+        params = [p for p in module.parameters() if p.requires_grad]
+        # ZeRO-3 parameters report their full shape in ds_shape (p.shape is the freed placeholder).
+        decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) >= 2]
+        no_decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) < 2]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas, eps=eps)
+    if "scheduler" not in cfg:
+        if optimizer is None:
+            raise ValueError("ds_config names an optimizer but no scheduler: add a \"scheduler\" section (the "
+                             "built-in warm-up/cosine schedule needs the client optimizer)")
+        # Built on the client optimizer: ZeRO-3 keeps its param_group dicts (it only swaps their 'params').
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(lr_schedule, warmup_steps, total_steps))
+    trainable = [p for p in module.parameters() if p.requires_grad]  # for an optimizer DeepSpeed builds
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler, config=cfg,
+                                           model_parameters=trainable if optimizer is None else None)
+    return engine
+
+
+def build_frozen(model_dir: str | Path, ds_config: Mapping):
+    """A frozen ZeRO-3 engine (no optimizer, eval mode, ``requires_grad`` off) for the base a or proposal q.
+
+    ds_config: as for ``build_policy``; its optimizer/scheduler sections are ignored.
+    """
+    import deepspeed
+
+    cfg = _check_ds_config(ds_config)
+    cfg.pop("optimizer", None)
+    cfg.pop("scheduler", None)
+    module = _load_zero3(model_dir, cfg, trainable=False)
+    engine, _, _, _ = deepspeed.initialize(model=module, config=cfg)
+    return engine
+
+
+def sequence_logprobs(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
+                      *, temperature: float = 1.0) -> torch.Tensor:
+    """Per-token log p(x_t | x_<t) [B, T] float32 from any of the engines (0 outside ``loss_mask``).
+
+    Sum over T for the sequence log-prob. Differentiable for the policy; frozen engines run under no_grad.
+    Inputs [B, T] are moved to the engine's device.
+    """
+    dev = engine.device
+    with torch.set_grad_enabled(engine.module.trainable and torch.is_grad_enabled()):
+        return engine(input_ids.to(dev), attention_mask.to(dev), loss_mask.to(dev), temperature)
+
+
+def train_step(engine, loss: torch.Tensor) -> bool:
+    """Backward of one micro-batch's ``loss`` and an optimizer step at accumulation boundaries.
+
+    DeepSpeed divides the loss by ``gradient_accumulation_steps`` and averages gradients over ranks, so pass
+    the mean loss of this rank's micro-batch. Returns True when this call completed an optimizer step.
+    """
+    if loss.dim() != 0:
+        raise ValueError(f"loss must be a scalar, got shape {tuple(loss.shape)}")
+    boundary = engine.is_gradient_accumulation_boundary()
+    engine.backward(loss)
+    engine.step()
+    return boundary
+
+
+def _zero_params(engine) -> list[tuple[str, nn.Parameter]]:
+    return list(engine.module.named_parameters())
+
+
+@torch.no_grad()
+def copy_policy_into_proposal(policy_engine, proposal_engine) -> None:
+    """q ← π: copy each rank's own parameter shard of the policy into the proposal's matching shard.
+
+    No gather and no state-dict round trip: ``ds_tensor`` (this rank's 1/world flat slice) is copied locally.
+    Persistent parameters (ZeRO keeps small ones whole on every rank) also get their full data copied.
+    Both engines must come from the same architecture and world size (checked by name and shard shape).
+    """
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    src, dst = _zero_params(policy_engine), _zero_params(proposal_engine)
+    if [n for n, _ in src] != [n for n, _ in dst]:
+        raise ValueError("policy and proposal have different parameter names: not the same architecture")
+    for (name, p), (_, q) in zip(src, dst):
+        if not (hasattr(p, "ds_tensor") and hasattr(q, "ds_tensor")):
+            raise ValueError(f"parameter {name} is not a ZeRO-3 partitioned parameter in both engines")
+        if p.ds_tensor.shape != q.ds_tensor.shape or p.ds_shape != q.ds_shape:
+            raise ValueError(f"parameter {name}: policy shard {tuple(p.ds_tensor.shape)} (full {tuple(p.ds_shape)}) "
+                             f"!= proposal shard {tuple(q.ds_tensor.shape)} (full {tuple(q.ds_shape)})")
+        q.ds_tensor.copy_(p.ds_tensor)
+        if q.ds_status == ZeroParamStatus.AVAILABLE:
+            if p.ds_status != ZeroParamStatus.AVAILABLE:
+                raise RuntimeError(f"parameter {name} is gathered in the proposal but not in the policy")
+            q.data.copy_(p.data)
+
+
+def gathered_state_dict(engine) -> dict[str, torch.Tensor]:
+    """Full fp32 CPU copies of every parameter of the HF model, keyed by HF names (collective: all ranks call).
+
+    For tests and small models only: it materialises the whole model on every rank, one tensor at a time.
+    """
+    import deepspeed
+
+    out = {}
+    for name, p in engine.module.hf_model.named_parameters():
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+            out[name] = p.detach().to(torch.float32, copy=True).cpu()
+    return out
