@@ -1,0 +1,79 @@
+"""One optimizer step's samples on this rank: sampled from q, then scored by the base model and the target.
+
+The global batch of a step is cut into *chunks* of ``micro_batch`` sequences, numbered 0 … G−1 across all
+ranks (chunk ``c`` lives on rank ``c mod world``, micro-step ``c div world``). Chunk ``c`` is sampled with a
+seed derived from (run seed, step, c) only, so the same run config draws the same global batch whatever the
+world size: that is what makes 1 rank and N ranks comparable, and a resumed run draw exactly what the
+uninterrupted one would have drawn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .engines import sequence_logprobs
+from .generation import Rollout, SamplingSettings, sample
+from .samples import Samples
+
+__all__ = ["ScoredChunk", "chunk_seed", "collect_chunks"]
+
+
+@dataclass
+class ScoredChunk:
+    """A micro-batch of sampled sequences with every score f-DPG needs (all CPU tensors, B = micro_batch)."""
+
+    rollout: Rollout
+    """input_ids / attention_mask / gen_mask [B, T] and the proposal's per-token log q [B, T]."""
+    samples: Samples
+    """What the scorers see: generated token ids and decoded texts."""
+    logp_base: torch.Tensor
+    """[B, T] per-token log a(x_t | x_<t) of the base model, 0 off ``gen_mask``."""
+    log_scores: torch.Tensor
+    """[B] Σ of the target's scorers' log-scores (−inf where a pointwise constraint fails)."""
+    feature: torch.Tensor
+    """[B] the task's alignment feature φ(x) (b(x) for a pointwise constraint, r(x) for a reward)."""
+
+    @property
+    def logq(self) -> torch.Tensor:
+        """[B] log q(x) (the warped proposal distribution that actually drew x)."""
+        return self.rollout.logprobs.sum(-1)
+
+    @property
+    def log_target(self) -> torch.Tensor:
+        """[B] log P(x) = log a(x) + Σ log-scores (unnormalised)."""
+        return self.logp_base.sum(-1) + self.log_scores
+
+
+def chunk_seed(run_seed: int, step: int, chunk: int) -> int:
+    """A 63-bit seed for sampling chunk ``chunk`` of step ``step``: independent of rank and world size."""
+    return int(np.random.SeedSequence([run_seed, step, chunk]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def collect_chunks(*, sampler, base, task, tokenizer, settings: SamplingSettings, mode: str, run_seed: int,
+                   step: int, rank: int, world: int, accumulation: int, micro_batch: int,
+                   prompts: list[list[int]] | None = None) -> list[ScoredChunk]:
+    """Sample and score this rank's ``accumulation`` chunks of step ``step`` (collective: all ranks call).
+
+    sampler: the engine q is drawn from (the proposal engine, or the policy on-policy); base: the frozen base
+    engine a; task: a ``fdpg_scale.tasks.Task``. prompts: None for unconditional generation (BOS only).
+    """
+    chunks = []
+    for micro in range(accumulation):
+        chunk = micro * world + rank
+        chunk_prompts = prompts if prompts is not None else [[] for _ in range(micro_batch)]
+        rollout = sample(sampler, chunk_prompts, settings, seed=chunk_seed(run_seed, step, chunk),
+                         bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id,
+                         pad_id=tokenizer.pad_token_id, mode=mode)
+        generated = rollout.input_ids[:, rollout.prompt_len:]
+        gen_mask = rollout.gen_mask[:, rollout.prompt_len:]
+        texts = tokenizer.batch_decode(generated.masked_fill(~gen_mask, tokenizer.pad_token_id),
+                                       skip_special_tokens=True)
+        samples = Samples(token_ids=generated, mask=gen_mask, texts=texts)
+        with torch.no_grad():
+            logp_base = sequence_logprobs(base, rollout.input_ids, rollout.attention_mask, rollout.gen_mask).cpu()
+        chunks.append(ScoredChunk(rollout=rollout, samples=samples, logp_base=logp_base,
+                                  log_scores=task.target.log_scores(samples), feature=task.feature(samples)))
+    return chunks

@@ -1,0 +1,87 @@
+"""What a run needs before its engines exist: the model directory and the DeepSpeed config dict.
+
+Batch-size keys of the DeepSpeed JSON are derived from ``train.*`` (sequences per step, per micro-step,
+accumulation) and the world size; a JSON that sets one of them to something else is an error, never a
+silent override. The JSON holds explicit values only: DeepSpeed silently drops ``"auto"`` outside the HF
+Trainer, so an ``"auto"`` anywhere is rejected by name.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .config import ConfigError, ModelConfig, RunConfig
+from .distributed import barrier, is_rank0
+
+__all__ = ["prepare_model_dir", "deepspeed_config"]
+
+_TINY_ARCH = {"tiny-gpt2": "gpt2", "tiny-llama": "llama"}
+
+
+def prepare_model_dir(model: ModelConfig, *, seed: int) -> Path:
+    """The local HF directory the engines load; built first (rank 0, others wait) when ``model.build`` asks.
+
+    Collective when the process group is up: every rank calls it.
+    """
+    path = Path(model.path)
+    if model.build is not None:
+        if is_rank0():
+            from .tiny_model import build_tiny_model_dir
+
+            build_tiny_model_dir(path, arch=_TINY_ARCH[model.build], seed=seed)
+        barrier()
+    if not path.is_dir():
+        raise ConfigError(f"model.path {str(path)!r} is not a directory (a local Hugging Face model directory "
+                          f"is expected; set model.build to make a tiny one)")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ConfigError(f"model.path {str(path)!r} has no config.json: not a Hugging Face model directory")
+    arch = json.loads(config_file.read_text()).get("architectures") or []
+    if not any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in arch):
+        raise ConfigError(f"model.path {str(path)!r} is not a causal LM (config.json architectures: {arch})")
+    return path
+
+
+def deepspeed_config(cfg: RunConfig, *, world_size: int, accumulation: int) -> dict:
+    """The DeepSpeed config dict for this run: the JSON file plus the batch sizes derived from ``train.*``."""
+    path = Path(cfg.deepspeed.config)
+    if not path.is_file():
+        raise ConfigError(f"deepspeed.config {str(path)!r} does not exist")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"deepspeed.config {str(path)!r} is not valid JSON: {err}") from None
+    _reject_auto(ds, str(path))
+    stage = ds.get("zero_optimization", {}).get("stage")
+    if stage != 3:
+        raise ConfigError(f"deepspeed.config {str(path)!r}: zero_optimization.stage must be 3, got {stage!r}")
+    derived = {
+        "train_batch_size": cfg.train.global_batch,
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch,
+        "gradient_accumulation_steps": accumulation,
+        "gradient_clipping": cfg.train.grad_clip,
+    }
+    for key, value in derived.items():
+        if key in ds and ds[key] != value:
+            raise ConfigError(f"deepspeed.config {str(path)!r} sets {key}={ds[key]!r} but the run config implies "
+                              f"{value!r} (train.* with world size {world_size}): remove it from the JSON")
+        ds[key] = value
+    bf16 = cfg.model.dtype == "bf16"
+    if ds.get("bf16", {}).get("enabled", bf16) != bf16:
+        raise ConfigError(f"deepspeed.config {str(path)!r}: bf16.enabled={ds['bf16']['enabled']} contradicts "
+                          f"model.dtype={cfg.model.dtype!r}")
+    ds.setdefault("bf16", {})["enabled"] = bf16
+    return ds
+
+
+def _reject_auto(node, where: str) -> None:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if value == "auto":
+                raise ConfigError(f"deepspeed.config {where}: {key!r} is \"auto\"; DeepSpeed drops \"auto\" "
+                                  f"outside the HF Trainer: write an explicit value")
+            _reject_auto(value, where)
+    elif isinstance(node, list):
+        for value in node:
+            _reject_auto(value, where)

@@ -1,0 +1,70 @@
+"""Alignment tasks named in configs: a target P(x) = a(x)·(scorers) plus the feature that measures alignment.
+
+``target.scorer`` names one of ``SCORERS``; ``target.kind`` says how it enters the target:
+
+- ``pointwise``: the scorer is a boolean constraint b(x); P = a·b; alignment = E_π[b];
+- ``reward``: the scorer is a number r(x); P = a·exp(r/β); alignment = E_π[r].
+
+Each scorer reads the decoded texts of ``Samples``; its arguments come from ``target.scorer_args``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .config import ConfigError, TargetConfig
+from .samples import Samples
+from .targets import BooleanScorer, EnergyTarget, RewardScorer
+
+__all__ = ["Task", "build_task", "SCORERS"]
+
+
+def contains(samples: Samples, *, substring: str) -> torch.Tensor:
+    """[B] 1.0 where the decoded sample contains ``substring``."""
+    return torch.tensor([substring in t for t in samples.texts], dtype=torch.float32)
+
+
+def count(samples: Samples, *, substring: str) -> torch.Tensor:
+    """[B] number of (non-overlapping) occurrences of ``substring`` in the decoded sample."""
+    return torch.tensor([float(t.count(substring)) for t in samples.texts], dtype=torch.float32)
+
+
+SCORERS: dict[str, Callable[..., torch.Tensor]] = {"contains": contains, "count": count}
+
+
+@dataclass(frozen=True)
+class Task:
+    """A target and the feature whose mean under π reports alignment."""
+
+    target: EnergyTarget
+    feature: Callable[[Samples], torch.Tensor]
+    """Samples → [B] float32: b(x) for a pointwise task, r(x) for a reward task."""
+
+
+def build_task(cfg: TargetConfig, tokenizer=None) -> Task:
+    """The task described by the ``target`` section of a run config."""
+    if cfg.scorer not in SCORERS:
+        raise ConfigError(f"target.scorer {cfg.scorer!r} is unknown; valid: {', '.join(SCORERS)}")
+    fn = SCORERS[cfg.scorer]
+    wanted = {name for name, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY}
+    given = set(cfg.scorer_args)
+    if given != wanted:
+        raise ConfigError(f"target.scorer_args for {cfg.scorer!r} must be exactly {sorted(wanted)}, got "
+                          f"{sorted(given)}")
+    args = dict(cfg.scorer_args)
+
+    def feature(samples: Samples) -> torch.Tensor:
+        return fn(samples, **args)
+
+    if cfg.kind == "pointwise":
+        scorer = BooleanScorer(lambda s: feature(s) > 0, name=cfg.scorer)
+    elif cfg.kind == "reward":
+        scorer = RewardScorer(feature, beta=cfg.beta, name=cfg.scorer)
+    else:
+        raise ConfigError(f"target.kind {cfg.kind!r} is not supported by the trainer yet "
+                          f"(pointwise and reward are)")
+    return Task(target=EnergyTarget([scorer]), feature=feature)

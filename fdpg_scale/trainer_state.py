@@ -1,0 +1,47 @@
+"""Everything a run carries from step to step besides the engines, with one ``state_dict`` for checkpoints."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .collectives import LocalCollective, TorchDistCollective
+from .config import RunConfig
+from .estimator import LogZEstimator, MovingAverageBaseline, ProposalSchedule
+
+__all__ = ["TrainerState"]
+
+
+@dataclass
+class TrainerState:
+    step: int
+    """Optimizer steps completed."""
+    log_z: LogZEstimator
+    """Running log Z over every sample so far (all ranks)."""
+    baseline: MovingAverageBaseline
+    proposal_schedule: ProposalSchedule
+    proposal_version: int = 0
+    """How many times q was replaced by π."""
+
+    @classmethod
+    def fresh(cls, cfg: RunConfig) -> "TrainerState":
+        """Step 0 state for ``cfg``; the log Z estimate all-reduces over the default process group if any."""
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        collective = TorchDistCollective() if distributed else LocalCollective()
+        return cls(step=0, log_z=LogZEstimator(collective=collective),
+                   baseline=MovingAverageBaseline(cfg.train.baseline_momentum, enabled=cfg.train.baseline),
+                   proposal_schedule=ProposalSchedule(cfg.train.proposal_update_interval,
+                                                      cfg.train.proposal_update_metric))
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "log_z": self.log_z.state_dict(), "baseline": self.baseline.state_dict(),
+                "proposal_schedule": self.proposal_schedule.state_dict(),
+                "proposal_version": self.proposal_version}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.log_z.load_state_dict(state["log_z"])
+        self.baseline.load_state_dict(state["baseline"])
+        self.proposal_schedule.load_state_dict(state["proposal_schedule"])
+        self.proposal_version = int(state["proposal_version"])
