@@ -34,15 +34,24 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _toy(args: argparse.Namespace) -> int:
+def _toy(argv: list[str]) -> int:
     from .toy_demo import main as toy_main
 
-    return toy_main(args.rest) or 0
+    return toy_main(argv) or 0
+
+
+# Commands whose arguments (``--help`` included) belong to another module's own parser.
+_DELEGATED = {"toy": _toy}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fdpg-scale", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="fdpg-scale", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Align a language model to a target distribution by f-divergence minimisation (f-DPG), "
+                    "with DeepSpeed ZeRO-3.",
+        epilog="examples:\n  fdpg-scale train --config configs/smoke.yaml train.steps=20 divergence.name=rkl\n"
+               "  torchrun --standalone --nproc_per_node 2 -m fdpg_scale.cli train --config configs/smoke.yaml\n"
+               "  fdpg-scale export runs/smoke --to runs/smoke-hf\n  fdpg-scale toy --divergences kl rkl js")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a policy with f-DPG",
@@ -65,12 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and prints the exact divergence to the target per step. Arguments after "
                                    "'toy' go to fdpg_scale.toy_demo (see 'fdpg-scale toy --help').",
                        add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(run=_toy)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in _DELEGATED:
+        return _DELEGATED[argv[0]](argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

@@ -17,6 +17,7 @@ import torch
 from .engines import sequence_logprobs
 from .generation import Rollout, SamplingSettings, sample
 from .samples import Samples
+from .timing import PhaseTimer
 
 __all__ = ["ScoredChunk", "chunk_seed", "collect_chunks"]
 
@@ -53,27 +54,29 @@ def chunk_seed(run_seed: int, step: int, chunk: int) -> int:
 
 
 def collect_chunks(*, sampler, base, task, tokenizer, settings: SamplingSettings, mode: str, run_seed: int,
-                   step: int, rank: int, world: int, accumulation: int, micro_batch: int,
+                   step: int, rank: int, world: int, accumulation: int, micro_batch: int, timer: PhaseTimer,
                    prompts: list[list[int]] | None = None) -> list[ScoredChunk]:
     """Sample and score this rank's ``accumulation`` chunks of step ``step`` (collective: all ranks call).
 
     sampler: the engine q is drawn from (the proposal engine, or the policy on-policy); base: the frozen base
-    engine a; task: a ``fdpg_scale.tasks.Task``. prompts: None for unconditional generation (BOS only).
+    engine a; task: a ``fdpg_scale.tasks.Task``; timer: receives the "generation" and "scoring" seconds.
+    prompts: None for unconditional generation (BOS only).
     """
     chunks = []
     for micro in range(accumulation):
         chunk = micro * world + rank
         chunk_prompts = prompts if prompts is not None else [[] for _ in range(micro_batch)]
-        rollout = sample(sampler, chunk_prompts, settings, seed=chunk_seed(run_seed, step, chunk),
-                         bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id,
-                         pad_id=tokenizer.pad_token_id, mode=mode)
+        with timer.phase("generation"):
+            rollout = sample(sampler, chunk_prompts, settings, seed=chunk_seed(run_seed, step, chunk),
+                             bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id,
+                             pad_id=tokenizer.pad_token_id, mode=mode)
         generated = rollout.input_ids[:, rollout.prompt_len:]
         gen_mask = rollout.gen_mask[:, rollout.prompt_len:]
         texts = tokenizer.batch_decode(generated.masked_fill(~gen_mask, tokenizer.pad_token_id),
                                        skip_special_tokens=True)
         samples = Samples(token_ids=generated, mask=gen_mask, texts=texts)
-        with torch.no_grad():
+        with timer.phase("scoring"), torch.no_grad():
             logp_base = sequence_logprobs(base, rollout.input_ids, rollout.attention_mask, rollout.gen_mask).cpu()
-        chunks.append(ScoredChunk(rollout=rollout, samples=samples, logp_base=logp_base,
-                                  log_scores=task.target.log_scores(samples), feature=task.feature(samples)))
+            chunks.append(ScoredChunk(rollout=rollout, samples=samples, logp_base=logp_base,
+                                      log_scores=task.target.log_scores(samples), feature=task.feature(samples)))
     return chunks

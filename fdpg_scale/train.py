@@ -17,7 +17,6 @@ One optimizer step on the global batch (``train.global_batch`` sequences, whatev
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict
 
 import torch
@@ -36,6 +35,7 @@ from .rollout import collect_chunks
 from .run_setup import deepspeed_config, prepare_model_dir
 from .run_log import RunLogger
 from .tasks import build_task
+from .timing import PhaseTimer
 from .trainer_state import TrainerState
 
 __all__ = ["train"]
@@ -80,23 +80,20 @@ def train(cfg: RunConfig) -> None:
 
     sampler = policy if proposal is None else proposal
     for step in range(state.step, cfg.train.steps):
-        t0 = time.perf_counter()
+        timer = PhaseTimer()
         chunks = collect_chunks(sampler=sampler, base=base, task=task, tokenizer=tokenizer, settings=settings,
                                 mode=cfg.sampling.generation_mode, run_seed=cfg.seed, step=step, rank=rank,
-                                world=world, accumulation=accumulation, micro_batch=cfg.train.micro_batch)
-        t_sample = time.perf_counter() - t0
+                                world=world, accumulation=accumulation, micro_batch=cfg.train.micro_batch,
+                                timer=timer)
         skipped = state.log_z.update(torch.cat([c.log_target - c.logq for c in chunks]))
         if skipped:  # no sample of the global batch has P(x) > 0: nothing to learn from, log Z unchanged
             state.step = step + 1
             log.log(state.step, {"loss": 0.0, "log_z": state.log_z.value, "skipped": 1})
         else:
-            t0 = time.perf_counter()
-            weighed = [_weigh_and_backward(policy, chunk, state, divergence, cfg.divergence.clip)
+            weighed = [_weigh_and_backward(policy, chunk, state, divergence, cfg.divergence.clip, timer)
                        for chunk in chunks]
-            t_policy = time.perf_counter() - t0
             state.step = step + 1
-            log.log(state.step, _after_step(cfg, state, policy, proposal, chunks, weighed,
-                                            t_sample=t_sample, t_policy=t_policy))
+            log.log(state.step, _after_step(cfg, state, policy, proposal, chunks, weighed, timer))
 
         stop = preemption.requested()
         if stop or state.step == cfg.train.steps or state.step % cfg.train.save_every == 0:
@@ -112,20 +109,20 @@ def train(cfg: RunConfig) -> None:
     barrier()
 
 
-def _weigh_and_backward(policy, chunk, state: TrainerState, divergence, clip: float | None):
-    """Steps 4 of the module docstring for one micro-batch: log π, weights, loss, backward (and step at the
-    accumulation boundary). Returns (log π(x) [B] detached, FDivWeights)."""
+def _weigh_and_backward(policy, chunk, state: TrainerState, divergence, clip: float | None, timer: PhaseTimer):
+    """Step 4 of the module docstring for one micro-batch: log π, weights, loss, backward (and the optimizer
+    step at the accumulation boundary). Returns (log π(x) [B] detached, FDivWeights)."""
     r = chunk.rollout
-    logp_pi_tok = sequence_logprobs(policy, r.input_ids, r.attention_mask, r.gen_mask)
-    w = fdiv_weights(logp_pi_tok.detach().cpu(), r.logprobs, chunk.logp_base, state.log_z.value, divergence,
-                     baseline=state.baseline.value, clip=clip, mask=r.gen_mask, log_scores=chunk.log_scores)
-    loss = fdpg_loss(logp_pi_tok.sum(-1), w.weight)
-    train_step(policy, loss)
+    with timer.phase("logprobs"):
+        logp_pi_tok = sequence_logprobs(policy, r.input_ids, r.attention_mask, r.gen_mask)
+        w = fdiv_weights(logp_pi_tok.detach().cpu(), r.logprobs, chunk.logp_base, state.log_z.value, divergence,
+                         baseline=state.baseline.value, clip=clip, mask=r.gen_mask, log_scores=chunk.log_scores)
+    with timer.phase("backward"):
+        train_step(policy, fdpg_loss(logp_pi_tok.sum(-1), w.weight))
     return logp_pi_tok.detach().sum(-1).cpu(), w
 
 
-def _after_step(cfg: RunConfig, state: TrainerState, policy, proposal, chunks, weighed, *, t_sample: float,
-                t_policy: float) -> dict:
+def _after_step(cfg: RunConfig, state: TrainerState, policy, proposal, chunks, weighed, timer: PhaseTimer) -> dict:
     """Step 5 of the module docstring on the whole global batch (identical on every rank): update the
     baseline, maybe replace q by π; returns the step's metrics."""
     batch = all_gather_rows({
@@ -161,6 +158,6 @@ def _after_step(cfg: RunConfig, state: TrainerState, policy, proposal, chunks, w
         "q_alignment_rate": float(batch["feature"].mean()),
         **metrics,
         "proposal_version": state.proposal_version, "proposal_replaced": int(replaced),
-        "lr": policy.get_lr()[0], "tokens": tokens, "tokens_per_s": tokens / (t_sample + t_policy),
-        "time/sample_and_score": t_sample, "time/policy": t_policy,
+        "lr": policy.get_lr()[0], "tokens": tokens, "tokens_per_s": tokens / timer.total, "time/step": timer.total,
+        **timer.as_metrics(),
     }
