@@ -141,7 +141,7 @@ def _after_step(cfg: RunConfig, state: TrainerState, policy, proposal, chunks, w
     if proposal is not None and state.proposal_schedule.due(state.step):
         # Decided on this batch's log π from before the optimizer step (no extra forward pass).
         replaced = state.proposal_schedule.should_replace(logp_pi=batch["logp_pi"], logp_q=batch["logq"],
-                                                          log_target=batch["log_target"], log_z=state.log_z.value)
+                                                          log_target=batch["log_target"])
         if replaced:
             copy_policy_into_proposal(policy, proposal)
             state.proposal_version += 1
