@@ -71,6 +71,8 @@ class TargetConfig:
     """Keyword arguments of the scorer, e.g. ``{substring: "def"}``."""
     moment: float | None = None
     """distributional: the target mean of the feature φ (E_p[φ] = moment)."""
+    fit_samples: int = 256
+    """distributional: sequences drawn (over all ranks) from the initial proposal to fit λ by SNIS."""
     beta: float = 1.0
     """reward: temperature β of exp(r/β)."""
 
@@ -80,6 +82,8 @@ class TargetConfig:
             raise ConfigError("target.moment is required when target.kind is 'distributional'")
         if not self.beta > 0:
             raise ConfigError(f"target.beta must be > 0, got {self.beta}")
+        if self.fit_samples < 1:
+            raise ConfigError(f"target.fit_samples must be ≥ 1, got {self.fit_samples}")
 
 
 @dataclass(kw_only=True)

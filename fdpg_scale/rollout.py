@@ -19,7 +19,12 @@ from .generation import Rollout, SamplingSettings, sample
 from .samples import Samples
 from .timing import PhaseTimer
 
-__all__ = ["ScoredChunk", "chunk_seed", "collect_chunks"]
+__all__ = ["ScoredChunk", "chunk_seed", "collect_chunks", "TRAIN_STREAM", "FIT_STREAM"]
+
+TRAIN_STREAM = 0
+"""Seed stream of the training batches."""
+FIT_STREAM = 1
+"""Seed stream of the draws that fit a distributional target's λ before training."""
 
 
 @dataclass
@@ -48,14 +53,14 @@ class ScoredChunk:
         return self.logp_base.sum(-1) + self.log_scores
 
 
-def chunk_seed(run_seed: int, step: int, chunk: int) -> int:
+def chunk_seed(run_seed: int, step: int, chunk: int, stream: int = TRAIN_STREAM) -> int:
     """A 63-bit seed for sampling chunk ``chunk`` of step ``step``: independent of rank and world size."""
-    return int(np.random.SeedSequence([run_seed, step, chunk]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return int(np.random.SeedSequence([run_seed, stream, step, chunk]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def collect_chunks(*, sampler, base, task, tokenizer, settings: SamplingSettings, mode: str, run_seed: int,
                    step: int, rank: int, world: int, accumulation: int, micro_batch: int, timer: PhaseTimer,
-                   prompts: list[list[int]] | None = None) -> list[ScoredChunk]:
+                   prompts: list[list[int]] | None = None, stream: int = TRAIN_STREAM) -> list[ScoredChunk]:
     """Sample and score this rank's ``accumulation`` chunks of step ``step`` (collective: all ranks call).
 
     sampler: the engine q is drawn from (the proposal engine, or the policy on-policy); base: the frozen base
@@ -67,7 +72,7 @@ def collect_chunks(*, sampler, base, task, tokenizer, settings: SamplingSettings
         chunk = micro * world + rank
         chunk_prompts = prompts if prompts is not None else [[] for _ in range(micro_batch)]
         with timer.phase("generation"):
-            rollout = sample(sampler, chunk_prompts, settings, seed=chunk_seed(run_seed, step, chunk),
+            rollout = sample(sampler, chunk_prompts, settings, seed=chunk_seed(run_seed, step, chunk, stream),
                              bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id,
                              pad_id=tokenizer.pad_token_id, mode=mode)
         generated = rollout.input_ids[:, rollout.prompt_len:]

@@ -3,7 +3,9 @@
 ``target.scorer`` names one of ``SCORERS``; ``target.kind`` says how it enters the target:
 
 - ``pointwise``: the scorer is a boolean constraint b(x); P = a·b; alignment = E_π[b];
-- ``reward``: the scorer is a number r(x); P = a·exp(r/β); alignment = E_π[r].
+- ``reward``: the scorer is a number r(x); P = a·exp(r/β); alignment = E_π[r];
+- ``distributional``: the scorer is a feature φ(x); P = a·exp(λφ) with λ fitted so that E_p[φ] =
+  ``target.moment`` (``fdpg_scale.target_fitting``); alignment = E_π[φ].
 
 Each scorer reads the decoded texts of ``Samples``; its arguments come from ``target.scorer_args``.
 """
@@ -18,7 +20,7 @@ import torch
 
 from .config import ConfigError, TargetConfig
 from .samples import Samples
-from .targets import BooleanScorer, EnergyTarget, RewardScorer
+from .targets import BooleanScorer, EnergyTarget, ExponentialScorer, RewardScorer
 
 __all__ = ["Task", "build_task", "SCORERS"]
 
@@ -42,7 +44,20 @@ class Task:
 
     target: EnergyTarget
     feature: Callable[[Samples], torch.Tensor]
-    """Samples → [B] float32: b(x) for a pointwise task, r(x) for a reward task."""
+    """Samples → [B] float32: b(x) for a pointwise task, r(x) for a reward task, φ(x) for a distributional one."""
+    moment: float | None = None
+    """distributional: the target E_p[φ]; λ is then to be fitted (``needs_fit``)."""
+
+    @property
+    def exponential(self) -> ExponentialScorer | None:
+        """The distributional task's scorer exp(λφ) (None for the other kinds)."""
+        scorer = self.target.scorers[0]
+        return scorer if isinstance(scorer, ExponentialScorer) else None
+
+    def with_lambdas(self, lambdas) -> "Task":
+        """The same distributional task with λ set (λ: K floats)."""
+        return Task(target=EnergyTarget([self.exponential.with_lambdas(lambdas)]), feature=self.feature,
+                    moment=self.moment)
 
 
 def build_task(cfg: TargetConfig, tokenizer=None) -> Task:
@@ -64,7 +79,7 @@ def build_task(cfg: TargetConfig, tokenizer=None) -> Task:
         scorer = BooleanScorer(lambda s: feature(s) > 0, name=cfg.scorer)
     elif cfg.kind == "reward":
         scorer = RewardScorer(feature, beta=cfg.beta, name=cfg.scorer)
-    else:
-        raise ConfigError(f"target.kind {cfg.kind!r} is not supported by the trainer yet "
-                          f"(pointwise and reward are)")
-    return Task(target=EnergyTarget([scorer]), feature=feature)
+    else:  # distributional: λ = 0 until fitted
+        scorer = ExponentialScorer({cfg.scorer: feature}, name=cfg.scorer)
+    return Task(target=EnergyTarget([scorer]), feature=feature,
+                moment=cfg.moment if cfg.kind == "distributional" else None)

@@ -34,6 +34,7 @@ from .preemption import PreemptionSignal
 from .rollout import collect_chunks
 from .run_setup import deepspeed_config, prepare_model_dir
 from .run_log import RunLogger
+from .target_fitting import fit_distributional_task
 from .tasks import build_task
 from .timing import PhaseTimer
 from .trainer_state import TrainerState
@@ -70,6 +71,19 @@ def train(cfg: RunConfig) -> None:
     if latest is not None:
         state.load_state_dict(ckpt.load_checkpoint(latest, policy=policy, proposal=proposal,
                                                    fingerprint=fingerprint))
+    if task.moment is not None:  # distributional target: λ fitted once, then kept in the trainer state
+        if state.lambdas is None:
+            task, fit = fit_distributional_task(task, sampler=policy if proposal is None else proposal, base=base,
+                                                tokenizer=tokenizer, settings=settings,
+                                                mode=cfg.sampling.generation_mode, run_seed=cfg.seed, rank=rank,
+                                                world=world, micro_batch=cfg.train.micro_batch,
+                                                n_samples=cfg.target.fit_samples)
+            state.lambdas = fit.lambdas.tolist()
+            fit_note = (f"λ = {state.lambdas} fitted on {cfg.target.fit_samples} samples: E_p[φ] ≈ "
+                        f"{fit.moments.tolist()} (target {cfg.target.moment}), ESS {fit.ess:.1f}")
+        else:
+            task = task.with_lambdas(state.lambdas)
+            fit_note = f"λ = {state.lambdas} (from the checkpoint)"
     log = RunLogger(cfg.output_dir, enabled=is_rank0(), total_steps=cfg.train.steps, start_step=state.step,
                     summary_every=cfg.logging.summary_every, tensorboard=cfg.logging.tensorboard,
                     progress_bar=cfg.logging.progress_bar)
@@ -77,6 +91,8 @@ def train(cfg: RunConfig) -> None:
                 f"{cfg.train.micro_batch} per micro-step × {accumulation} accumulation × {world} ranks | "
                 f"≤ {cfg.train.global_batch * cfg.sampling.max_new_tokens} generated tokens per step | "
                 + (f"resumed at step {state.step} from {latest}" if latest else "fresh start"))
+    if task.moment is not None:
+        log.message(fit_note)
 
     sampler = policy if proposal is None else proposal
     for step in range(state.step, cfg.train.steps):

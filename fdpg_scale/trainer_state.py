@@ -23,6 +23,8 @@ class TrainerState:
     proposal_schedule: ProposalSchedule
     proposal_version: int = 0
     """How many times q was replaced by π."""
+    lambdas: list[float] | None = None
+    """A distributional target's fitted λ (None for the other kinds, or before the fit)."""
 
     @classmethod
     def fresh(cls, cfg: RunConfig) -> "TrainerState":
@@ -37,7 +39,7 @@ class TrainerState:
     def state_dict(self) -> dict:
         return {"step": self.step, "log_z": self.log_z.state_dict(), "baseline": self.baseline.state_dict(),
                 "proposal_schedule": self.proposal_schedule.state_dict(),
-                "proposal_version": self.proposal_version}
+                "proposal_version": self.proposal_version, "lambdas": self.lambdas}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
@@ -45,3 +47,4 @@ class TrainerState:
         self.baseline.load_state_dict(state["baseline"])
         self.proposal_schedule.load_state_dict(state["proposal_schedule"])
         self.proposal_version = int(state["proposal_version"])
+        self.lambdas = None if state["lambdas"] is None else [float(v) for v in state["lambdas"]]

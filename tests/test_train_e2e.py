@@ -7,6 +7,7 @@ Every run is a subprocess, as a user would start it; parameters are compared thr
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -110,3 +111,19 @@ def test_resuming_with_another_divergence_is_refused(tmp_path):
     run_train(tmp_path, out, "train.steps=1")
     with pytest.raises(AssertionError, match="divergence"):
         run_train(tmp_path, out, "train.steps=2", "divergence.name=rkl")
+
+
+def test_distributional_target_fits_lambda_once_and_reward_target_trains(tmp_path):
+    out = tmp_path / "dist"
+    log = run_train(tmp_path, out, "train.steps=1", "target.kind=distributional", "target.moment=0.9",
+                    "target.fit_samples=32")
+    assert "fitted on 32 samples" in log and "(target 0.9)" in log
+    log = run_train(tmp_path, out, "train.steps=2", "target.kind=distributional", "target.moment=0.9",
+                    "target.fit_samples=32")
+    assert "(from the checkpoint)" in log  # resumed runs keep the fitted λ instead of refitting
+    assert [m["step"] for m in metrics(out)] == [1, 2]
+
+    reward = tmp_path / "reward"
+    run_train(tmp_path, reward, "train.steps=2", "target.kind=reward", "target.scorer=count", "target.beta=0.5")
+    rows = metrics(reward)
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) and math.isfinite(r["alignment"]) for r in rows)

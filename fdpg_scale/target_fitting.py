@@ -1,0 +1,41 @@
+"""Fit λ of a distributional target P(x) = a(x)·exp(λ·φ(x)) before training starts.
+
+Draws ``target.fit_samples`` sequences (over all ranks) from the initial proposal, scores them with the base
+model, gathers φ, log a and log q on every rank, and solves the SNIS moment-matching problem of
+``fdpg_scale.targets.fit_lambdas`` (E_p[φ] = μ̄). Every rank fits on the same gathered batch, so every rank
+gets the same λ. The draws use their own seed stream, independent of the training batches.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .distributed import all_gather_rows
+from .generation import SamplingSettings
+from .rollout import FIT_STREAM, collect_chunks
+from .targets import LambdaFit, fit_lambdas
+from .tasks import Task
+from .timing import PhaseTimer
+
+__all__ = ["fit_distributional_task"]
+
+
+def fit_distributional_task(task: Task, *, sampler, base, tokenizer, settings: SamplingSettings, mode: str,
+                            run_seed: int, rank: int, world: int, micro_batch: int,
+                            n_samples: int) -> tuple[Task, LambdaFit]:
+    """The task with λ fitted so that E_p[φ] = ``task.moment`` (collective: every rank calls it).
+
+    n_samples is rounded up to whole micro-batches on every rank. Raises ValueError (unreachable moment)
+    or RuntimeError (collapsed effective sample size) with the measured figures in the message.
+    """
+    per_rank = math.ceil(n_samples / (micro_batch * world))
+    chunks = collect_chunks(sampler=sampler, base=base, task=task, tokenizer=tokenizer, settings=settings, mode=mode,
+                            run_seed=run_seed, step=0, rank=rank, world=world, accumulation=per_rank,
+                            micro_batch=micro_batch, timer=PhaseTimer(), stream=FIT_STREAM)
+    batch = all_gather_rows({"phi": torch.cat([c.feature for c in chunks]),
+                             "log_a": torch.cat([c.logp_base.sum(-1) for c in chunks]),
+                             "log_q": torch.cat([c.logq for c in chunks])})
+    fit = fit_lambdas(batch["phi"].to(torch.float64)[:, None], [task.moment], batch["log_a"], batch["log_q"])
+    return task.with_lambdas(fit.lambdas), fit
