@@ -2,6 +2,8 @@
 
     fdpg-scale train --config FILE [key=value ...]     f-DPG training (torchrun / deepspeed launcher / SLURM)
     fdpg-scale export OUTPUT_DIR --to HF_DIR           latest checkpoint's policy → Hugging Face directory
+    fdpg-scale eval OUTPUT_DIR                         alignment, KL(p‖π), KL(π‖a), diversity of the latest policy
+    fdpg-scale sweep --configs A.yaml [B.yaml] [--divergences kl rkl js]   runs + report.md with plots
     fdpg-scale toy [--divergences kl rkl ...]          f-DPG on an enumerable toy, exact divergences per step
 
 Each job module is imported only when its command runs, so ``--help`` stays fast.
@@ -40,8 +42,20 @@ def _toy(argv: list[str]) -> int:
     return toy_main(argv) or 0
 
 
+def _eval(argv: list[str]) -> int:
+    from .evaluate import main as eval_main
+
+    return eval_main(argv)
+
+
+def _sweep(argv: list[str]) -> int:
+    from .sweep import main as sweep_main
+
+    return sweep_main(argv)
+
+
 # Commands whose arguments (``--help`` included) belong to another module's own parser.
-_DELEGATED = {"toy": _toy}
+_DELEGATED = {"toy": _toy, "eval": _eval, "sweep": _sweep}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, help="destination directory")
     p.set_defaults(run=_export)
 
+    sub.add_parser("eval", help="evaluate a run's latest policy against its target and base model",
+                   description="Plain Monte Carlo evaluation of a run (see 'fdpg-scale eval --help').", add_help=False)
+
+    sub.add_parser("sweep", help="train and evaluate configs × divergences, write report.md with plots",
+                   description="See 'fdpg-scale sweep --help'.", add_help=False)
+
     p = sub.add_parser("toy", help="f-DPG on an enumerable toy model, exact divergences per step",
                        description="Runs sampled f-DPG on a tiny model whose every sequence can be listed "
                                    "and prints the exact divergence to the target per step. Arguments after "
@@ -78,14 +98,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .checkpoint import CheckpointMismatchError
+    from .evaluate import ConstraintNeverSatisfied
+
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in _DELEGATED:
-        return _DELEGATED[argv[0]](argv[1:])
-    args = build_parser().parse_args(argv)
     try:
+        if argv and argv[0] in _DELEGATED:
+            return _DELEGATED[argv[0]](argv[1:])
+        args = build_parser().parse_args(argv)
         return args.run(args)
     except ConfigError as err:
         print(f"fdpg-scale: config error: {err}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, FileExistsError, CheckpointMismatchError, ConstraintNeverSatisfied) as err:
+        # Errors about the user's files or task: one line, no traceback.
+        print(f"fdpg-scale: {err}", file=sys.stderr)
         return 2
 
 

@@ -18,11 +18,13 @@ One optimizer step on the global batch (``train.global_batch`` sequences, whatev
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
+import yaml
 
 from . import checkpoint as ckpt
-from .config import RunConfig
+from .config import RunConfig, config_to_dict
 from .distributed import all_gather_rows, barrier, init_distributed, is_rank0
 from .divergences import get_divergence
 from .engines import build_frozen, build_policy, copy_policy_into_proposal, sequence_logprobs, train_step
@@ -84,6 +86,9 @@ def train(cfg: RunConfig) -> None:
         else:
             task = task.with_lambdas(state.lambdas)
             fit_note = f"λ = {state.lambdas} (from the checkpoint)"
+    if is_rank0():  # what `fdpg-scale eval` and a later reader need to know about this run
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.output_dir) / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     log = RunLogger(cfg.output_dir, enabled=is_rank0(), total_steps=cfg.train.steps, start_step=state.step,
                     summary_every=cfg.logging.summary_every, tensorboard=cfg.logging.tensorboard,
                     progress_bar=cfg.logging.progress_bar)
@@ -104,6 +109,8 @@ def train(cfg: RunConfig) -> None:
         skipped = state.log_z.update(torch.cat([c.log_target - c.logq for c in chunks]))
         if skipped:  # no sample of the global batch has P(x) > 0: nothing to learn from, log Z unchanged
             state.step = step + 1
+            log.message(f"step {state.step} skipped: 0/{cfg.train.global_batch} samples have P(x) > 0 (the target's "
+                        f"constraint held on none of them); log Z unchanged")
             log.log(state.step, {"loss": 0.0, "log_z": state.log_z.value, "skipped": 1})
         else:
             weighed = [_weigh_and_backward(policy, chunk, state, divergence, cfg.divergence.clip, timer)

@@ -1,0 +1,111 @@
+"""Tables and plots of a set of runs: alignment against diversity per divergence, divergence to the target
+per step, and a Markdown report that holds both.
+
+Input is a list of finished runs (each an ``output_dir`` with ``metrics.jsonl`` and ``eval.json``) grouped
+by task; nothing here trains or samples.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+__all__ = ["load_run", "results_table", "plot_alignment_vs_diversity", "plot_divergence_per_step", "write_report"]
+
+TABLE_COLUMNS = (("alignment", "alignment E[φ]"), ("kl_p_pi", "KL(p‖π)"), ("kl_pi_a", "KL(π‖a)"),
+                 ("distinct_1", "Distinct-1"), ("distinct_2", "Distinct-2"), ("self_bleu_3", "Self-BLEU-3"))
+
+
+def load_run(output_dir: str | Path) -> dict:
+    """{"name", "eval" (eval.json), "metrics" (metrics.jsonl rows)} of one finished run."""
+    output_dir = Path(output_dir)
+    metrics = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {"name": output_dir.name, "dir": output_dir, "eval": json.loads((output_dir / "eval.json").read_text()),
+            "metrics": metrics}
+
+
+def results_table(runs: list[dict]) -> str:
+    """A Markdown table: the base model (from the first run's evaluation) then one row per run."""
+    head = "| model | " + " | ".join(label for _, label in TABLE_COLUMNS) + " |"
+    rule = "|---|" + "---|" * len(TABLE_COLUMNS)
+    rows = [_table_row("base model a", runs[0]["eval"]["base"])]
+    rows += [_table_row(f"f-DPG {run['eval']['divergence']}", run["eval"]["policy"]) for run in runs]
+    return "\n".join([head, rule, *rows])
+
+
+def _table_row(name: str, values: dict) -> str:
+    cells = []
+    for key, _ in TABLE_COLUMNS:
+        se = values.get(f"{key}_se")
+        cells.append(f"{values[key]:.3f} ± {se:.3f}" if se is not None else f"{values[key]:.3f}")
+    return f"| {name} | " + " | ".join(cells) + " |"
+
+
+def plot_alignment_vs_diversity(runs: list[dict], path: str | Path, *, title: str) -> Path:
+    """Scatter of alignment (y) against Distinct-2 and against Self-BLEU-3 (x), one point per divergence."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never a window
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    for ax, key, label in ((axes[0], "distinct_2", "Distinct-2 (higher = more diverse)"),
+                           (axes[1], "self_bleu_3", "Self-BLEU-3 (lower = more diverse)")):
+        points = [("base a", runs[0]["eval"]["base"])] + [(r["eval"]["divergence"], r["eval"]["policy"]) for r in runs]
+        for name, values in points:
+            ax.errorbar(values[key], values["alignment"], yerr=values.get("alignment_se"), fmt="o", capsize=3,
+                        label=name, color="black" if name == "base a" else None)
+            ax.annotate(name, (values[key], values["alignment"]), textcoords="offset points", xytext=(5, 5))
+        ax.set_xlabel(label)
+        ax.set_ylabel("alignment E_π[φ]")
+        ax.grid(alpha=0.3)
+    axes[0].legend(loc="best", fontsize="small")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_divergence_per_step(runs: list[dict], path: str | Path, *, title: str) -> Path:
+    """Importance-sampled KL(p‖π) (with its standard error band) against the optimizer step, per divergence."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for run in runs:
+        rows = [m for m in run["metrics"] if "kl_p_pi" in m]
+        steps = [m["step"] for m in rows]
+        kl = [m["kl_p_pi"] for m in rows]
+        se = [m.get("kl_p_pi_se", 0.0) for m in rows]
+        line, = ax.plot(steps, kl, label=run["eval"]["divergence"])
+        ax.fill_between(steps, [k - s for k, s in zip(kl, se)], [k + s for k, s in zip(kl, se)],
+                        color=line.get_color(), alpha=0.15)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("KL(p‖π), importance-sampled from q")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(groups: dict[str, list[dict]], out_dir: str | Path, *, header: str = "") -> Path:
+    """``report.md`` in ``out_dir``: per group (a task, a model size) the table and both plots."""
+    out_dir = Path(out_dir)
+    parts = ["# f-DPG: alignment against diversity per divergence", "", header] if header else \
+        ["# f-DPG: alignment against diversity per divergence", ""]
+    for group, runs in groups.items():
+        scatter = plot_alignment_vs_diversity(runs, out_dir / f"{group}_alignment_vs_diversity.png", title=group)
+        curve = plot_divergence_per_step(runs, out_dir / f"{group}_kl_per_step.png", title=group)
+        parts += [f"## {group}", "", results_table(runs), "",
+                  f"![alignment against diversity]({scatter.name})", "", f"![KL(p‖π) per step]({curve.name})", ""]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(parts))
+    return path

@@ -1,0 +1,62 @@
+"""`fdpg-scale eval` and `fdpg-scale sweep` on the smoke config: the table, the plots, the bad-input errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.test_train_e2e import ROOT, SMOKE, _env, run_train
+
+pytestmark = [pytest.mark.slow]
+
+
+def _colored_fraction(png: Path) -> float:
+    """Fraction of pixels that are neither white nor grey/black: the plotted data, not the axes frame."""
+    import matplotlib.image as mpimg
+    import numpy as np
+
+    img = mpimg.imread(png)[..., :3]
+    spread = img.max(-1) - img.min(-1)
+    return float((spread > 0.15).mean())
+
+
+def test_sweep_trains_evaluates_and_writes_table_and_plots(tmp_path):
+    out = tmp_path / "sweep"
+    proc = subprocess.run([sys.executable, "-m", "fdpg_scale.cli", "sweep", "--configs", str(SMOKE), "--divergences",
+                           "kl", "rkl", "--out", str(out), "--eval-samples", "48", f"model.path={tmp_path / 'model'}",
+                           "train.steps=2"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = (out / "report.md").read_text()
+    assert "| base model a |" in report and "| f-DPG kl |" in report and "| f-DPG rkl |" in report
+    for name in ("smoke_alignment_vs_diversity.png", "smoke_kl_per_step.png"):
+        png = out / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert name in report
+        assert _colored_fraction(png) > 0.001, f"{name} shows no data"
+    ev = json.loads((out / "smoke" / "kl" / "eval.json").read_text())
+    for row in ("base", "policy"):
+        for key in ("alignment", "kl_p_pi", "kl_pi_a", "distinct_1", "distinct_2", "self_bleu_3"):
+            assert isinstance(ev[row][key], float), (row, key)
+    assert ev["base"]["kl_pi_a"] == 0.0  # the base against itself
+    assert 0.0 <= ev["policy"]["alignment"] <= 1.0
+
+
+def test_unsatisfiable_constraint_is_reported_with_its_rate(tmp_path):
+    out = tmp_path / "never"
+    log = run_train(tmp_path, out, "train.steps=1", "target.scorer_args.substring=QQQQQQQQQQ")
+    assert "step 1 skipped: 0/8 samples have P(x) > 0" in log
+    proc = subprocess.run([sys.executable, "-m", "fdpg_scale.cli", "eval", str(out), "--samples", "16"], cwd=ROOT,
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "holds on 0/16 base samples" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_eval_of_a_directory_without_checkpoint_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fdpg_scale.cli", "export", str(tmp_path), "--to",
+                           str(tmp_path / "hf")], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("fdpg-scale: ") and "no checkpoint" in proc.stderr
