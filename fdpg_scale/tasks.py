@@ -12,6 +12,7 @@ Each scorer reads the decoded texts of ``Samples``; its arguments come from ``ta
 
 from __future__ import annotations
 
+import ast
 import inspect
 from dataclasses import dataclass
 from typing import Callable
@@ -35,7 +36,23 @@ def count(samples: Samples, *, substring: str) -> torch.Tensor:
     return torch.tensor([float(t.count(substring)) for t in samples.texts], dtype=torch.float32)
 
 
-SCORERS: dict[str, Callable[..., torch.Tensor]] = {"contains": contains, "count": count}
+def parses_as_python(samples: Samples) -> torch.Tensor:
+    """[B] 1.0 where the decoded sample is non-blank and parses as a Python module (``ast.parse``)."""
+    return torch.tensor([_parses(t) for t in samples.texts], dtype=torch.float32)
+
+
+def _parses(text: str) -> bool:
+    if not text.strip():
+        return False
+    try:
+        ast.parse(text)
+    except (SyntaxError, ValueError):  # ValueError: null bytes
+        return False
+    return True
+
+
+SCORERS: dict[str, Callable[..., torch.Tensor]] = {"contains": contains, "count": count,
+                                                   "parses_as_python": parses_as_python}
 
 
 @dataclass(frozen=True)
