@@ -1,0 +1,379 @@
+"""Torch references for the per-token log-prob ops: the oracle, the CPU path and the documentation.
+
+Math (shared with the Triton kernels in linear_logprobs.py / token_logprobs.py). For one token with
+logits z ∈ R^V (z = h·Wᵀ + b for the fused op), temperature T and target t:
+
+    s      = z / T
+    lse    = log Σ_v exp(s_v)                       (computed as m + log Σ exp(s_v − m), m = max_v s_v)
+    out    = s_t − lse = log softmax(z / T)[t]      (≤ 0)
+    ∂out/∂z_v = (1[v = t] − p_v) / T,   p = softmax(s) = exp(s − lse)
+
+With an upstream gradient g (one number per token) the logit gradient is dz = g·(onehot(t) − p)/T, and
+
+    d hidden = dz · W        [N, V]·[V, H]
+    d weight = dzᵀ · hidden  [V, N]·[N, H]   (a reduction over tokens)
+    d bias   = Σ_tokens dz
+
+Tokens whose target is ``ignore_index`` (−100) get log-prob 0 and no gradient (g is zeroed for them).
+
+Memory: neither reference holds the full [N, V] logits. The forward runs over chunks of whole rows
+([rows, V], ``CHUNK_BYTES``) and saves only the per-token lse (and the inputs). The linear backward runs
+over token blocks (``BWD_TOKENS``) × vocab chunks (``CHUNK_BYTES`` per chunk) and recomputes each chunk's
+logits with the forward's own ops, so exp(z − lse) is consistent with the saved lse to the last bit of
+fp32 (this matters for extreme logits). The token backward recomputes softmax row-chunk by row-chunk. One
+preallocated chunk buffer is reused and all arithmetic on it is in place: that, not only the smaller
+footprint, is what makes the chunked path faster than the naive one on CPU (the naive path page-faults
+through several fresh GB-sized tensors).
+
+Accumulation is in float32 for bf16/fp16/fp32 inputs and in float64 for float64 inputs (so that
+``torch.autograd.gradcheck`` can check the custom backward); the output is float32 (float64 for float64
+inputs); gradients come back in the input dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+IGNORE_INDEX = -100
+# Bytes of one chunk of logits in the compute dtype. Forward time swept on the 2-core dev box (AMD EPYC,
+# 2 MiB L2 per core, 32 MiB L3), H=768, V=50257 fp32, one process: N=1024: 4 MiB 1.06 s, 8 MiB 0.78 s,
+# 16 MiB 0.60 s, 32 MiB 0.55 s, 64 MiB 0.52 s (naive 0.54 s); N=4096: 32 MiB 1.92 s, 64 MiB 2.13 s (naive
+# 2.25 s). Smaller chunks starve the matmul (few rows per pass over the [V, H] weight); larger ones only
+# add memory.
+CHUNK_BYTES = 32 * 2**20
+# Tokens per block of the linear backward (outer loop; vocab chunks of CHUNK_BYTES run inside). Its
+# [BWD_TOKENS, H] temporaries count against the memory goal; 1024..4096 timed the same (N=4096, V=50257).
+BWD_TOKENS = 2048
+
+
+# --------------------------------------------------------------------------------------------------------
+# Input checks shared by every impl (one-line errors naming the argument and the shapes).
+# --------------------------------------------------------------------------------------------------------
+
+def _check_float(name: str, x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+
+
+def _check_temperature(temperature: float) -> float:
+    t = float(temperature)
+    if not (math.isfinite(t) and t > 0.0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    return t
+
+
+def _check_targets(targets: torch.Tensor, lead_shape: torch.Size, vocab: int, lead_name: str,
+                   ignore_index: int) -> torch.Tensor:
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise TypeError(f"targets must be an integer tensor (int64), got dtype {targets.dtype}")
+    if targets.shape != lead_shape:
+        raise ValueError(f"targets shape {tuple(targets.shape)} must equal the leading shape of {lead_name} "
+                         f"{tuple(lead_shape)}")
+    if targets.numel() > 0:
+        # One host sync per call: an out-of-range index would otherwise read out of bounds in the kernel.
+        bad = ((targets < 0) & (targets != ignore_index)) | (targets >= vocab)
+        if bool(bad.any()):
+            first = targets[bad].flatten()[0].item()
+            raise ValueError(f"targets must lie in [0, {vocab}) or equal {ignore_index} (ignored); "
+                             f"found {first}")
+    return targets.to(torch.int64)
+
+
+def check_token_inputs(logits: torch.Tensor, targets: torch.Tensor, temperature: float,
+                       ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, float]:
+    """Validate token_logprobs' inputs; returns (targets as int64, temperature as float)."""
+    _check_float("logits", logits)
+    if logits.dim() < 1:
+        raise ValueError(f"logits must have shape [..., V], got {tuple(logits.shape)}")
+    if logits.shape[-1] == 0:
+        raise ValueError(f"logits must have a non-empty vocabulary dimension, got {tuple(logits.shape)}")
+    t = _check_targets(targets, logits.shape[:-1], logits.shape[-1], "logits [..., V]", ignore_index)
+    if targets.device != logits.device:
+        raise ValueError(f"targets is on {targets.device} but logits is on {logits.device}")
+    return t, _check_temperature(temperature)
+
+
+def check_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                        bias: torch.Tensor | None, temperature: float,
+                        ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, float]:
+    """Validate linear_token_logprobs' inputs; returns (targets as int64, temperature as float)."""
+    _check_float("hidden", hidden)
+    _check_float("weight", weight)
+    if hidden.dim() < 1:
+        raise ValueError(f"hidden must have shape [..., H], got {tuple(hidden.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have shape [V, H], got {tuple(weight.shape)}")
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden's last dim H={hidden.shape[-1]} (shape {tuple(hidden.shape)}) must equal "
+                         f"weight's H={weight.shape[1]} (weight shape {tuple(weight.shape)} is [V, H])")
+    if weight.shape[0] == 0:
+        raise ValueError(f"weight must have a non-empty vocabulary dimension, got {tuple(weight.shape)}")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden dtype {hidden.dtype} must equal weight dtype {weight.dtype}")
+    if hidden.device != weight.device:
+        raise ValueError(f"hidden is on {hidden.device} but weight is on {weight.device}")
+    if bias is not None:
+        _check_float("bias", bias)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must have shape [V]=({weight.shape[0]},), got {tuple(bias.shape)}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} must equal weight dtype {weight.dtype}")
+        if bias.device != weight.device:
+            raise ValueError(f"bias is on {bias.device} but weight is on {weight.device}")
+    t = _check_targets(targets, hidden.shape[:-1], weight.shape[0], "hidden [..., H]", ignore_index)
+    if targets.device != hidden.device:
+        raise ValueError(f"targets is on {targets.device} but hidden is on {hidden.device}")
+    return t, _check_temperature(temperature)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Shared chunk math
+# --------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RefParams:
+    """Constants of one reference call (the autograd.Function's non-tensor argument)."""
+
+    temperature: float = 1.0
+    """Softmax temperature T > 0: log softmax(z / T)."""
+    ignore_index: int = IGNORE_INDEX
+    """Targets equal to this get log-prob 0 and no gradient."""
+    chunk_tokens: int = 0
+    """Tokens per chunk (forward; and token block of the linear backward); 0: from CHUNK_BYTES / BWD_TOKENS."""
+    chunk_vocab: int = 0
+    """Vocab columns per chunk of the linear backward; 0: from CHUNK_BYTES."""
+
+    def rows(self, vocab: int, dtype: torch.dtype) -> int:
+        """Forward chunk: tokens per [rows, V] block."""
+        if self.chunk_tokens > 0:
+            return self.chunk_tokens
+        return max(1, CHUNK_BYTES // (vocab * _itemsize(dtype)))
+
+    def bwd_tiles(self, n_tok: int, vocab: int, dtype: torch.dtype) -> tuple[int, int]:
+        """Linear backward: (tokens per block, vocab columns per chunk)."""
+        rows = min(self.chunk_tokens if self.chunk_tokens > 0 else BWD_TOKENS, max(n_tok, 1))
+        cols = self.chunk_vocab if self.chunk_vocab > 0 else max(1, CHUNK_BYTES // (rows * _itemsize(dtype)))
+        return rows, min(cols, vocab)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits // 8
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # fp32 accumulation for every low-precision input; float64 stays float64 (gradcheck).
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _lse_and_pick_(z: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """z [n, V] scaled logits (destroyed: becomes exp(z − max)); tgt [n] -> (lse [n], z[tgt] − lse [n]).
+
+    lse = m + log Σ exp(z − m) directly (not recovered from a log_softmax output, which loses ulp(|log p|)
+    when the target is far below the max): the backward's exp(z − lse) must sum to 1 to fp32 precision,
+    or extreme logits (|z| ~ 1e4) get gradients off by percents.
+    """
+    picked = z.gather(1, tgt[:, None]).squeeze(1)
+    m = z.amax(dim=1)
+    z.sub_(m[:, None]).exp_()
+    lse = m + z.sum(dim=1).log()
+    return lse, picked - lse
+
+
+def _neg_scaled_softmax_(z: torch.Tensor, gs: torch.Tensor) -> torch.Tensor:
+    """In place: z [n, V] scaled logits (whole rows) -> −gs·softmax(z), gs = g/T [n] (dz without onehot).
+
+    torch's softmax normalises each row itself (max, sum-exp, divide, row by row while it sits in cache);
+    writing into its own input is safe: the last pass is elementwise.
+    """
+    return torch.softmax(z, dim=1, out=z).mul_(-gs[:, None])
+
+
+# --------------------------------------------------------------------------------------------------------
+# linear_token_logprobs reference
+# --------------------------------------------------------------------------------------------------------
+
+def _linear_chunk(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, inv_t: float,
+                  out: torch.Tensor) -> torch.Tensor:
+    """out[n, V] = (h·wᵀ + b) / T, written into the preallocated chunk buffer (no fresh allocation)."""
+    if b is None:
+        return torch.mm(h, w.t(), out=out).mul_(inv_t) if inv_t != 1.0 else torch.mm(h, w.t(), out=out)
+    return torch.addmm(b, h, w.t(), beta=inv_t, alpha=inv_t, out=out)
+
+
+class LinearLogprobsTorch(torch.autograd.Function):
+    """Chunked log softmax((h·Wᵀ + b)/T)[t] with a backward that recomputes each chunk's logits."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                targets: torch.Tensor, params: RefParams) -> torch.Tensor:
+        # hidden [N, H], weight [V, H], bias [V] | None, targets [N] int64 -> [N] float32 (float64)
+        cd = _compute_dtype(hidden.dtype)
+        n_tok, vocab = hidden.shape[0], weight.shape[0]
+        inv_t = 1.0 / params.temperature
+        valid = targets != params.ignore_index
+        tgt = torch.where(valid, targets, 0)
+        w = weight.to(cd)
+        b = None if bias is None else bias.to(cd)
+        lse = torch.empty(n_tok, dtype=cd, device=hidden.device)
+        out = torch.empty(n_tok, dtype=cd, device=hidden.device)
+        rows = min(params.rows(vocab, cd), max(n_tok, 1))
+        buf = torch.empty(rows, vocab, dtype=cd, device=hidden.device)
+        for s in range(0, n_tok, rows):
+            e = min(s + rows, n_tok)
+            z = _linear_chunk(hidden[s:e].to(cd), w, b, inv_t, buf[: e - s])
+            lse[s:e], out[s:e] = _lse_and_pick_(z, tgt[s:e])
+        out.masked_fill_(~valid, 0.0)
+        ctx.save_for_backward(hidden, weight, bias, tgt, valid, lse)
+        ctx.params = params
+        return out if cd == torch.float64 else out.to(torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        # Loop order: token blocks of BWD_TOKENS rows outside, vocab chunks inside. d weight[v-chunk] is then
+        # written (first token block) or accumulated once per token block, and the accumulator that is
+        # revisited every vocab chunk is d hidden[block] (BWD_TOKENS·H, a few MB) instead of the whole
+        # [V, H] d weight once per token chunk (GBs of memory traffic for a 50k vocabulary).
+        # dz = gs·onehot(t) − gs·p with gs = g/T. The chunk only ever holds p = exp(z − lse); gs scales the
+        # small operands instead of the [n, V] chunk:
+        #   d hidden = −gs ⊙ (p·W) + gs ⊙ W[t]      (p·W accumulated over vocab chunks, scaled once)
+        #   d weight = pᵀ·(−gs ⊙ h), then += gs ⊙ h at rows t   (index_add_)
+        #   d bias   = pᵀ·(−gs), then += gs at t
+        hidden, weight, bias, tgt, valid, lse = ctx.saved_tensors
+        params: RefParams = ctx.params
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        need_b = need_b and bias is not None
+        cd = lse.dtype
+        n_tok, vocab = hidden.shape[0], weight.shape[0]
+        inv_t = 1.0 / params.temperature
+        gs = torch.where(valid, grad_out.to(cd) * inv_t, 0.0)
+        w = weight.to(cd)
+        b = None if bias is None else bias.to(cd)
+        dh = torch.zeros(hidden.shape, dtype=cd, device=hidden.device) if need_h else None
+        dw = torch.zeros(weight.shape, dtype=cd, device=weight.device) if need_w else None
+        db = torch.zeros(vocab, dtype=cd, device=weight.device) if need_b else None
+        tok_rows, cols = params.bwd_tiles(n_tok, vocab, cd)
+        buf = torch.empty(tok_rows * cols, dtype=cd, device=hidden.device)
+        for s in range(0, n_tok, tok_rows):
+            e = min(s + tok_rows, n_tok)
+            n = e - s
+            h = hidden[s:e].to(cd)
+            neg_gs = -gs[s:e]
+            h_neg_gs = h * neg_gs[:, None] if (dw is not None) else None
+            for v0 in range(0, vocab, cols):
+                v1 = min(v0 + cols, vocab)
+                # Same ops as the forward (_linear_chunk), so z here is bitwise the forward's z (BLAS sums
+                # each element over H in the same order whatever the number of rows/columns) and
+                # exp(z − lse) sums to 1 to fp32 precision even for extreme logits.
+                p = _linear_chunk(h, w[v0:v1], None if b is None else b[v0:v1], inv_t,
+                                  buf[: n * (v1 - v0)].view(n, v1 - v0))
+                p.sub_(lse[s:e, None]).exp_()
+                if dh is not None:
+                    dh[s:e].addmm_(p, w[v0:v1])
+                if dw is not None:
+                    dw[v0:v1].addmm_(p.t(), h_neg_gs)
+                if db is not None:
+                    db[v0:v1].addmv_(p.t(), neg_gs)
+            if dh is not None:
+                dh[s:e].mul_(neg_gs[:, None]).addcmul_(gs[s:e, None], w[tgt[s:e]])
+            if dw is not None:
+                dw.index_add_(0, tgt[s:e], h * gs[s:e, None])
+        if db is not None:
+            db.index_add_(0, tgt, gs)
+        return (None if dh is None else dh.to(hidden.dtype), None if dw is None else dw.to(weight.dtype),
+                None if db is None else db.to(bias.dtype), None, None)
+
+
+def linear_token_logprobs_torch(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                                bias: torch.Tensor | None = None, temperature: float = 1.0,
+                                ignore_index: int = IGNORE_INDEX, chunk_tokens: int = 0,
+                                chunk_vocab: int = 0) -> torch.Tensor:
+    """Per-token log-probs of a linear head, chunked over tokens (never the full [..., V] logits).
+
+    hidden [..., H], weight [V, H], bias [V] | None, targets [...] int64 -> float32 [...]
+    (float64 for float64 inputs). Naive equivalent (which materialises [..., V]):
+        torch.log_softmax((hidden @ weight.T + bias) / T, -1).gather(-1, targets[..., None])[..., 0]
+    with 0 where targets == ignore_index. Differentiable w.r.t. hidden, weight and bias.
+    """
+    targets, temperature = check_linear_inputs(hidden, weight, targets, bias, temperature, ignore_index)
+    lead = hidden.shape[:-1]
+    params = RefParams(temperature=temperature, ignore_index=ignore_index, chunk_tokens=chunk_tokens,
+                       chunk_vocab=chunk_vocab)
+    out = LinearLogprobsTorch.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets.reshape(-1),
+                                    params)
+    return out.reshape(lead)
+
+
+# --------------------------------------------------------------------------------------------------------
+# token_logprobs reference
+# --------------------------------------------------------------------------------------------------------
+
+def _scaled_copy(x: torch.Tensor, inv_t: float, out: torch.Tensor) -> torch.Tensor:
+    """out = x / T in the compute dtype (a copy: the chunk math that follows is in place)."""
+    out.copy_(x)  # upcast first, so bf16 logits are divided by T in fp32, not rounded to bf16
+    return out.mul_(inv_t) if inv_t != 1.0 else out
+
+
+class TokenLogprobsTorch(torch.autograd.Function):
+    """Chunked log softmax(z/T)[t] from given logits; the backward recomputes softmax from the saved lse."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, params: RefParams) -> torch.Tensor:
+        # logits [N, V], targets [N] int64 -> [N] float32 (float64)
+        cd = _compute_dtype(logits.dtype)
+        n_tok, vocab = logits.shape
+        inv_t = 1.0 / params.temperature
+        valid = targets != params.ignore_index
+        tgt = torch.where(valid, targets, 0)
+        lse = torch.empty(n_tok, dtype=cd, device=logits.device)
+        out = torch.empty(n_tok, dtype=cd, device=logits.device)
+        rows = min(params.rows(vocab, cd), max(n_tok, 1))
+        buf = torch.empty(rows, vocab, dtype=cd, device=logits.device)
+        for s in range(0, n_tok, rows):
+            e = min(s + rows, n_tok)
+            z = _scaled_copy(logits[s:e], inv_t, buf[: e - s])
+            lse[s:e], out[s:e] = _lse_and_pick_(z, tgt[s:e])
+        out.masked_fill_(~valid, 0.0)
+        ctx.save_for_backward(logits, tgt, valid, lse)
+        ctx.params = params
+        return out if cd == torch.float64 else out.to(torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        logits, tgt, valid, lse = ctx.saved_tensors
+        params: RefParams = ctx.params
+        cd = lse.dtype
+        n_tok, vocab = logits.shape
+        inv_t = 1.0 / params.temperature
+        gs = torch.where(valid, grad_out.to(cd) * inv_t, 0.0)
+        dlogits = torch.empty_like(logits)
+        rows = min(params.rows(vocab, cd), max(n_tok, 1))
+        buf = torch.empty(rows, vocab, dtype=cd, device=logits.device)
+        for s in range(0, n_tok, rows):
+            e = min(s + rows, n_tok)
+            z = _scaled_copy(logits[s:e], inv_t, buf[: e - s])
+            dz = _neg_scaled_softmax_(z, gs[s:e])
+            dz.scatter_add_(1, tgt[s:e, None], gs[s:e, None])  # + gs·onehot(t)
+            dlogits[s:e] = dz
+        return dlogits, None, None
+
+
+def token_logprobs_torch(logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
+                         ignore_index: int = IGNORE_INDEX, chunk_tokens: int = 0) -> torch.Tensor:
+    """Per-token log-probs from logits, chunked over tokens (at most one [chunk, V] fp32 block extra).
+
+    logits [..., V] (any float dtype), targets [...] int64 -> float32 [...] (float64 for float64 logits).
+    Naive equivalent: torch.log_softmax(logits.float() / T, -1).gather(-1, targets[..., None])[..., 0],
+    with 0 where targets == ignore_index. Differentiable w.r.t. logits (gradient in logits' dtype).
+    """
+    targets, temperature = check_token_inputs(logits, targets, temperature, ignore_index)
+    lead = logits.shape[:-1]
+    params = RefParams(temperature=temperature, ignore_index=ignore_index, chunk_tokens=chunk_tokens)
+    out = TokenLogprobsTorch.apply(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), params)
+    return out.reshape(lead)
