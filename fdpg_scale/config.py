@@ -73,6 +73,9 @@ class TargetConfig:
     """distributional: the target mean of the feature φ (E_p[φ] = moment)."""
     fit_samples: int = 256
     """distributional: sequences drawn (over all ranks) from the initial proposal to fit λ by SNIS."""
+    prompts_file: str | None = None
+    """Conditional target: a JSON Lines file of {"prompt": ...}; each sample continues a prompt drawn
+    uniformly, with its own target P(x|c) and partition function Z(c). None: unconditional (from BOS)."""
     beta: float = 1.0
     """reward: temperature β of exp(r/β)."""
 
@@ -82,6 +85,9 @@ class TargetConfig:
             raise ConfigError("target.moment is required when target.kind is 'distributional'")
         if not self.beta > 0:
             raise ConfigError(f"target.beta must be > 0, got {self.beta}")
+        if self.kind == "distributional" and self.prompts_file is not None:
+            raise ConfigError("target.prompts_file (a conditional target) with target.kind 'distributional' is not "
+                              "supported: λ is fitted for one unconditional target")
         if self.fit_samples < 1:
             raise ConfigError(f"target.fit_samples must be ≥ 1, got {self.fit_samples}")
 

@@ -286,7 +286,8 @@ def proposal_estimates(metric: str, *, logp_pi: torch.Tensor, logp_q: torch.Tens
     """Importance-sampled (D(π, p), D(q, p)) from samples x_i ∼ q; metric ``kl`` (KL(p‖·)) or ``tv``.
 
     Args: [B] per-sequence log π, log q, log P (unnormalised, −inf allowed); log_z: None to self-normalise
-    with the batch's own Ẑ (see the module docstring), or a log Z to use instead.
+    with the batch's own Ẑ (see the module docstring), or a log Z to use instead: a float, or [B] per-sample
+    log Z(c_i) for a conditional target.
     Returns two floats, or None when no sample has P > 0 (nothing to estimate from).
     """
     if metric not in PROPOSAL_METRICS:
@@ -302,10 +303,11 @@ def proposal_estimates(metric: str, *, logp_pi: torch.Tensor, logp_q: torch.Tens
     self_normalised = log_z is None
     if self_normalised:
         log_z = float(torch.logsumexp(log_w, 0) - math.log(n))
+    log_z = torch.as_tensor(log_z, dtype=torch.float64).cpu()   # scalar, or [B] per-sample log Z(c_i)
     w = torch.exp(log_w - log_z) / n                         # (p_i/q_i)/n: sums to 1 when self-normalised
     if metric == "kl":
         on = w > 0                                           # 0·log 0 = 0: samples outside p's support drop out
-        log_p = lP[on] - log_z
+        log_p = lP[on] - (log_z[on] if log_z.dim() else log_z)
         return float((w[on] * (log_p - lpi[on])).sum()), float((w[on] * (log_p - lq[on])).sum())
     # (π_i/q_i)/n, self-normalised like w when log Z is (softmax: stable for any spread of log π − log q).
     rho = torch.softmax(lpi - lq, 0) if self_normalised else torch.exp(lpi - lq) / n
@@ -337,7 +339,7 @@ class ProposalSchedule:
         return step > 0 and step % self.interval == 0
 
     def should_replace(self, *, logp_pi: torch.Tensor, logp_q: torch.Tensor, log_target: torch.Tensor,
-                       log_z: float | None = None) -> bool:
+                       log_z: float | torch.Tensor | None = None) -> bool:
         """True when the estimate of D(π, p) is below that of D(q, p) on this batch from q ([B] each).
 
         No decision (False) when the batch has no sample with P > 0.

@@ -7,7 +7,8 @@ policy π and ``n`` from the base model a (temperature 1, no truncation: the mod
   a plain sample mean over π's samples;
 - ``kl_pi_a`` = KL(π‖a) = E_π[log π − log a];
 - ``kl_p_pi`` = KL(p‖π), by importance sampling from the base: p/a = s(x)/Z with s the target's score
-  (p ≪ a always holds, which is why a and not π is the proposal here), Z = E_a[s] estimated on the same draws;
+  (p ≪ a always holds, which is why a and not π is the proposal here), Z = E_a[s] estimated on the same draws
+  (per context for a conditional target, whose draws cycle through the prompts; averaged over contexts);
 - diversity of π's samples: Distinct-1/2 and Self-BLEU-3 (lower = more diverse).
 The same columns for the base model itself give the reference row (alignment before training, KL(p‖a)).
 Results go to ``OUTPUT_DIR/eval.json``.
@@ -24,7 +25,10 @@ import torch
 
 from .config import RunConfig, load_config
 from .kernels import token_logprobs
+from .engines import position_ids_from_mask
+from .generation import pad_prompts
 from .metrics import distinct_n, self_bleu
+from .prompts import PromptSet, load_prompts
 from .samples import Samples
 from .tasks import Task, build_task
 
@@ -37,58 +41,88 @@ class ConstraintNeverSatisfied(ValueError):
 
 @torch.no_grad()
 def sample_and_score(model, tokenizer, task: Task, *, n: int, max_new_tokens: int, seed: int,
-                     batch_size: int = 64) -> dict:
-    """Draw ``n`` sequences from ``model`` (from BOS, temperature 1) and score them.
+                     prompts: PromptSet | None = None, batch_size: int = 64) -> dict:
+    """Draw ``n`` sequences from ``model`` (temperature 1, no truncation) and score them.
 
-    Returns {"samples": Samples, "logp": [n] log model(x), "log_scores": [n], "feature": [n]}.
+    Unconditional: every draw continues BOS. Conditional (``prompts``): draw i continues prompt i mod C, so
+    every context gets n/C draws. Returns {"samples": Samples, "logp": [n] log model(x|c), "log_scores": [n],
+    "feature": [n], "prompt_ids", "prompt_mask" (the left-padded contexts, to rescore with another model)}.
     """
+    context_ids = torch.arange(n) % (1 if prompts is None else len(prompts))
+    rows = [[tokenizer.bos_token_id] if prompts is None else list(prompts.token_ids[c]) for c in context_ids.tolist()]
+    prompt_ids, prompt_mask = pad_prompts(rows, bos_id=tokenizer.bos_token_id, pad_id=tokenizer.pad_token_id)
+    width = prompt_ids.shape[1]
     ids, masks, logps = [], [], []
-    generator_state = torch.random.get_rng_state()
+    rng_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
         for start in range(0, n, batch_size):
-            b = min(batch_size, n - start)
-            prompt = torch.full((b, 1), tokenizer.bos_token_id, dtype=torch.long)
-            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=1.0,
-                                 top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, min_new_tokens=0,
+            p_ids, p_mask = prompt_ids[start:start + batch_size], prompt_mask[start:start + batch_size]
+            out = model.generate(p_ids, attention_mask=p_mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                 max_new_tokens=max_new_tokens, min_new_tokens=0,
                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-            gen = torch.full((b, max_new_tokens), tokenizer.pad_token_id, dtype=torch.long)
-            gen[:, :out.shape[1] - 1] = out[:, 1:]
+            produced = out.shape[1] - width
+            gen = torch.full((p_ids.shape[0], max_new_tokens), tokenizer.pad_token_id, dtype=torch.long)
+            gen[:, :produced] = out[:, width:]
             # Generated tokens up to and including the first EOS.
-            is_eos = gen == tokenizer.eos_token_id
-            after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
-            mask = ~after_eos & (torch.arange(max_new_tokens) < out.shape[1] - 1)
+            is_eos = (gen == tokenizer.eos_token_id).long()
+            mask = ((is_eos.cumsum(-1) - is_eos) == 0) & (torch.arange(max_new_tokens) < produced)
             ids.append(gen)
             masks.append(mask)
-            logps.append(sequence_logprob(model, gen, mask, bos_id=tokenizer.bos_token_id))
+            logps.append(sequence_logprob(model, p_ids, p_mask, gen, mask))
     finally:
-        torch.random.set_rng_state(generator_state)
+        torch.random.set_rng_state(rng_state)
     token_ids, mask = torch.cat(ids), torch.cat(masks)
     texts = tokenizer.batch_decode(token_ids.masked_fill(~mask, tokenizer.pad_token_id), skip_special_tokens=True)
-    samples = Samples(token_ids=token_ids, mask=mask, texts=texts)
+    samples = Samples(token_ids=token_ids, mask=mask, texts=texts, context_ids=context_ids,
+                      contexts=None if prompts is None else [prompts.texts[c] for c in context_ids.tolist()])
     return {"samples": samples, "logp": torch.cat(logps), "log_scores": task.target.log_scores(samples),
-            "feature": task.feature(samples).to(torch.float64)}
+            "feature": task.feature(samples).to(torch.float64), "prompt_ids": prompt_ids, "prompt_mask": prompt_mask}
 
 
 @torch.no_grad()
-def sequence_logprob(model, generated: torch.Tensor, mask: torch.Tensor, *, bos_id: int) -> torch.Tensor:
-    """[B] Σ_t log model(x_t | BOS, x_<t) over ``mask`` for generated tokens [B, T] (continuations of BOS)."""
-    inputs = torch.cat([torch.full((generated.shape[0], 1), bos_id, dtype=torch.long), generated], dim=1)
-    logits = model(inputs, attention_mask=torch.ones_like(inputs)).logits[:, :-1].float()
-    targets = generated.masked_fill(~mask, -100)
-    return token_logprobs(logits, targets).to(torch.float64).sum(-1)
+def sequence_logprob(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, generated: torch.Tensor,
+                     mask: torch.Tensor, *, batch_size: int = 64) -> torch.Tensor:
+    """[B] Σ_t log model(x_t | c, x_<t) over ``mask`` for generated tokens [B, T] continuing the left-padded
+    contexts ``prompt_ids`` [B, P] (``prompt_mask`` 1 on real tokens)."""
+    out = []
+    for start in range(0, generated.shape[0], batch_size):
+        sl = slice(start, start + batch_size)
+        inputs = torch.cat([prompt_ids[sl], generated[sl]], dim=1)
+        attention = torch.cat([prompt_mask[sl], torch.ones_like(generated[sl])], dim=1)
+        logits = model(inputs, attention_mask=attention,
+                       position_ids=position_ids_from_mask(attention)).logits[:, prompt_ids.shape[1] - 1:-1].float()
+        out.append(token_logprobs(logits, generated[sl].masked_fill(~mask[sl], -100)).to(torch.float64).sum(-1))
+    return torch.cat(out)
 
 
-def _row(policy: dict, base: dict, *, log_z: float, pi_on_base: torch.Tensor) -> dict:
-    """Metrics of one model from its own draws (``policy``) and the base draws (for KL(p‖model))."""
+def _log_z_per_context(base: dict) -> torch.Tensor:
+    """[C] log Ẑ(c) = log mean of s(x) over the base draws of context c (−inf where no draw has s > 0)."""
+    ctx = base["samples"].context_ids
+    scores = base["log_scores"].to(torch.float64)
+    n_ctx = int(ctx.max()) + 1
+    lse = torch.full((n_ctx,), -math.inf, dtype=torch.float64).scatter_reduce(0, ctx, scores, "amax")
+    shift = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    sums = torch.zeros(n_ctx, dtype=torch.float64).index_add(0, ctx, torch.exp(scores - shift[ctx]))
+    counts = torch.bincount(ctx, minlength=n_ctx).to(torch.float64)
+    return torch.log(sums) + shift - torch.log(counts)
+
+
+def _row(policy: dict, base: dict, *, log_z: torch.Tensor, pi_on_base: torch.Tensor) -> dict:
+    """Metrics of one model from its own draws (``policy``) and the base draws (for KL(p‖model)).
+
+    KL(p‖π) is averaged over the contexts whose Ẑ(c) > 0 (all of them for an unconditional target)."""
     seqs = policy["samples"].sequences()
-    w = torch.exp(base["log_scores"].to(torch.float64) - log_z)               # p/a on the base draws
-    log_p = base["logp"] + base["log_scores"].to(torch.float64) - log_z
-    kl_terms = torch.where(w > 0, w * (log_p - pi_on_base), torch.zeros_like(w))
+    ctx = base["samples"].context_ids
+    lz = log_z[ctx]
+    supported = torch.isfinite(lz)
+    w = torch.where(supported, torch.exp(base["log_scores"].to(torch.float64) - lz), torch.zeros_like(lz))  # p/a
+    log_p = base["logp"] + base["log_scores"].to(torch.float64) - lz
+    kl_terms = torch.where(w > 0, w * (log_p - pi_on_base), torch.zeros_like(w))[supported]
     return {
         "alignment": float(policy["feature"].mean()),
         "alignment_se": float(policy["feature"].std() / math.sqrt(len(seqs))),
-        "kl_p_pi": float(kl_terms.mean()), "kl_p_pi_se": float(kl_terms.std() / math.sqrt(len(seqs))),
+        "kl_p_pi": float(kl_terms.mean()), "kl_p_pi_se": float(kl_terms.std() / math.sqrt(len(kl_terms))),
         "kl_pi_a": float((policy["logp"] - policy["logp_base"]).mean()),
         "distinct_1": distinct_n(seqs, 1), "distinct_2": distinct_n(seqs, 2),
         "self_bleu_3": self_bleu(seqs, 3, max_hypotheses=min(len(seqs), 100)),
@@ -120,21 +154,25 @@ def evaluate_run(output_dir: str | Path, *, n: int = 256, seed: int = 1234) -> d
     base_model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32).eval()
     max_new = cfg.sampling.max_new_tokens
 
-    base = sample_and_score(base_model, tokenizer, task, n=n, max_new_tokens=max_new, seed=seed)
-    policy = sample_and_score(policy_model, tokenizer, task, n=n, max_new_tokens=max_new, seed=seed + 1)
-    s = base["samples"]
+    prompts = None if cfg.target.prompts_file is None else load_prompts(cfg.target.prompts_file, tokenizer)
+    base = sample_and_score(base_model, tokenizer, task, n=n, max_new_tokens=max_new, seed=seed, prompts=prompts)
+    policy = sample_and_score(policy_model, tokenizer, task, n=n, max_new_tokens=max_new, seed=seed + 1,
+                              prompts=prompts)
     base["logp_base"] = base["logp"]
-    policy["logp_base"] = sequence_logprob(base_model, policy["samples"].token_ids, policy["samples"].mask,
-                                           bos_id=tokenizer.bos_token_id)
-    pi_on_base = sequence_logprob(policy_model, s.token_ids, s.mask, bos_id=tokenizer.bos_token_id)
+    policy["logp_base"] = sequence_logprob(base_model, policy["prompt_ids"], policy["prompt_mask"],
+                                           policy["samples"].token_ids, policy["samples"].mask)
+    pi_on_base = sequence_logprob(policy_model, base["prompt_ids"], base["prompt_mask"], base["samples"].token_ids,
+                                  base["samples"].mask)
 
-    scores = base["log_scores"].to(torch.float64)
-    if not bool(torch.isfinite(scores).any()):
+    log_z = _log_z_per_context(base)                                             # log E_a[s | c]
+    satisfied = int(torch.isfinite(base["log_scores"]).sum())
+    if satisfied == 0:
         raise ConstraintNeverSatisfied(
             f"the target's constraint holds on 0/{n} base samples (rate 0): Z cannot be estimated; "
             f"loosen target.scorer_args or raise sampling.max_new_tokens")
-    log_z = float(torch.logsumexp(scores, 0) - math.log(n))                      # log E_a[s]
-    result = {"checkpoint": str(ckpt), "n": n, "log_z": log_z,
+    result = {"checkpoint": str(ckpt), "n": n, "log_z": float(log_z[torch.isfinite(log_z)].mean()),
+              "base_satisfaction_rate": satisfied / n,
+              "contexts_with_support": f"{int(torch.isfinite(log_z).sum())}/{len(log_z)}",
               "base": _row(base, base, log_z=log_z, pi_on_base=base["logp"]),
               "policy": _row(policy, base, log_z=log_z, pi_on_base=pi_on_base),
               "divergence": str(cfg.divergence.name if cfg.divergence.alpha is None

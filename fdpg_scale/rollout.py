@@ -16,6 +16,7 @@ import torch
 
 from .engines import sequence_logprobs
 from .generation import Rollout, SamplingSettings, sample
+from .prompts import PromptSet
 from .samples import Samples
 from .timing import PhaseTimer
 
@@ -43,6 +44,11 @@ class ScoredChunk:
     """[B] the task's alignment feature φ(x) (b(x) for a pointwise constraint, r(x) for a reward)."""
 
     @property
+    def context_ids(self) -> torch.Tensor:
+        """[B] int64: the context (prompt) each sample continues; 0 for unconditional targets."""
+        return self.samples.context_ids
+
+    @property
     def logq(self) -> torch.Tensor:
         """[B] log q(x) (the warped proposal distribution that actually drew x)."""
         return self.rollout.logprobs.sum(-1)
@@ -60,26 +66,33 @@ def chunk_seed(run_seed: int, step: int, chunk: int, stream: int = TRAIN_STREAM)
 
 def collect_chunks(*, sampler, base, task, tokenizer, settings: SamplingSettings, mode: str, run_seed: int,
                    step: int, rank: int, world: int, accumulation: int, micro_batch: int, timer: PhaseTimer,
-                   prompts: list[list[int]] | None = None, stream: int = TRAIN_STREAM) -> list[ScoredChunk]:
+                   prompts: PromptSet | None = None, stream: int = TRAIN_STREAM) -> list[ScoredChunk]:
     """Sample and score this rank's ``accumulation`` chunks of step ``step`` (collective: all ranks call).
 
     sampler: the engine q is drawn from (the proposal engine, or the policy on-policy); base: the frozen base
     engine a; task: a ``fdpg_scale.tasks.Task``; timer: receives the "generation" and "scoring" seconds.
-    prompts: None for unconditional generation (BOS only).
+    prompts: a conditional target's contexts (each row continues one drawn with the chunk's seed), or None
+    for unconditional generation (from BOS; every sample is context 0).
     """
     chunks = []
     for micro in range(accumulation):
         chunk = micro * world + rank
-        chunk_prompts = prompts if prompts is not None else [[] for _ in range(micro_batch)]
+        seed = chunk_seed(run_seed, step, chunk, stream)
+        if prompts is None:
+            context_ids, chunk_prompts, contexts = torch.zeros(micro_batch, dtype=torch.long), [[]] * micro_batch, None
+        else:
+            context_ids = torch.as_tensor(prompts.draw(micro_batch, seed), dtype=torch.long)
+            chunk_prompts = [list(prompts.token_ids[c]) for c in context_ids.tolist()]
+            contexts = [prompts.texts[c] for c in context_ids.tolist()]
         with timer.phase("generation"):
-            rollout = sample(sampler, chunk_prompts, settings, seed=chunk_seed(run_seed, step, chunk, stream),
+            rollout = sample(sampler, chunk_prompts, settings, seed=seed,
                              bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id,
                              pad_id=tokenizer.pad_token_id, mode=mode)
         generated = rollout.input_ids[:, rollout.prompt_len:]
         gen_mask = rollout.gen_mask[:, rollout.prompt_len:]
         texts = tokenizer.batch_decode(generated.masked_fill(~gen_mask, tokenizer.pad_token_id),
                                        skip_special_tokens=True)
-        samples = Samples(token_ids=generated, mask=gen_mask, texts=texts)
+        samples = Samples(token_ids=generated, mask=gen_mask, texts=texts, context_ids=context_ids, contexts=contexts)
         with timer.phase("scoring"), torch.no_grad():
             logp_base = sequence_logprobs(base, rollout.input_ids, rollout.attention_mask, rollout.gen_mask).cpu()
             chunks.append(ScoredChunk(rollout=rollout, samples=samples, logp_base=logp_base,

@@ -33,6 +33,7 @@ from .generation import SamplingSettings
 from .kernels import fdiv_weights
 from .metrics import importance_sampled_metrics
 from .preemption import PreemptionSignal
+from .prompts import load_prompts
 from .rollout import collect_chunks
 from .run_setup import deepspeed_config, prepare_model_dir
 from .run_log import RunLogger
@@ -62,11 +63,12 @@ def train(cfg: RunConfig) -> None:
     base = build_frozen(model_dir, ds_config)
     proposal = None if cfg.train.on_policy else build_frozen(model_dir, ds_config)
     task = build_task(cfg.target, tokenizer)
+    prompts = None if cfg.target.prompts_file is None else load_prompts(cfg.target.prompts_file, tokenizer)
     divergence = get_divergence(cfg.divergence.name, alpha=cfg.divergence.alpha)
     settings = SamplingSettings(temperature=cfg.sampling.temperature, top_k=cfg.sampling.top_k,
                                 top_p=cfg.sampling.top_p, max_new_tokens=cfg.sampling.max_new_tokens)
 
-    state = TrainerState.fresh(cfg)
+    state = TrainerState.fresh(cfg, num_contexts=1 if prompts is None else len(prompts))
     fingerprint = {"model": ckpt.model_config_hash(model_dir), "divergence": str(divergence),
                    "target": asdict(cfg.target), "on_policy": cfg.train.on_policy}
     latest = ckpt.find_latest(cfg.output_dir)
@@ -105,13 +107,14 @@ def train(cfg: RunConfig) -> None:
         chunks = collect_chunks(sampler=sampler, base=base, task=task, tokenizer=tokenizer, settings=settings,
                                 mode=cfg.sampling.generation_mode, run_seed=cfg.seed, step=step, rank=rank,
                                 world=world, accumulation=accumulation, micro_batch=cfg.train.micro_batch,
-                                timer=timer)
-        skipped = state.log_z.update(torch.cat([c.log_target - c.logq for c in chunks]))
+                                timer=timer, prompts=prompts)
+        skipped = state.log_z.update(torch.cat([c.log_target - c.logq for c in chunks]),
+                                     torch.cat([c.context_ids for c in chunks])).all()
         if skipped:  # no sample of the global batch has P(x) > 0: nothing to learn from, log Z unchanged
             state.step = step + 1
             log.message(f"step {state.step} skipped: 0/{cfg.train.global_batch} samples have P(x) > 0 (the target's "
                         f"constraint held on none of them); log Z unchanged")
-            log.log(state.step, {"loss": 0.0, "log_z": state.log_z.value, "skipped": 1})
+            log.log(state.step, {"loss": 0.0, "log_z": float(state.log_z.value.mean()), "skipped": 1})
         else:
             weighed = [_weigh_and_backward(policy, chunk, state, divergence, cfg.divergence.clip, timer)
                        for chunk in chunks]
@@ -138,7 +141,8 @@ def _weigh_and_backward(policy, chunk, state: TrainerState, divergence, clip: fl
     r = chunk.rollout
     with timer.phase("logprobs"):
         logp_pi_tok = sequence_logprobs(policy, r.input_ids, r.attention_mask, r.gen_mask)
-        w = fdiv_weights(logp_pi_tok.detach().cpu(), r.logprobs, chunk.logp_base, state.log_z.value, divergence,
+        log_z = state.log_z.values_for(chunk.context_ids)
+    w = fdiv_weights(logp_pi_tok.detach().cpu(), r.logprobs, chunk.logp_base, log_z, divergence,
                          baseline=state.baseline.value, clip=clip, mask=r.gen_mask, log_scores=chunk.log_scores)
     with timer.phase("backward"):
         train_step(policy, fdpg_loss(logp_pi_tok.sum(-1), w.weight))
@@ -157,25 +161,31 @@ def _after_step(cfg: RunConfig, state: TrainerState, policy, proposal, chunks, w
         "importance_ratio": torch.cat([w.importance_ratio for _, w in weighed]),
         "weight": torch.cat([w.weight for _, w in weighed]),
         "tokens": torch.cat([c.rollout.gen_mask.sum(-1).float() for c in chunks]),
+        "context_ids": torch.cat([c.context_ids for c in chunks]),
     })
+    conditional = state.log_z.num_contexts > 1
+    log_z = state.log_z.values_for(batch["context_ids"])          # [N] log Z(c_i)
     baseline_used = state.baseline.value
     state.baseline.update(batch["pseudo_reward"], batch["importance_ratio"])
     replaced = False
     if proposal is not None and state.proposal_schedule.due(state.step):
-        # Decided on this batch's log π from before the optimizer step (no extra forward pass).
+        # Decided on this batch's log π from before the optimizer step (no extra forward pass); self-normalised
+        # over the batch when unconditional, with each sample's own Z(c) when conditional.
         replaced = state.proposal_schedule.should_replace(logp_pi=batch["logp_pi"], logp_q=batch["logq"],
-                                                          log_target=batch["log_target"])
+                                                          log_target=batch["log_target"],
+                                                          log_z=log_z if conditional else None)
         if replaced:
             copy_policy_into_proposal(policy, proposal)
             state.proposal_version += 1
     metrics = importance_sampled_metrics(logp_pi=batch["logp_pi"], logp_q=batch["logq"], logp_a=batch["logp_base"],
-                                         log_target=batch["log_target"], log_z=state.log_z.value,
-                                         features={"alignment": batch["feature"]})
+                                         log_target=batch["log_target"], log_z=log_z,
+                                         features={"alignment": batch["feature"]},
+                                         context_ids=batch["context_ids"] if conditional else None)
     metrics["alignment"] = metrics.pop("phi_mean/alignment")
     metrics["alignment_se"] = metrics.pop("phi_mean_se/alignment")
     tokens = float(batch["tokens"].sum())
     return {
-        "loss": float((batch["weight"] * batch["logp_pi"]).mean()), "log_z": state.log_z.value,
+        "loss": float((batch["weight"] * batch["logp_pi"]).mean()), "log_z": float(state.log_z.value.mean()),
         "baseline": baseline_used, "pseudo_reward_mean": float(batch["pseudo_reward"].mean()),
         "weight_abs_max": float(batch["weight"].abs().max()),
         "q_alignment_rate": float(batch["feature"].mean()),

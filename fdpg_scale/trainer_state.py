@@ -8,7 +8,7 @@ import torch
 
 from .collectives import LocalCollective, TorchDistCollective
 from .config import RunConfig
-from .estimator import LogZEstimator, MovingAverageBaseline, ProposalSchedule
+from .estimator import MovingAverageBaseline, PerContextLogZ, ProposalSchedule
 
 __all__ = ["TrainerState"]
 
@@ -17,8 +17,8 @@ __all__ = ["TrainerState"]
 class TrainerState:
     step: int
     """Optimizer steps completed."""
-    log_z: LogZEstimator
-    """Running log Z over every sample so far (all ranks)."""
+    log_z: PerContextLogZ
+    """Running log Z(c) per context over every sample so far (all ranks); one context when unconditional."""
     baseline: MovingAverageBaseline
     proposal_schedule: ProposalSchedule
     proposal_version: int = 0
@@ -27,11 +27,11 @@ class TrainerState:
     """A distributional target's fitted λ (None for the other kinds, or before the fit)."""
 
     @classmethod
-    def fresh(cls, cfg: RunConfig) -> "TrainerState":
+    def fresh(cls, cfg: RunConfig, num_contexts: int = 1) -> "TrainerState":
         """Step 0 state for ``cfg``; the log Z estimate all-reduces over the default process group if any."""
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         collective = TorchDistCollective() if distributed else LocalCollective()
-        return cls(step=0, log_z=LogZEstimator(collective=collective),
+        return cls(step=0, log_z=PerContextLogZ(num_contexts, collective=collective),
                    baseline=MovingAverageBaseline(cfg.train.baseline_momentum, enabled=cfg.train.baseline),
                    proposal_schedule=ProposalSchedule(cfg.train.proposal_update_interval,
                                                       cfg.train.proposal_update_metric))

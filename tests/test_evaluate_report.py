@@ -60,3 +60,17 @@ def test_eval_of_a_directory_without_checkpoint_is_one_line(tmp_path):
                            str(tmp_path / "hf")], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("fdpg-scale: ") and "no checkpoint" in proc.stderr
+
+
+def test_conditional_target_trains_per_context_and_evaluates(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("def main():\n", "import os\n", "class A:\n")))
+    out = tmp_path / "cond"
+    run_train(tmp_path, out, "train.steps=2", f"target.prompts_file={prompts}")
+    state = __import__("torch").load(out / "checkpoints" / "step_00000002" / "trainer_state.pt", weights_only=False)
+    assert len(state["log_z"]["log_sum"]) == 3                          # one Z(c) per prompt
+    proc = subprocess.run([sys.executable, "-m", "fdpg_scale.cli", "eval", str(out), "--samples", "24"], cwd=ROOT,
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["contexts_with_support"].endswith("/3")
