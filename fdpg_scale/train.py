@@ -133,6 +133,9 @@ def train(cfg: RunConfig) -> None:
             break
     log.close()
     barrier()
+    # Tear the group down explicitly: gloo/nccl threads left to interpreter exit can abort the process
+    # ("terminate called without an active exception") after a successful run.
+    torch.distributed.destroy_process_group()
 
 
 def _weigh_and_backward(policy, chunk, state: TrainerState, divergence, clip: float | None, timer: PhaseTimer):
