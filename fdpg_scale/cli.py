@@ -4,6 +4,9 @@
     fdpg-scale export OUTPUT_DIR --to HF_DIR           latest checkpoint's policy → Hugging Face directory
     fdpg-scale eval OUTPUT_DIR                         alignment, KL(p‖π), KL(π‖a), diversity of the latest policy
     fdpg-scale sweep --configs A.yaml [B.yaml] [--divergences kl rkl js]   runs + report.md with plots
+    fdpg-scale demo                                    pretrain-base, then a sweep of configs/demo.yaml on 2 ranks
+    fdpg-scale pretrain-base                           the demo's base model, trained on the stdlib (cached)
+    fdpg-scale plan --config FILE --nodes N --gpus-per-node G   per-GPU memory plan
     fdpg-scale toy [--divergences kl rkl ...]          f-DPG on an enumerable toy, exact divergences per step
 
 Each job module is imported only when its command runs, so ``--help`` stays fast.
@@ -54,8 +57,36 @@ def _sweep(argv: list[str]) -> int:
     return sweep_main(argv)
 
 
+def _pretrain(argv: list[str]) -> int:
+    from .pretrain import main as pretrain_main
+
+    return pretrain_main(argv)
+
+
+def _demo(argv: list[str]) -> int:
+    from .demo import main as demo_main
+
+    return demo_main(argv)
+
+
+def _plan(argv: list[str]) -> int:
+    from .plan import main as plan_main
+
+    return plan_main(argv)
+
+
 # Commands whose arguments (``--help`` included) belong to another module's own parser.
-_DELEGATED = {"toy": _toy, "eval": _eval, "sweep": _sweep}
+_DELEGATED = {"toy": _toy, "eval": _eval, "sweep": _sweep, "pretrain-base": _pretrain, "demo": _demo,
+              "plan": _plan}
+# One-line help of each delegated command, for `fdpg-scale --help`.
+_DELEGATED_HELP = {
+    "demo": "the embedded default: pretrain the base, f-DPG with kl/rkl/js on 2 ranks, report with plots",
+    "pretrain-base": "train the base model (BPE tokenizer + small GPT-2) on the Python standard library, cached",
+    "eval": "evaluate a run's latest policy against its target and base model",
+    "sweep": "train and evaluate configs × divergences, write report.md with plots",
+    "plan": "per-GPU memory plan of a config on N nodes × G GPUs",
+    "toy": "f-DPG on an enumerable toy model, exact divergences per step",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,17 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, help="destination directory")
     p.set_defaults(run=_export)
 
-    sub.add_parser("eval", help="evaluate a run's latest policy against its target and base model",
-                   description="Plain Monte Carlo evaluation of a run (see 'fdpg-scale eval --help').", add_help=False)
-
-    sub.add_parser("sweep", help="train and evaluate configs × divergences, write report.md with plots",
-                   description="See 'fdpg-scale sweep --help'.", add_help=False)
-
-    p = sub.add_parser("toy", help="f-DPG on an enumerable toy model, exact divergences per step",
-                       description="Runs sampled f-DPG on a tiny model whose every sequence can be listed "
-                                   "and prints the exact divergence to the target per step. Arguments after "
-                                   "'toy' go to fdpg_scale.toy_demo (see 'fdpg-scale toy --help').",
-                       add_help=False)
+    for name, text in _DELEGATED_HELP.items():
+        sub.add_parser(name, help=text, add_help=False,
+                       description=f"{text}. See 'fdpg-scale {name} --help' for its options.")
     return parser
 
 
