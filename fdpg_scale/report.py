@@ -68,8 +68,9 @@ def plot_alignment_vs_diversity(runs: list[dict], path: str | Path, *, title: st
     return path
 
 
-def plot_divergence_per_step(runs: list[dict], path: str | Path, *, title: str) -> Path:
-    """Importance-sampled KL(p‖π) (with its standard error band) against the optimizer step, per divergence."""
+def plot_divergence_per_step(runs: list[dict], path: str | Path, *, title: str, window: int = 5) -> Path:
+    """Importance-sampled KL(p‖π) against the optimizer step, per divergence: each step's estimate (faint;
+    it comes from one batch of q's samples, so it is noisy) and its moving average over ``window`` steps."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -80,10 +81,9 @@ def plot_divergence_per_step(runs: list[dict], path: str | Path, *, title: str) 
         rows = [m for m in run["metrics"] if "kl_p_pi" in m]
         steps = [m["step"] for m in rows]
         kl = [m["kl_p_pi"] for m in rows]
-        se = [m.get("kl_p_pi_se", 0.0) for m in rows]
-        line, = ax.plot(steps, kl, label=run["eval"]["divergence"])
-        ax.fill_between(steps, [k - s for k, s in zip(kl, se)], [k + s for k, s in zip(kl, se)],
-                        color=line.get_color(), alpha=0.15)
+        smooth = [sum(kl[max(0, i - window + 1):i + 1]) / len(kl[max(0, i - window + 1):i + 1]) for i in range(len(kl))]
+        line, = ax.plot(steps, smooth, linewidth=2, label=f"{run['eval']['divergence']} ({window}-step mean)")
+        ax.plot(steps, kl, color=line.get_color(), alpha=0.25, linewidth=1)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("KL(p‖π), importance-sampled from q")
     ax.set_title(title)
