@@ -69,6 +69,12 @@ def _demo(argv: list[str]) -> int:
     return demo_main(argv)
 
 
+def _prompts(argv: list[str]) -> int:
+    from .prompt_corpus import main as prompts_main
+
+    return prompts_main(argv)
+
+
 def _plan(argv: list[str]) -> int:
     from .plan import main as plan_main
 
@@ -77,7 +83,7 @@ def _plan(argv: list[str]) -> int:
 
 # Commands whose arguments (``--help`` included) belong to another module's own parser.
 _DELEGATED = {"toy": _toy, "eval": _eval, "sweep": _sweep, "pretrain-base": _pretrain, "demo": _demo,
-              "plan": _plan}
+              "plan": _plan, "prompts": _prompts}
 # One-line help of each delegated command, for `fdpg-scale --help`.
 _DELEGATED_HELP = {
     "demo": "the embedded default: pretrain the base, f-DPG with kl/rkl/js on 2 ranks, report with plots",
@@ -85,6 +91,7 @@ _DELEGATED_HELP = {
     "eval": "evaluate a run's latest policy against its target and base model",
     "sweep": "train and evaluate configs × divergences, write report.md with plots",
     "plan": "per-GPU memory plan of a config on N nodes × G GPUs",
+    "prompts": "write conditional-task prompts (function signatures) from the held-out stdlib corpus",
     "toy": "f-DPG on an enumerable toy model, exact divergences per step",
 }
 

@@ -9,12 +9,13 @@ Trainer, so an ``"auto"`` anywhere is rejected by name.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from .config import ConfigError, ModelConfig, RunConfig
 from .distributed import barrier, is_rank0
 
-__all__ = ["prepare_model_dir", "deepspeed_config"]
+__all__ = ["prepare_model_dir", "deepspeed_config", "prepare_output_dir"]
 
 _TINY_ARCH = {"tiny-gpt2": "gpt2", "tiny-llama": "llama"}
 
@@ -85,3 +86,16 @@ def _reject_auto(node, where: str) -> None:
     elif isinstance(node, list):
         for value in node:
             _reject_auto(value, where)
+
+
+def prepare_output_dir(output_dir: str | Path) -> Path:
+    """Create ``output_dir`` and check that this process can write into it (before any engine starts)."""
+    path = Path(output_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"output_dir {str(path)!r} is not writable ({err.strerror})") from None
+    return path

@@ -35,7 +35,7 @@ from .metrics import importance_sampled_metrics
 from .preemption import PreemptionSignal
 from .prompts import load_prompts
 from .rollout import collect_chunks
-from .run_setup import deepspeed_config, prepare_model_dir
+from .run_setup import deepspeed_config, prepare_model_dir, prepare_output_dir
 from .run_log import RunLogger
 from .target_fitting import fit_distributional_task
 from .tasks import build_task
@@ -52,6 +52,7 @@ def train(cfg: RunConfig) -> None:
     accumulation = cfg.train.accumulation_steps(world)
     preemption = PreemptionSignal.install()
 
+    prepare_output_dir(cfg.output_dir)
     model_dir = prepare_model_dir(cfg.model, seed=cfg.seed)
     from transformers import AutoTokenizer
 
@@ -89,7 +90,6 @@ def train(cfg: RunConfig) -> None:
             task = task.with_lambdas(state.lambdas)
             fit_note = f"λ = {state.lambdas} (from the checkpoint)"
     if is_rank0():  # what `fdpg-scale eval` and a later reader need to know about this run
-        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.output_dir) / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     log = RunLogger(cfg.output_dir, enabled=is_rank0(), total_steps=cfg.train.steps, start_step=state.step,
                     summary_every=cfg.logging.summary_every, tensorboard=cfg.logging.tensorboard,

@@ -1,6 +1,7 @@
 """Before any engine exists: the model directory and the DeepSpeed config are checked with one-line errors."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -65,3 +66,22 @@ def test_cli_help(command):
                           cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "usage" in proc.stdout.lower()
+
+
+def test_unwritable_output_dir_is_named(tmp_path):
+    from fdpg_scale.run_setup import prepare_output_dir
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root ignores permission bits: use a path under a regular file instead
+            target = tmp_path / "file"
+            target.write_text("")
+            target = target / "run"
+        else:
+            target = locked / "run"
+        with pytest.raises(ConfigError, match="is not writable"):
+            prepare_output_dir(target)
+    finally:
+        locked.chmod(0o700)
