@@ -15,6 +15,7 @@ Each job module is imported only when its command runs, so ``--help`` stays fast
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from .config import ConfigError
@@ -39,61 +40,24 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _toy(argv: list[str]) -> int:
-    from .toy_demo import main as toy_main
-
-    return toy_main(argv) or 0
-
-
-def _eval(argv: list[str]) -> int:
-    from .evaluate import main as eval_main
-
-    return eval_main(argv)
-
-
-def _sweep(argv: list[str]) -> int:
-    from .sweep import main as sweep_main
-
-    return sweep_main(argv)
-
-
-def _pretrain(argv: list[str]) -> int:
-    from .pretrain import main as pretrain_main
-
-    return pretrain_main(argv)
-
-
-def _demo(argv: list[str]) -> int:
-    from .demo import main as demo_main
-
-    return demo_main(argv)
-
-
-def _prompts(argv: list[str]) -> int:
-    from .prompt_corpus import main as prompts_main
-
-    return prompts_main(argv)
-
-
-def _plan(argv: list[str]) -> int:
-    from .plan import main as plan_main
-
-    return plan_main(argv)
-
-
-# Commands whose arguments (``--help`` included) belong to another module's own parser.
-_DELEGATED = {"toy": _toy, "eval": _eval, "sweep": _sweep, "pretrain-base": _pretrain, "demo": _demo,
-              "plan": _plan, "prompts": _prompts}
-# One-line help of each delegated command, for `fdpg-scale --help`.
-_DELEGATED_HELP = {
-    "demo": "the embedded default: pretrain the base, f-DPG with kl/rkl/js on 2 ranks, report with plots",
-    "pretrain-base": "train the base model (BPE tokenizer + small GPT-2) on the Python standard library, cached",
-    "eval": "evaluate a run's latest policy against its target and base model",
-    "sweep": "train and evaluate configs × divergences, write report.md with plots",
-    "plan": "per-GPU memory plan of a config on N nodes × G GPUs",
-    "prompts": "write conditional-task prompts (function signatures) from the held-out stdlib corpus",
-    "toy": "f-DPG on an enumerable toy model, exact divergences per step",
+# Commands whose arguments (``--help`` included) belong to another module's own ``main(argv) -> int``:
+# name -> (module under fdpg_scale, one-line help for `fdpg-scale --help`). Imported only when run.
+_DELEGATED = {
+    "demo": ("demo", "the embedded default: pretrain the base, f-DPG with kl/rkl/js on 2 ranks, report with plots"),
+    "pretrain-base": ("pretrain", "train the base model (BPE tokenizer + small GPT-2) on the Python standard "
+                                  "library, cached"),
+    "eval": ("evaluate", "evaluate a run's latest policy against its target and base model"),
+    "sweep": ("sweep", "train and evaluate configs × divergences, write report.md with plots"),
+    "plan": ("plan", "per-GPU memory plan of a config on N nodes × G GPUs"),
+    "prompts": ("prompt_corpus", "write conditional-task prompts (function signatures) from the held-out stdlib "
+                                 "corpus"),
+    "toy": ("toy_demo", "f-DPG on an enumerable toy model, exact divergences per step"),
 }
+
+
+def _run_delegated(name: str, argv: list[str]) -> int:
+    module = importlib.import_module(f".{_DELEGATED[name][0]}", __package__)
+    return module.main(argv) or 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, help="destination directory")
     p.set_defaults(run=_export)
 
-    for name, text in _DELEGATED_HELP.items():
+    for name, (_, text) in _DELEGATED.items():
         sub.add_parser(name, help=text, add_help=False,
                        description=f"{text}. See 'fdpg-scale {name} --help' for its options.")
     return parser
@@ -134,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         if argv and argv[0] in _DELEGATED:
-            return _DELEGATED[argv[0]](argv[1:])
+            return _run_delegated(argv[0], argv[1:])
         args = build_parser().parse_args(argv)
         return args.run(args)
     except ConfigError as err:
