@@ -122,7 +122,10 @@ def _linear_fwd_kernel(
                          BLOCK_N, BLOCK_V, BLOCK_K)
         z = tl.where(col_mask[None, :], z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, 1))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), 1)
+        # A tile of only −inf logits (banned tokens via the bias) leaves the running max at −inf: shift by 0
+        # then, since exp(−inf − (−inf)) would be NaN.
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift[:, None]), 1)
         m = m_new
         pick += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), 1)
     tl.store(PLSE_ptr + split * N + rows, m + tl.log(s), mask=row_mask)

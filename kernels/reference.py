@@ -16,14 +16,16 @@ With an upstream gradient g (one number per token) the logit gradient is dz = g�
 
 Tokens whose target is ``ignore_index`` (−100) get log-prob 0 and no gradient (g is zeroed for them).
 
-Memory: neither reference holds the full [N, V] logits. The forward runs over chunks of whole rows
-([rows, V], ``CHUNK_BYTES``) and saves only the per-token lse (and the inputs). The linear backward runs
-over token blocks (``BWD_TOKENS``) × vocab chunks (``CHUNK_BYTES`` per chunk) and recomputes each chunk's
-logits with the forward's own ops, so exp(z − lse) is consistent with the saved lse to the last bit of
-fp32 (this matters for extreme logits). The token backward recomputes softmax row-chunk by row-chunk. One
+Memory: neither reference holds the full [N, V] logits; each saves only the per-token lse (and the
+inputs). The linear op runs forward and backward over the same tiles, token blocks (``LINEAR_TOKENS``) ×
+vocab chunks (``LINEAR_CHUNK_BYTES`` per chunk): the forward keeps an online log-sum-exp across a block's
+vocab chunks, and the backward recomputes each tile's logits with the forward's own op on the same shapes,
+so exp(z − lse) is consistent with the saved lse to the last bit of fp32 (this matters for extreme
+logits). The token op runs over chunks of whole rows ([rows, V], ``CHUNK_BYTES``) both ways. One
 preallocated chunk buffer is reused and all arithmetic on it is in place: that, not only the smaller
 footprint, is what makes the chunked path faster than the naive one on CPU (the naive path page-faults
-through several fresh GB-sized tensors).
+through several fresh GB-sized tensors, and a [2048, H]·[H, 2048] tile keeps the GEMM faster than one
+[N, H]·[H, V] product does).
 
 Accumulation is in float32 for bf16/fp16/fp32 inputs and in float64 for float64 inputs (so that
 ``torch.autograd.gradcheck`` can check the custom backward); the output is float32 (float64 for float64
@@ -38,15 +40,20 @@ from dataclasses import dataclass
 import torch
 
 IGNORE_INDEX = -100
-# Bytes of one chunk of logits in the compute dtype. Forward time swept on the 2-core dev box (AMD EPYC,
-# 2 MiB L2 per core, 32 MiB L3), H=768, V=50257 fp32, one process: N=1024: 4 MiB 1.06 s, 8 MiB 0.78 s,
-# 16 MiB 0.60 s, 32 MiB 0.55 s, 64 MiB 0.52 s (naive 0.54 s); N=4096: 32 MiB 1.92 s, 64 MiB 2.13 s (naive
-# 2.25 s). Smaller chunks starve the matmul (few rows per pass over the [V, H] weight); larger ones only
-# add memory.
+# Bytes of one [rows, V] chunk of token_logprobs (no matmul there: only cache behaviour matters).
 CHUNK_BYTES = 32 * 2**20
-# Tokens per block of the linear backward (outer loop; vocab chunks of CHUNK_BYTES run inside). Its
-# [BWD_TOKENS, H] temporaries count against the memory goal; 1024..4096 timed the same (N=4096, V=50257).
-BWD_TOKENS = 2048
+# The linear op's tiles, forward and backward: token blocks of LINEAR_TOKENS rows (outer loop) × vocab
+# chunks of LINEAR_CHUNK_BYTES (inner loop). Swept on the 2-core dev box (AMD EPYC, MKL), N=4096, H=768,
+# V=50257 fp32, one process:
+#   - forward over [166, V] row chunks (32 MiB, the previous layout): 1.79–1.85 s, of which the matmul is
+#     1.75 s; over [2048, 2048] tiles: 1.46–1.52 s (matmul 1.36–1.42 s). A GEMM of many rows against a
+#     few thousand vocab rows reuses both operands from cache; a thin [166, H]·[H, V] streams all of W.
+#   - backward: 1024..4096 tokens × 1024..4096 columns all within 3%; 8 MiB chunks (1024 columns at 2048
+#     tokens) 12% slower. 16 MiB rather than 32: the backward's peak also holds d weight, so every MiB
+#     here is a larger share of the memory goal (forward+backward peak 211 MiB at 16 MiB, 233 at 32).
+# The [LINEAR_TOKENS, H] temporaries of the backward count against the memory goal too.
+LINEAR_TOKENS = 2048
+LINEAR_CHUNK_BYTES = 16 * 2**20
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -146,20 +153,20 @@ class RefParams:
     ignore_index: int = IGNORE_INDEX
     """Targets equal to this get log-prob 0 and no gradient."""
     chunk_tokens: int = 0
-    """Tokens per chunk (forward; and token block of the linear backward); 0: from CHUNK_BYTES / BWD_TOKENS."""
+    """Token op: rows per [rows, V] chunk (0: from CHUNK_BYTES). Linear op: tokens per block (0: LINEAR_TOKENS)."""
     chunk_vocab: int = 0
-    """Vocab columns per chunk of the linear backward; 0: from CHUNK_BYTES."""
+    """Linear op: vocab columns per chunk (0: from LINEAR_CHUNK_BYTES)."""
 
     def rows(self, vocab: int, dtype: torch.dtype) -> int:
-        """Forward chunk: tokens per [rows, V] block."""
+        """Token op: tokens per [rows, V] chunk."""
         if self.chunk_tokens > 0:
             return self.chunk_tokens
         return max(1, CHUNK_BYTES // (vocab * _itemsize(dtype)))
 
-    def bwd_tiles(self, n_tok: int, vocab: int, dtype: torch.dtype) -> tuple[int, int]:
-        """Linear backward: (tokens per block, vocab columns per chunk)."""
-        rows = min(self.chunk_tokens if self.chunk_tokens > 0 else BWD_TOKENS, max(n_tok, 1))
-        cols = self.chunk_vocab if self.chunk_vocab > 0 else max(1, CHUNK_BYTES // (rows * _itemsize(dtype)))
+    def linear_tiles(self, n_tok: int, vocab: int, dtype: torch.dtype) -> tuple[int, int]:
+        """Linear op, forward and backward: (tokens per block, vocab columns per chunk)."""
+        rows = min(self.chunk_tokens if self.chunk_tokens > 0 else LINEAR_TOKENS, max(n_tok, 1))
+        cols = self.chunk_vocab if self.chunk_vocab > 0 else max(1, LINEAR_CHUNK_BYTES // (rows * _itemsize(dtype)))
         return rows, min(cols, vocab)
 
 
@@ -184,6 +191,24 @@ def _lse_and_pick_(z: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, to
     z.sub_(m[:, None]).exp_()
     lse = m + z.sum(dim=1).log()
     return lse, picked - lse
+
+
+def _online_lse_step_(z: torch.Tensor, local_tgt: torch.Tensor, m: torch.Tensor, acc: torch.Tensor,
+                      picked: torch.Tensor) -> None:
+    """Fold one vocab chunk into a running log-sum-exp, in place.
+
+    z [n, c] scaled logits of columns [v0, v0 + c) (destroyed: becomes exp(z − m_new)); local_tgt [n] = target
+    − v0; m, acc, picked [n]: running max, Σ exp(z − m) and target logit over the chunks so far (start at
+    −inf, 0, 0). After the last chunk, lse = m + log(acc). A chunk of only −inf logits (banned tokens via
+    the bias) leaves m at −inf: the shift is then 0, not −inf, so that no exp(−inf − (−inf)) = NaN appears.
+    """
+    cols = z.shape[1]
+    inside = (local_tgt >= 0) & (local_tgt < cols)
+    picked += torch.where(inside, z.gather(1, local_tgt.clamp(0, cols - 1)[:, None]).squeeze(1), 0.0)
+    m_new = torch.maximum(m, z.amax(dim=1))
+    shift = torch.where(m_new == float("-inf"), 0.0, m_new)
+    acc.mul_((m - shift).exp_()).add_(z.sub_(shift[:, None]).exp_().sum(dim=1))
+    m.copy_(m_new)
 
 
 def _neg_scaled_softmax_(z: torch.Tensor, gs: torch.Tensor) -> torch.Tensor:
@@ -223,12 +248,22 @@ class LinearLogprobsTorch(torch.autograd.Function):
         b = None if bias is None else bias.to(cd)
         lse = torch.empty(n_tok, dtype=cd, device=hidden.device)
         out = torch.empty(n_tok, dtype=cd, device=hidden.device)
-        rows = min(params.rows(vocab, cd), max(n_tok, 1))
-        buf = torch.empty(rows, vocab, dtype=cd, device=hidden.device)
-        for s in range(0, n_tok, rows):
-            e = min(s + rows, n_tok)
-            z = _linear_chunk(hidden[s:e].to(cd), w, b, inv_t, buf[: e - s])
-            lse[s:e], out[s:e] = _lse_and_pick_(z, tgt[s:e])
+        tok_rows, cols = params.linear_tiles(n_tok, vocab, cd)
+        buf = torch.empty(tok_rows * cols, dtype=cd, device=hidden.device)
+        for s in range(0, n_tok, tok_rows):
+            e = min(s + tok_rows, n_tok)
+            n = e - s
+            h = hidden[s:e].to(cd)
+            m = torch.full((n,), float("-inf"), dtype=cd, device=hidden.device)
+            acc = torch.zeros(n, dtype=cd, device=hidden.device)
+            picked = torch.zeros(n, dtype=cd, device=hidden.device)
+            for v0 in range(0, vocab, cols):
+                v1 = min(v0 + cols, vocab)
+                z = _linear_chunk(h, w[v0:v1], None if b is None else b[v0:v1], inv_t,
+                                  buf[: n * (v1 - v0)].view(n, v1 - v0))
+                _online_lse_step_(z, tgt[s:e] - v0, m, acc, picked)
+            lse[s:e] = m + acc.log()
+            out[s:e] = picked - lse[s:e]
         out.masked_fill_(~valid, 0.0)
         ctx.save_for_backward(hidden, weight, bias, tgt, valid, lse)
         ctx.params = params
@@ -236,9 +271,9 @@ class LinearLogprobsTorch(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        # Loop order: token blocks of BWD_TOKENS rows outside, vocab chunks inside. d weight[v-chunk] is then
-        # written (first token block) or accumulated once per token block, and the accumulator that is
-        # revisited every vocab chunk is d hidden[block] (BWD_TOKENS·H, a few MB) instead of the whole
+        # Loop order: token blocks of LINEAR_TOKENS rows outside, vocab chunks inside. d weight[v-chunk] is
+        # then written (first token block) or accumulated once per token block, and the accumulator that is
+        # revisited every vocab chunk is d hidden[block] (LINEAR_TOKENS·H, a few MB) instead of the whole
         # [V, H] d weight once per token chunk (GBs of memory traffic for a 50k vocabulary).
         # dz = gs·onehot(t) − gs·p with gs = g/T. The chunk only ever holds p = exp(z − lse); gs scales the
         # small operands instead of the [n, V] chunk:
@@ -258,8 +293,9 @@ class LinearLogprobsTorch(torch.autograd.Function):
         dh = torch.zeros(hidden.shape, dtype=cd, device=hidden.device) if need_h else None
         dw = torch.zeros(weight.shape, dtype=cd, device=weight.device) if need_w else None
         db = torch.zeros(vocab, dtype=cd, device=weight.device) if need_b else None
-        tok_rows, cols = params.bwd_tiles(n_tok, vocab, cd)
-        buf = torch.empty(tok_rows * cols, dtype=cd, device=hidden.device)
+        tok_rows, cols = params.linear_tiles(n_tok, vocab, cd)
+        # Also holds the [rows, H] gather W[t] after each token block's vocab loop (no extra allocation).
+        buf = torch.empty(tok_rows * max(cols, hidden.shape[1]), dtype=cd, device=hidden.device)
         for s in range(0, n_tok, tok_rows):
             e = min(s + tok_rows, n_tok)
             n = e - s
@@ -268,8 +304,7 @@ class LinearLogprobsTorch(torch.autograd.Function):
             h_neg_gs = h * neg_gs[:, None] if (dw is not None) else None
             for v0 in range(0, vocab, cols):
                 v1 = min(v0 + cols, vocab)
-                # Same ops as the forward (_linear_chunk), so z here is bitwise the forward's z (BLAS sums
-                # each element over H in the same order whatever the number of rows/columns) and
+                # The forward's op on the forward's tile, so z here is bitwise the forward's z and
                 # exp(z − lse) sums to 1 to fp32 precision even for extreme logits.
                 p = _linear_chunk(h, w[v0:v1], None if b is None else b[v0:v1], inv_t,
                                   buf[: n * (v1 - v0)].view(n, v1 - v0))
@@ -281,9 +316,10 @@ class LinearLogprobsTorch(torch.autograd.Function):
                 if db is not None:
                     db[v0:v1].addmv_(p.t(), neg_gs)
             if dh is not None:
-                dh[s:e].mul_(neg_gs[:, None]).addcmul_(gs[s:e, None], w[tgt[s:e]])
+                w_t = torch.index_select(w, 0, tgt[s:e], out=buf[: n * w.shape[1]].view(n, w.shape[1]))
+                dh[s:e].mul_(neg_gs[:, None]).addcmul_(gs[s:e, None], w_t)
             if dw is not None:
-                dw.index_add_(0, tgt[s:e], h * gs[s:e, None])
+                dw.index_add_(0, tgt[s:e], h_neg_gs, alpha=-1)  # + gs ⊙ h at rows t
         if db is not None:
             db.index_add_(0, tgt, gs)
         return (None if dh is None else dh.to(hidden.dtype), None if dw is None else dw.to(weight.dtype),

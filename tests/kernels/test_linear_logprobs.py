@@ -20,7 +20,7 @@ from fdpg_scale.kernels.linear_logprobs import (LinearLogprobsParams, linear_log
                                                  _linear_fwd_kernel)
 from fdpg_scale.kernels._triton_utils import is_interpreted
 from tests.helpers import assert_close
-from tests.kernels.test_reference import grads, make_linear_case, naive_linear_logprobs
+from tests.kernels.test_reference import banned_token_case, grads, make_linear_case, naive_linear_logprobs
 
 pytestmark = pytest.mark.skipif(not is_interpreted(_linear_fwd_kernel),
                                 reason="needs TRITON_INTERPRET=1 at import (tests/conftest.py sets it)")
@@ -82,6 +82,18 @@ def test_extreme_logits():
     for name, g, r in zip("hw", grads(out, (hidden, weight), grad), grads(ref, (hidden, weight), grad)):
         assert torch.isfinite(g).all()
         assert_close(g, r, rtol=1e-4, atol=1e-2, name=f"d{name}")
+
+
+def test_minus_inf_bias():
+    # Whole leading vocab tiles of −inf (banned tokens): the online log-sum-exp must not turn them into NaN.
+    hidden, weight, bias, targets, grad = banned_token_case()
+    out = linear_token_logprobs(hidden, weight, targets, bias=bias, impl="triton")
+    ref = naive_linear_logprobs(hidden, weight, targets, bias)
+    check_outputs(out)
+    assert_close(out, ref, name="logprobs")
+    for name, g, r in zip("hwb", grads(out, (hidden, weight, bias), grad), grads(ref, (hidden, weight, bias), grad)):
+        assert torch.isfinite(g).all(), f"d{name}"
+        assert_close(g, r, name=f"d{name}")
 
 
 def test_matches_torch_impl_and_frozen_weight():

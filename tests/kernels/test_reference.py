@@ -188,6 +188,32 @@ def test_bad_inputs(impl):
         token_logprobs(torch.randn(2, 5, 20), t, impl="cuda")
 
 
+def banned_token_case(seed: int = 7):
+    """make_linear_case with −inf bias on banned tokens: the first 300 columns (whole vocab chunks at the
+    start, where an online log-sum-exp still has max −inf) and every 7th; no target is banned."""
+    hidden, weight, bias, targets, grad = make_linear_case(lead=(37,), hd=20, vocab=700, seed=seed)
+    banned = torch.zeros(700, dtype=torch.bool)
+    banned[:300] = True
+    banned[::7] = True
+    with torch.no_grad():
+        bias[banned] = float("-inf")
+    allowed = (~banned).nonzero().squeeze(1)
+    targets = torch.where(targets == IGNORE, IGNORE, allowed[targets.clamp(min=0) % len(allowed)])
+    return hidden, weight, bias, targets, grad
+
+
+@pytest.mark.parametrize("chunks", [dict(), dict(chunk_tokens=8, chunk_vocab=100)], ids=["default", "small"])
+def test_linear_minus_inf_bias(chunks):
+    hidden, weight, bias, targets, grad = banned_token_case()
+    out = linear_token_logprobs_torch(hidden, weight, targets, bias=bias, **chunks)
+    ref = naive_linear_logprobs(hidden, weight, targets, bias)
+    assert torch.isfinite(out).all()
+    assert_close(out, ref, name="logprobs")
+    for name, g, r in zip("hwb", grads(out, (hidden, weight, bias), grad), grads(ref, (hidden, weight, bias), grad)):
+        assert torch.isfinite(g).all(), f"d{name}"
+        assert_close(g, r, name=f"d{name}")
+
+
 def _allocations(fn) -> list[int]:
     """Bytes of every CPU allocation made by an op while fn runs (torch profiler), largest first."""
     from torch.profiler import ProfilerActivity, profile
