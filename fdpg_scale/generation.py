@@ -25,6 +25,7 @@ exactly ``linear_token_logprobs(..., temperature=T)`` of the same tokens.
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -133,6 +134,31 @@ def _gathered_without_hooks(engine):
             offload._register_deepspeed_module(offload.module)
 
 
+class _DropAllOnesMaskWarning(logging.Filter):
+    """Drops transformers' "We strongly recommend passing in an `attention_mask`" warning, a false alarm here.
+
+    generate() drops an attention mask that is all ones (unpadded prompts, e.g. BOS-only ones) as an
+    optimisation; once a row has emitted EOS, its next inputs are the pad token, and the model's padding
+    heuristic (pad id among the inputs and no mask) fires. Those rows' outputs are discarded by generate
+    and by the masks this module builds, so nothing is wrong. With padded prompts the mask is kept.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "We strongly recommend passing in an `attention_mask`" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_all_ones_mask_warning():
+    """_DropAllOnesMaskWarning on transformers' loggers for the block (only around our generate call)."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    drop = _DropAllOnesMaskWarning()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
 @contextlib.contextmanager
 def _seeded(seed: int, dev: torch.device):
     """Global torch RNG seeded from ``seed`` alone for the block, the caller's RNG state restored after.
@@ -187,7 +213,7 @@ def sample(engine, prompts: list[list[int]], settings: SamplingSettings, *, seed
     model.generation_config = GenerationConfig(bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id)
     gather = _gathered_without_hooks(engine) if mode == "gathered" else contextlib.nullcontext()
     try:
-        with torch.no_grad(), _seeded(seed, dev), gather:
+        with torch.no_grad(), _seeded(seed, dev), gather, _quiet_all_ones_mask_warning():
             out = model.generate(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev),
                                  generation_config=gen_config, logits_processor=LogitsProcessorList(processors),
                                  synced_gpus=(mode == "sharded"))

@@ -99,7 +99,10 @@ def test_smoke_run_resume_equals_straight_run_and_exports(tmp_path):
 def test_two_ranks_match_one_rank_on_the_same_global_batch(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     run_train(tmp_path, one, "train.steps=3", nproc=1)
-    run_train(tmp_path, two, "train.steps=3", nproc=2)
+    log = run_train(tmp_path, two, "train.steps=3", nproc=2)
+    # Known third-party false alarms stay out of the log (generation.py, distributed.py say why).
+    assert "We strongly recommend passing in an `attention_mask`" not in log
+    assert "all_gather_into_tensor` is deprecated" not in log and "reduce_scatter_tensor` is deprecated" not in log
     for a, b in zip(metrics(one), metrics(two)):
         for key in ("loss", "log_z", "kl_p_pi"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key, a[key], b[key])
