@@ -16,6 +16,11 @@ another's peak):
 Modes: "fwd" (no autograd graph: the inputs do not require grad) and "fwd+bwd" ((out·g).sum().backward()
 with a random g [N] and grads for hidden and weight).
 
+Matmul rate (--no-rate turns it off): per (shape, dtype), a worker also times one plain h @ W.T in that
+dtype ("gemm", warm-up excluded, same reps and rounds) as the device's measured matmul rate 2·N·H·V / t.
+Each row then gets "rate/gemm": its useful FLOPs (2·N·H·V forward, 6·N·H·V forward+backward, whatever the
+path really computes) per second over that rate. The issue-3 GPU goal is rate/gemm ≥ 0.5 for fwd+bwd.
+
 Measurement, per worker: one warm-up call (compilation, autotuning, first touch) is excluded; then
 --reps timed calls (min and median reported; the ratios to naive use the min, the figure least disturbed
 by other processes on a shared CPU), then one more call for memory, measured alone:
@@ -44,7 +49,8 @@ _LIBC = ctypes.CDLL(ctypes.util.find_library("c"))
 PATHS = ("naive", "torch", "triton", "cce", "liger")
 MODES = ("fwd", "fwd+bwd")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-FULL_GRID = [(1024, 768, 50257), (4096, 768, 50257), (4096, 2048, 128256), (16384, 4096, 128256)]
+FULL_GRID = [(1024, 768, 50257), (4096, 768, 50257), (4096, 2048, 128256), (8192, 4096, 128256),
+             (16384, 4096, 128256)]
 QUICK_GRID = [(256, 64, 5003), (512, 128, 20011)]
 CPU_FULL_GRID = [(1024, 768, 50257), (4096, 768, 50257)]
 
@@ -70,6 +76,8 @@ def _build_op(path: str, device: str):
     """-> f(hidden [N, H], weight [V, H], targets [N]) -> log-probs [N] (float32)."""
     import torch
 
+    if path == "gemm":  # the matmul-rate reference, not a log-prob path
+        return lambda h, w, t: h @ w.T
     if path == "naive":
         return lambda h, w, t: torch.log_softmax((h @ w.T).float(), -1).gather(-1, t[:, None]).squeeze(-1)
     if path in ("torch", "triton"):
@@ -194,6 +202,8 @@ def main(argv=None) -> int:
                         "times are pooled, memory is the largest seen: robust to bursts of load on a shared CPU")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads in the workers (0: torch's default)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per worker")
+    p.add_argument("--no-rate", dest="rate", action="store_false",
+                   help="skip the plain-matmul reference and the rate/gemm column")
     # worker-only arguments
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--path", help=argparse.SUPPRESS)
@@ -226,30 +236,46 @@ def main(argv=None) -> int:
         if x not in MODES:
             p.error(f"--modes: unknown mode {x!r} (choose from {', '.join(MODES)})")
 
+    def merge(prev: dict | None, r: dict) -> dict:
+        """Pool one more worker's result into prev: times joined, memory the largest seen, errors kept."""
+        if prev is None or "error" in r or "error" in prev:
+            return r if prev is None or "error" in r else prev
+        times = prev["times_s"] + r["times_s"]
+        prev.update(times_s=times, time_s=statistics.median(times), time_min_s=min(times),
+                    peak_extra_bytes=max(prev["peak_extra_bytes"], r["peak_extra_bytes"]))
+        return prev
+
     rows = []
-    print(f"device={device} reps={args.reps} rounds={args.rounds} (t/naive from min times; peak extra memory from one further call)")
+    print(f"device={device} reps={args.reps} rounds={args.rounds} (t/naive from min times; peak extra memory "
+          f"from one further call; rate/gemm: useful FLOP/s over one plain h·Wᵀ's)")
     header = f"{'N':>6} {'H':>5} {'V':>7} {'dtype':>5} {'mode':>8} {'path':>7} {'min s':>8} {'median s':>9} " \
-             f"{'extra MB':>10} " \
-             f"{'t/naive':>8} {'mem/naive':>9}"
+             f"{'extra MB':>10} {'t/naive':>8} {'mem/naive':>9} {'rate/gemm':>9}"
     print(header)
     for (n, hd, v) in grid:
         for dtype in dtypes:
+            gemm_tflops = None
             for mode in modes:
-                results = {path: None for path in paths}
-                for _ in range(args.rounds):
-                    for path in paths:
-                        reason = available(path, device)
-                        if reason:
-                            results[path] = {"skipped": reason}
-                            continue
-                        r = spawn(path, n, hd, v, dtype, mode, device, args.reps, args.threads, args.timeout)
-                        prev = results[path]
-                        if prev is None or "error" in r or "error" in prev:
-                            results[path] = r if prev is None or "error" in r else prev
-                        else:  # pool the rounds
-                            times = prev["times_s"] + r["times_s"]
-                            prev.update(times_s=times, time_s=statistics.median(times), time_min_s=min(times),
-                                        peak_extra_bytes=max(prev["peak_extra_bytes"], r["peak_extra_bytes"]))
+                reasons = {path: available(path, device) for path in paths}
+                results = {path: {"skipped": reasons[path]} if reasons[path] else None for path in paths}
+                runnable = [path for path in paths if not reasons[path]]
+                # The matmul reference joins the first mode's rounds (it is timed without autograd).
+                with_gemm = args.rate and mode == modes[0]
+                for _ in range(args.rounds):  # interleaved: A, B, C, A, B, C (robust to bursts of load)
+                    for path in (["gemm"] if with_gemm else []) + runnable:
+                        r = spawn(path, n, hd, v, dtype, "fwd" if path == "gemm" else mode, device, args.reps,
+                                  args.threads, args.timeout)
+                        results[path] = merge(results.get(path), r)
+                if with_gemm:
+                    gemm = results.pop("gemm")
+                    if "time_min_s" in gemm:
+                        gemm_tflops = 2 * n * hd * v / gemm["time_min_s"] / 1e12
+                        rows.append({"N": n, "H": hd, "V": v, "dtype": dtype, "mode": "fwd", "path": "gemm",
+                                     "device": device, **gemm, "tflops": gemm_tflops})
+                        print(f"{n:>6} {hd:>5} {v:>7} {dtype:>5} {'h·Wᵀ':>8} {'gemm':>7} {gemm['time_min_s']:8.3f} "
+                              f"{gemm['time_s']:9.3f}   {gemm_tflops:.3f} TFLOP/s: the rate/gemm reference",
+                              flush=True)
+                    else:
+                        print(f"{n:>6} {hd:>5} {v:>7} {dtype:>5} gemm reference ERROR: {gemm['error']}", flush=True)
                 naive = results.get("naive") if results.get("naive") and "time_s" in results["naive"] else None
                 for path in paths:
                     row = {"N": n, "H": hd, "V": v, "dtype": dtype, "mode": mode, "path": path, "device": device,
@@ -257,12 +283,17 @@ def main(argv=None) -> int:
                     if "time_s" in row and naive is not None:
                         row["time_vs_naive"] = row["time_min_s"] / naive["time_min_s"]
                         row["mem_vs_naive"] = row["peak_extra_bytes"] / max(naive["peak_extra_bytes"], 1)
+                    if "time_s" in row and gemm_tflops:
+                        flops = (2 if mode == "fwd" else 6) * n * hd * v
+                        row["tflops"] = flops / row["time_min_s"] / 1e12
+                        row["rate_vs_gemm"] = row["tflops"] / gemm_tflops
                     rows.append(row)
                     if "time_s" in row:
                         rel = (f"{row['time_vs_naive']:8.3f} {row['mem_vs_naive']:9.3f}"
                                if "time_vs_naive" in row else f"{'':8} {'':9}")
-                        print(f"{n:>6} {hd:>5} {v:>7} {dtype:>5} {mode:>8} {path:>7} {row['time_min_s']:8.3f} {row['time_s']:9.3f} "
-                              f"{row['peak_extra_bytes'] / 2**20:10.1f} {rel}", flush=True)
+                        rate = f"{row['rate_vs_gemm']:9.3f}" if "rate_vs_gemm" in row else f"{'':9}"
+                        print(f"{n:>6} {hd:>5} {v:>7} {dtype:>5} {mode:>8} {path:>7} {row['time_min_s']:8.3f} "
+                              f"{row['time_s']:9.3f} {row['peak_extra_bytes'] / 2**20:10.1f} {rel} {rate}", flush=True)
                     else:
                         print(f"{n:>6} {hd:>5} {v:>7} {dtype:>5} {mode:>8} {path:>7}   "
                               f"{row.get('skipped') and 'skipped: ' + row['skipped'] or 'ERROR: ' + row['error']}",

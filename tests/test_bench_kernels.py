@@ -1,0 +1,48 @@
+"""Smoke test of benchmarks/bench_kernels.py (issue 3) on its --quick grid, naive and torch paths, CPU.
+
+Checks the JSON rather than any figure (speed and memory goals live in the benchmark's own output): every
+(shape, mode, path) row present with positive times and memory, the ratios consistent with the raw
+numbers, the plain-matmul reference and each row's rate/gemm present, and the two paths computing the
+same log-probs (checksums) so that the benchmark can never time a wrong answer.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK = [(256, 64, 5003), (512, 128, 20011)]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_bench_kernels_quick(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_kernels.py"), "--quick", "--device", "cpu",
+                           "--paths", "naive,torch", "--reps", "1", "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=290)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    res = json.loads(out.read_text())
+    assert res["meta"]["device"] == "cpu" and res["meta"]["reps"] == 1
+    rows = {(r["N"], r["H"], r["V"], r["mode"], r["path"]): r for r in res["results"]}
+    assert len(rows) == len(res["results"]) == len(QUICK) * 5  # gemm + 2 modes × 2 paths per shape
+    for n, hd, v in QUICK:
+        gemm = rows[(n, hd, v, "fwd", "gemm")]
+        assert gemm["time_min_s"] > 0 and gemm["tflops"] == pytest.approx(2 * n * hd * v / gemm["time_min_s"] / 1e12)
+        for mode in ("fwd", "fwd+bwd"):
+            naive, torch_path = rows[(n, hd, v, mode, "naive")], rows[(n, hd, v, mode, "torch")]
+            for r in (naive, torch_path):
+                assert "error" not in r and len(r["times_s"]) == 1 and r["time_min_s"] > 0, r
+                assert r["peak_extra_bytes"] > 0
+                flops = (2 if mode == "fwd" else 6) * n * hd * v
+                assert r["rate_vs_gemm"] == pytest.approx(flops / r["time_min_s"] / 1e12 / gemm["tflops"])
+            assert naive["time_vs_naive"] == 1.0 and naive["mem_vs_naive"] == 1.0
+            assert torch_path["time_vs_naive"] == pytest.approx(torch_path["time_min_s"] / naive["time_min_s"])
+            assert torch_path["mem_vs_naive"] == pytest.approx(torch_path["peak_extra_bytes"] /
+                                                               naive["peak_extra_bytes"])
+            # Σ log-probs over N tokens (each ≈ −log V): fp32 sums in different orders agree to ~1e-6.
+            assert torch_path["checksum"] == pytest.approx(naive["checksum"], rel=1e-5), mode
+    assert "rate/gemm" in proc.stdout and "TFLOP/s" in proc.stdout
