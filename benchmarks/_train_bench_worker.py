@@ -30,8 +30,6 @@ memory alone: CPU: VmHWM − VmRSS before the step, after malloc_trim(0) and res
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import gc
 import json
 import os
@@ -43,8 +41,9 @@ from pathlib import Path
 
 import torch
 
+from _cpu_peak_memory import cpu_peak_since, start_cpu_peak  # this folder (the script's sys.path[0])
+
 REPO = Path(__file__).resolve().parents[1]
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c"))
 
 
 def ds_config(*, world: int, micro_batch: int) -> dict:
@@ -127,14 +126,6 @@ def run_memory(args) -> None:
         Path(args.out).write_text(json.dumps({"world": launch.world_size, "per_rank": everyone}))
 
 
-def _proc_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def measured_step(engine, ids, attn, mask, cuda: bool) -> tuple[int, int]:
     """One step measured alone -> (peak extra bytes through forward+backward, through the whole step).
 
@@ -148,16 +139,13 @@ def measured_step(engine, ids, attn, mask, cuda: bool) -> tuple[int, int]:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:
-        _LIBC.malloc_trim(0)  # heap pages glibc kept from earlier steps would otherwise hide in "before"
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current VmRSS
-        before = _proc_kb("VmRSS") * 1024
+        before = start_cpu_peak()
 
     def peak() -> int:
         if cuda:
             torch.cuda.synchronize()
             return torch.cuda.max_memory_allocated() - before
-        return _proc_kb("VmHWM") * 1024 - before
+        return cpu_peak_since(before)
 
     loss = -sequence_logprobs(engine, ids, attn, mask).sum(-1).mean()
     engine.backward(loss)

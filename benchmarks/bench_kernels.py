@@ -35,8 +35,6 @@ dtype), which every path must produce.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import importlib.util
 import json
 import os
@@ -45,7 +43,8 @@ import subprocess
 import sys
 import time
 
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c"))
+from _cpu_peak_memory import cpu_peak_since, start_cpu_peak  # this folder (the script's sys.path[0])
+
 PATHS = ("naive", "torch", "triton", "cce", "liger")
 MODES = ("fwd", "fwd+bwd")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -58,19 +57,6 @@ CPU_FULL_GRID = [(1024, 768, 50257), (4096, 768, 50257)]
 # ----------------------------------------------------------------------------------------------------------
 # Worker: one path, one shape, one dtype, one mode, in a fresh process
 # ----------------------------------------------------------------------------------------------------------
-
-def _proc_status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_hwm() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
 
 def _build_op(path: str, device: str):
     """-> f(hidden [N, H], weight [V, H], targets [N]) -> log-probs [N] (float32)."""
@@ -146,11 +132,9 @@ def run_worker(args) -> dict:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - before
     else:
-        _LIBC.malloc_trim(0)  # hand freed-but-cached heap pages back, so "before" is the live set only
-        before = _proc_status_kb("VmRSS") * 1024
-        _reset_hwm()
+        before = start_cpu_peak()
         out = call()
-        peak = _proc_status_kb("VmHWM") * 1024 - before
+        peak = cpu_peak_since(before)
     del out
     return {"time_s": statistics.median(times), "time_min_s": min(times), "times_s": times, "peak_extra_bytes": peak,
             "checksum": checksum, "threads": torch.get_num_threads()}
