@@ -50,7 +50,8 @@ CHUNK_BYTES = 32 * 2**20
 #     few thousand vocab rows reuses both operands from cache; a thin [166, H]·[H, V] streams all of W.
 #   - backward: 1024..4096 tokens × 1024..4096 columns all within 3%; 8 MiB chunks (1024 columns at 2048
 #     tokens) 12% slower. 16 MiB rather than 32: the backward's peak also holds d weight, so every MiB
-#     here is a larger share of the memory goal (forward+backward peak 211 MiB at 16 MiB, 233 at 32).
+#     here is a larger share of the memory goal (forward+backward peak 211 MiB at 16 MiB, 233 at 32, both
+#     before the backward reused its buffer for W[t]; 187 MiB after).
 # The [LINEAR_TOKENS, H] temporaries of the backward count against the memory goal too.
 LINEAR_TOKENS = 2048
 LINEAR_CHUNK_BYTES = 16 * 2**20
