@@ -66,7 +66,7 @@ def random_batch(vocab: int, batch: int, seq: int, device: torch.device, seed: i
 
 def naive_forward(self, input_ids, attention_mask, loss_mask, temperature: float = 1.0):
     """FusedHeadLM.forward's contract through materialised logits: [B, T] -> float32 [B, T]."""
-    from fdpg_scale.engines import position_ids_from_mask
+    from fdpg_scale.distributed.engines import position_ids_from_mask
 
     logits = self.hf_model(input_ids=input_ids, attention_mask=attention_mask,
                            position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
@@ -109,8 +109,8 @@ def zero3_bytes(engine) -> dict[str, int]:
 
 
 def run_memory(args) -> None:
-    from fdpg_scale.distributed import init_distributed, is_rank0
-    from fdpg_scale.engines import build_policy, sequence_logprobs, train_step
+    from fdpg_scale.distributed.launch import init_distributed, is_rank0
+    from fdpg_scale.distributed.engines import build_policy, sequence_logprobs, train_step
 
     launch = init_distributed()
     engine = build_policy(args.model_dir, ds_config(world=launch.world_size, micro_batch=1), lr=1e-3)
@@ -132,7 +132,7 @@ def measured_step(engine, ids, attn, mask, cuda: bool) -> tuple[int, int]:
     The backward and the optimizer step are called apart (``train_step`` does both) so that the head's peak
     is seen even when the optimizer step's own temporaries (AdamW over the flat fp32 partition) are larger.
     """
-    from fdpg_scale.engines import sequence_logprobs
+    from fdpg_scale.distributed.engines import sequence_logprobs
 
     if cuda:
         torch.cuda.synchronize()
@@ -156,8 +156,8 @@ def measured_step(engine, ids, attn, mask, cuda: bool) -> tuple[int, int]:
 
 
 def run_head(args) -> None:
-    from fdpg_scale.distributed import init_distributed
-    from fdpg_scale.engines import sequence_logprobs, train_step, build_policy
+    from fdpg_scale.distributed.launch import init_distributed
+    from fdpg_scale.distributed.engines import sequence_logprobs, train_step, build_policy
 
     launch = init_distributed()
     if launch.world_size != 1:

@@ -57,7 +57,7 @@ def build_small_gpt2(path: Path, *, n_layer: int, n_embd: int, n_head: int, n_po
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from fdpg_scale.tiny_model import build_tiny_model_dir
+    from fdpg_scale.models.tiny import build_tiny_model_dir
 
     tiny = path.parent / "tiny-gpt2"
     build_tiny_model_dir(tiny, arch="gpt2", seed=seed)

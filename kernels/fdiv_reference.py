@@ -50,7 +50,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fdpg_scale.divergences import Divergence, get_divergence
+from fdpg_scale.core.divergences import Divergence, get_divergence
 
 __all__ = ["LOG_T_BOUND", "FDivWeights", "FDivInputs", "check_fdiv_inputs", "fdiv_weights_torch", "log_t_bound"]
 

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fdpg_scale.divergences import Divergence
+from fdpg_scale.core.divergences import Divergence
 
 from ._triton_utils import check_triton_device, resolve_impl
 from .fdiv_reference import (LOG_T_BOUND, FDivInputs, FDivWeights, check_fdiv_inputs, fdiv_weights_torch,
@@ -70,7 +70,7 @@ def _expm1(x):
 
 @triton.jit
 def _f_prime(lt, alpha_m1, DIVERGENCE: tl.constexpr):
-    """f′ as a function of lt = log t; ids are fdpg_scale.divergences' kernel_id."""
+    """f′ as a function of lt = log t; ids are fdpg_scale.core.divergences' kernel_id."""
     if DIVERGENCE == 0:    # kl
         fp = -tl.exp(-lt)
     elif DIVERGENCE == 1:  # rkl
@@ -252,7 +252,7 @@ def fdiv_weights(logp_pi: torch.Tensor, logp_q: torch.Tensor, log_target: torch.
         logp_q     [B] or [B, T]  log q(x), the proposal the samples came from
         log_target [B] or [B, T]  log P(x), unnormalised; per token: the base LM's log a(x_t|x_<t)
         log_z      float, 0-d tensor or [B] (one per context)   log Z
-        divergence a name from fdpg_scale.divergences.DIVERGENCE_NAMES or the object get_divergence returns
+        divergence a name from fdpg_scale.core.divergences.DIVERGENCE_NAMES or the object get_divergence returns
         baseline   float, 0-d tensor or [B] (must not depend on the sample x itself)
         clip       None (default: no clipping) or c > 0: pseudo-reward clamped to [−c, c]
         mask       [B, T] bool or 0/1 (nonzero = counted) for the per-token inputs; None: every token counts

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from fdpg_scale.config import ConfigError, RunConfig, load_config
+from fdpg_scale.training.config import ConfigError, RunConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted((ROOT / "configs").glob("*.yaml"))

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fdpg_scale.config import ConfigError, load_config
-from fdpg_scale.plan import GIB, count_parameters, load_architecture, main, plan_memory, resolve_architecture_file
-from fdpg_scale.run_setup import deepspeed_config
+from fdpg_scale.training.config import ConfigError, load_config
+from fdpg_scale.apps.plan import GIB, count_parameters, load_architecture, main, plan_memory, resolve_architecture_file
+from fdpg_scale.training.run_setup import deepspeed_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = ["gpt2-124m", "gpt2-355m", "gpt2-774m", "gpt2-1.5b", "llama-1b", "llama-7b"]

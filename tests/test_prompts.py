@@ -2,8 +2,8 @@
 
 import pytest
 
-from fdpg_scale.config import ConfigError
-from fdpg_scale.prompts import load_prompts
+from fdpg_scale.training.config import ConfigError
+from fdpg_scale.training.prompts import load_prompts
 
 
 class ByteTokenizer:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fdpg_scale.config import ConfigError, load_config
-from fdpg_scale.run_setup import deepspeed_config, prepare_model_dir
+from fdpg_scale.training.config import ConfigError, load_config
+from fdpg_scale.training.run_setup import deepspeed_config, prepare_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
@@ -69,7 +69,7 @@ def test_cli_help(command):
 
 
 def test_unwritable_output_dir_is_named(tmp_path):
-    from fdpg_scale.run_setup import prepare_output_dir
+    from fdpg_scale.training.run_setup import prepare_output_dir
 
     locked = tmp_path / "locked"
     locked.mkdir()

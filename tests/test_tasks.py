@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from fdpg_scale.config import ConfigError, TargetConfig
-from fdpg_scale.samples import Samples
-from fdpg_scale.tasks import build_task
+from fdpg_scale.training.config import ConfigError, TargetConfig
+from fdpg_scale.targets.samples import Samples
+from fdpg_scale.targets.tasks import build_task
 
 TEXTS = ["def f(x):\n    return x\n", "x = (1,", "", "print('def')  # def", "   \n"]
 

@@ -1,4 +1,4 @@
-"""fdpg_scale.divergences: f′ against autograd, f(1) = 0, convexity, float32 range, limits, exact D_f, errors.
+"""fdpg_scale.core.divergences: f′ against autograd, f(1) = 0, convexity, float32 range, limits, exact D_f, errors.
 
 The reference for every derivative is autograd through the *textbook* f written directly in t (not in
 log t) in float64: torch's expm1 backward is grad·(expm1(x) + 1), which loses the relative precision of
@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from fdpg_scale.divergences import DIVERGENCE_NAMES, Divergence, get_divergence
+from fdpg_scale.core.divergences import DIVERGENCE_NAMES, Divergence, get_divergence
 from tests.helpers import assert_close
 
 F64 = torch.float64

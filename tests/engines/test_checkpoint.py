@@ -11,8 +11,8 @@ import time
 import pytest
 import torch
 
-from fdpg_scale.checkpoint import CheckpointMismatchError, check_fingerprint, find_latest, model_config_hash
-from fdpg_scale.tiny_model import build_tiny_model_dir
+from fdpg_scale.distributed.checkpoint import CheckpointMismatchError, check_fingerprint, find_latest, model_config_hash
+from fdpg_scale.models.tiny import build_tiny_model_dir
 from tests.engines.launch import REPO, run_workers, torchrun_cmd, worker_env
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fdpg_scale.distributed import expand_hostlist, resolve_launch
+from fdpg_scale.distributed.launch import expand_hostlist, resolve_launch
 
 
 @pytest.mark.parametrize("nodelist, hosts", [

@@ -7,7 +7,7 @@ import hashlib
 import pytest
 import torch
 
-from fdpg_scale.tiny_model import build_tiny_model_dir
+from fdpg_scale.models.tiny import build_tiny_model_dir
 
 
 def _digest(d):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fdpg_scale import toy_demo
-from fdpg_scale.estimator import MovingAverageBaseline, fdpg_loss
+from fdpg_scale.core.estimator import MovingAverageBaseline, fdpg_loss
 
 
 def test_statistic_is_the_self_normalised_importance_weighted_mean():

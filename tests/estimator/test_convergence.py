@@ -45,7 +45,7 @@ def test_recorded_curves_are_this_run(curves):
     expected = toy_demo.convergence_markdown(curves)
     assert DOC.read_text(encoding="utf-8") == expected, (
         "docs/toy_convergence.md differs from a rerun: regenerate it with "
-        "`python -m fdpg_scale.toy_demo --record docs/toy_convergence.md`")
+        "`python -m fdpg_scale.toy.demo --record docs/toy_convergence.md`")
 
 
 def test_demo_command_line(capsys):

@@ -12,9 +12,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fdpg_scale.collectives import Collective, LocalCollective, TorchDistCollective
-from fdpg_scale.estimator import LogZEstimator, PerContextLogZ
-from fdpg_scale.toy import ToyLM, exact_log_z
+from fdpg_scale.core.collectives import Collective, LocalCollective, TorchDistCollective
+from fdpg_scale.core.estimator import LogZEstimator, PerContextLogZ
+from fdpg_scale.toy.model import ToyLM, exact_log_z
 from tests.helpers import assert_close
 
 NEG_INF = -math.inf

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from fdpg_scale import toy_demo
-from fdpg_scale.estimator import ProposalSchedule, proposal_estimates
-from fdpg_scale.toy import ToyLM, exact_divergence, exact_kl, normalise
+from fdpg_scale.core.estimator import ProposalSchedule, proposal_estimates
+from fdpg_scale.toy.model import ToyLM, exact_divergence, exact_kl, normalise
 
 K, L = 3, 4
 

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from fdpg_scale.divergences import get_divergence
-from fdpg_scale.toy import ToyLM, exact_divergence, exact_kl, exact_log_z, normalise
+from fdpg_scale.core.divergences import get_divergence
+from fdpg_scale.toy.model import ToyLM, exact_divergence, exact_kl, exact_log_z, normalise
 from tests.helpers import assert_close
 
 SIZES = [(1, 1), (1, 4), (2, 3), (3, 4), (4, 2)]

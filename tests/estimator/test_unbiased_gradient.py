@@ -22,9 +22,9 @@ import math
 import pytest
 import torch
 
-from fdpg_scale.divergences import get_divergence
+from fdpg_scale.core.divergences import get_divergence
 from fdpg_scale.kernels import fdiv_weights
-from fdpg_scale.toy import ToyLM, exact_divergence, exact_log_z
+from fdpg_scale.toy.model import ToyLM, exact_divergence, exact_log_z
 from tests.helpers import assert_close
 
 K, L = 3, 4

@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fdpg_scale.divergences import DIVERGENCE_NAMES, get_divergence
+from fdpg_scale.core.divergences import DIVERGENCE_NAMES, get_divergence
 from fdpg_scale.kernels import FDivWeights, fdiv_weights, linear_token_logprobs, token_logprobs
 from fdpg_scale.kernels._triton_utils import is_interpreted
 from fdpg_scale.kernels.linear_logprobs import _linear_fwd_kernel

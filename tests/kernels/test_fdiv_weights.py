@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fdpg_scale.divergences import DIVERGENCE_NAMES, Divergence, get_divergence
+from fdpg_scale.core.divergences import DIVERGENCE_NAMES, Divergence, get_divergence
 from fdpg_scale.kernels import FDivWeights, fdiv_weights
 from fdpg_scale.kernels.fdiv_reference import LOG_T_BOUND, check_fdiv_inputs, fdiv_weights_torch
 from fdpg_scale.kernels.fdiv_weights import _expm1, _softplus, fdiv_weights_triton

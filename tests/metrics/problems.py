@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fdpg_scale.samples import Samples
+from fdpg_scale.targets.samples import Samples
 
 
 @dataclass
@@ -90,8 +90,8 @@ def toy_problem(*, seed: int, kind: str, q_is_pi: bool, vocab_size: int = 3, max
     spread of the ESS fraction (whose standard error rests on E_q[(p/q)⁴]) was 1.7–2.3× its reported standard
     error and the other metrics' up to 1.2×; at 0.5 every ratio was 0.88–1.10. ``sample`` draws sequences
     with ``q.sample`` (token by token) and maps them to their rows of the enumeration with ``sequence_index``."""
-    from fdpg_scale.targets import BooleanScorer, EnergyTarget, ExponentialScorer
-    from fdpg_scale.toy import ToyLM
+    from fdpg_scale.targets.energy import BooleanScorer, EnergyTarget, ExponentialScorer
+    from fdpg_scale.toy.model import ToyLM
 
     g = torch.Generator().manual_seed(seed)
     a, pi, q = (ToyLM(vocab_size, max_len, init_scale=init_scale, generator=g) for _ in range(3))

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from fdpg_scale.metrics import distinct_n, diversity_metrics, self_bleu
-from fdpg_scale.samples import Samples
+from fdpg_scale.core.metrics import distinct_n, diversity_metrics, self_bleu
+from fdpg_scale.targets.samples import Samples
 
 TEXTS = ["a b c d", "a b c e", "x y z w"]
 IDS = [[1, 2, 3, 4], [1, 2, 3, 5], [6, 7, 8, 9]]  # the same set as token ids

@@ -12,8 +12,8 @@ import math
 import pytest
 import torch
 
-from fdpg_scale.divergences import get_divergence
-from fdpg_scale.metrics import exact_metrics, importance_sampled_metrics
+from fdpg_scale.core.divergences import get_divergence
+from fdpg_scale.core.metrics import exact_metrics, importance_sampled_metrics
 from tests.metrics.problems import categorical_problem, toy_problem
 
 ESTIMATED = ["kl_p_pi", "kl_pi_p", "tv", "js", "kl_pi_a", "log_z_is", "ess_fraction"]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from fdpg_scale.corpus import collect_documents, corpus_hash, split_documents, stdlib_dir
+from fdpg_scale.models.corpus import collect_documents, corpus_hash, split_documents, stdlib_dir
 
 
 def _write(root, rel, data):

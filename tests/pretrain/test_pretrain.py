@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from fdpg_scale import pretrain
-from fdpg_scale.corpus import stdlib_dir
-from fdpg_scale.pretrain import PretrainConfig, build_base_model, heldout_perplexity, unigram_log_probs
+from fdpg_scale.models.corpus import stdlib_dir
+from fdpg_scale.apps.pretrain import PretrainConfig, build_base_model, heldout_perplexity, unigram_log_probs
 
 # A configuration that trains in a few seconds on 2 cores and still learns the corpus' local statistics.
 TINY = dict(steps=60, batch_size=8, block_size=64, vocab_size=512, n_layer=2, n_embd=32, n_head=4, lr=5e-3,

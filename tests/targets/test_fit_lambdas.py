@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-from fdpg_scale.targets import ExponentialScorer, fit_lambdas
-from fdpg_scale.toy import ToyLM
+from fdpg_scale.targets.energy import ExponentialScorer, fit_lambdas
+from fdpg_scale.toy.model import ToyLM
 from tests.metrics.problems import toy_features, toy_samples
 
 TARGETS = {("zeros",): [0.15], ("zeros", "length"): [0.15, 0.40]}

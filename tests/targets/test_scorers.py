@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from fdpg_scale.samples import Samples
-from fdpg_scale.targets import BooleanScorer, EnergyTarget, ExponentialScorer, RewardScorer, Scorer, context_groups
+from fdpg_scale.targets.samples import Samples
+from fdpg_scale.targets.energy import BooleanScorer, EnergyTarget, ExponentialScorer, RewardScorer, Scorer, context_groups
 from tests.helpers import assert_close
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import find_latest
+from fdpg_scale.distributed.checkpoint import find_latest
 
 __all__ = ["export_checkpoint", "export_latest"]
 
@@ -31,7 +31,7 @@ def export_checkpoint(ckpt_dir: str | os.PathLike, to: str | os.PathLike, *,
     ckpt_dir, to = Path(ckpt_dir), Path(to)
     meta_dir = ckpt_dir / "hf"
     if not (meta_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{ckpt_dir} is not a checkpoint written by fdpg_scale.checkpoint (no hf/config.json)")
+        raise FileNotFoundError(f"{ckpt_dir} is not a checkpoint written by fdpg_scale.distributed.checkpoint (no hf/config.json)")
     if to.exists() and any(to.iterdir()):
         raise FileExistsError(f"export destination {to} exists and is not empty")
     state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir / "policy"), tag="ds")

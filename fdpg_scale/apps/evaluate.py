@@ -23,14 +23,14 @@ from pathlib import Path
 
 import torch
 
-from .config import RunConfig, load_config
-from .kernels import token_logprobs
-from .engines import position_ids_from_mask
-from .generation import pad_prompts
-from .metrics import distinct_n, self_bleu
-from .prompts import PromptSet, load_prompts
-from .samples import Samples
-from .tasks import Task, build_task
+from fdpg_scale.training.config import RunConfig, load_config
+from fdpg_scale.kernels import token_logprobs
+from fdpg_scale.distributed.engines import position_ids_from_mask
+from fdpg_scale.distributed.generation import pad_prompts
+from fdpg_scale.core.metrics import distinct_n, self_bleu
+from fdpg_scale.training.prompts import PromptSet, load_prompts
+from fdpg_scale.targets.samples import Samples
+from fdpg_scale.targets.tasks import Task, build_task
 
 __all__ = ["evaluate_run", "sample_and_score", "main"]
 
@@ -134,8 +134,8 @@ def evaluate_run(output_dir: str | Path, *, n: int = 256, seed: int = 1234) -> d
     """Evaluate run ``output_dir`` (its config.yaml and latest checkpoint) → {"base": row, "policy": row}."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .checkpoint import find_latest
-    from .export import export_checkpoint
+    from fdpg_scale.distributed.checkpoint import find_latest
+    from fdpg_scale.distributed.export import export_checkpoint
 
     output_dir = Path(output_dir)
     cfg: RunConfig = load_config(output_dir / "config.yaml")

@@ -14,8 +14,8 @@ import re
 import sys
 from pathlib import Path
 
-from .corpus import collect_documents, split_documents
-from .pretrain import PretrainConfig
+from fdpg_scale.models.corpus import collect_documents, split_documents
+from fdpg_scale.apps.pretrain import PretrainConfig
 
 __all__ = ["signature_prompts", "main"]
 

@@ -57,7 +57,7 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from .targets import context_groups
+from fdpg_scale.targets.energy import context_groups
 
 __all__ = ["importance_sampled_metrics", "exact_metrics", "distinct_n", "self_bleu", "diversity_metrics",
            "DIVERGENCE_METRICS"]

@@ -18,13 +18,10 @@ from typing import Any
 
 import yaml
 
-from .divergences import DIVERGENCE_NAMES, get_divergence
+from fdpg_scale.core.divergences import DIVERGENCE_NAMES, get_divergence
+from fdpg_scale.errors import ConfigError
 
 __all__ = ["ConfigError", "RunConfig", "load_config", "apply_overrides", "config_to_dict"]
-
-
-class ConfigError(ValueError):
-    """A config value is missing, unknown, of the wrong type or inconsistent; the message names the key."""
 
 
 @dataclass(kw_only=True)
@@ -66,7 +63,7 @@ class TargetConfig:
     kind: str = "pointwise"
     """``pointwise`` (P = a·b), ``distributional`` (P = a·exp(λ·φ), λ fitted) or ``reward`` (P = a·exp(r/β))."""
     scorer: str = "contains"
-    """Name of a scorer in ``fdpg_scale.tasks`` (e.g. ``contains``)."""
+    """Name of a scorer in ``fdpg_scale.targets.tasks`` (e.g. ``contains``)."""
     scorer_args: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of the scorer, e.g. ``{substring: "def"}``."""
     moment: float | None = None

@@ -1,6 +1,6 @@
 """The seam through which the estimators reduce across ranks: a tiny ``Collective`` protocol.
 
-The estimators (fdpg_scale.estimator) never call torch.distributed themselves; they take a Collective, so
+The estimators (fdpg_scale.core.estimator) never call torch.distributed themselves; they take a Collective, so
 the same code runs in one process (``LocalCollective``), in a real process group (``TorchDistCollective``,
 gloo on CPU or nccl on GPUs) and in tests that simulate ranks in one process.
 

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .collectives import LocalCollective, TorchDistCollective
-from .config import RunConfig
-from .estimator import MovingAverageBaseline, PerContextLogZ, ProposalSchedule
+from fdpg_scale.core.collectives import LocalCollective, TorchDistCollective
+from fdpg_scale.training.config import RunConfig
+from fdpg_scale.core.estimator import MovingAverageBaseline, PerContextLogZ, ProposalSchedule
 
 __all__ = ["TrainerState"]
 

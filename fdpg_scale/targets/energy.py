@@ -31,7 +31,7 @@ The fit also fails loudly when the effective sample size (Σw)²/Σw² of the fi
 
 Conditional targets: P(x|c) = a(x|c) Π_k s_k(x, c), one target per context c with its own Z(c). Scorers
 read ``samples.context_ids`` / ``samples.contexts`` when they depend on c; nothing else changes on the target
-side. The per-context log Z(c) lives with the estimator (fdpg_scale.estimator): ``context_groups`` maps the
+side. The per-context log Z(c) lives with the estimator (fdpg_scale.core.estimator): ``context_groups`` maps the
 batch's context ids to 0 … C−1 so that it (and the metrics) can reduce per context.
 """
 
@@ -44,7 +44,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from .samples import Samples
+from fdpg_scale.targets.samples import Samples
 
 __all__ = ["Scorer", "BooleanScorer", "ExponentialScorer", "RewardScorer", "EnergyTarget", "LambdaFit",
            "fit_lambdas", "context_groups"]

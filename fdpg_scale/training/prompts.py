@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ConfigError
+from fdpg_scale.errors import ConfigError
 
 __all__ = ["PromptSet", "load_prompts"]
 

@@ -15,8 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from .evaluate import evaluate_run
-from .report import load_run, results_table, write_report
+from fdpg_scale.apps.evaluate import evaluate_run
+from fdpg_scale.apps.report import load_run, results_table, write_report
 
 __all__ = ["run_sweep", "main"]
 

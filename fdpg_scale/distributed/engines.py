@@ -35,7 +35,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .kernels import linear_token_logprobs
+from fdpg_scale.kernels import linear_token_logprobs
 
 __all__ = ["FusedHeadLM", "build_policy", "build_frozen", "sequence_logprobs", "train_step",
            "copy_policy_into_proposal", "position_ids_from_mask", "gathered_state_dict"]

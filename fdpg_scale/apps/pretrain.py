@@ -1,7 +1,7 @@
 """``fdpg-scale pretrain-base``: a small GPT-2 pretrained offline on the Python standard library's source.
 
 Nothing can be downloaded at run time, so the project builds its own base model from a corpus every machine
-has (``fdpg_scale.corpus``: the stdlib's ``.py`` files, split by document into train / held-out):
+has (``fdpg_scale.models.corpus``: the stdlib's ``.py`` files, split by document into train / held-out):
 
 1. tokenizer: a byte-level BPE (the ``tokenizers`` package) with ``vocab_size`` entries, trained on the train
    split, with the special tokens of ``tiny_model`` (``<|bos|>``, ``<|eos|>``, ``<|pad|>``);
@@ -44,8 +44,8 @@ from pathlib import Path
 
 import torch
 
-from fdpg_scale.corpus import Document, collect_documents, corpus_hash, split_documents, stdlib_dir
-from fdpg_scale.tiny_model import BOS, EOS, PAD
+from fdpg_scale.models.corpus import Document, collect_documents, corpus_hash, split_documents, stdlib_dir
+from fdpg_scale.models.tiny import BOS, EOS, PAD
 
 __all__ = ["PretrainConfig", "train_tokenizer", "encode_blocks", "unigram_log_probs", "heldout_perplexity",
            "build_base_model", "render_doc", "main"]

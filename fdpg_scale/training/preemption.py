@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import signal
 
-from .distributed import all_reduce_floats
+from fdpg_scale.distributed.launch import all_reduce_floats
 
 __all__ = ["PreemptionSignal"]
 

@@ -35,7 +35,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from .distributed import barrier, get_rank, get_world_size, is_rank0
+from fdpg_scale.distributed.launch import barrier, get_rank, get_world_size, is_rank0
 
 __all__ = ["CheckpointMismatchError", "save_checkpoint", "load_checkpoint", "find_latest", "check_fingerprint",
            "model_config_hash", "checkpoints_dir"]

@@ -5,7 +5,7 @@
 - ``pointwise``: the scorer is a boolean constraint b(x); P = a·b; alignment = E_π[b];
 - ``reward``: the scorer is a number r(x); P = a·exp(r/β); alignment = E_π[r];
 - ``distributional``: the scorer is a feature φ(x); P = a·exp(λφ) with λ fitted so that E_p[φ] =
-  ``target.moment`` (``fdpg_scale.target_fitting``); alignment = E_π[φ].
+  ``target.moment`` (``fdpg_scale.training.target_fitting``); alignment = E_π[φ].
 
 Each scorer reads the decoded texts of ``Samples``; its arguments come from ``target.scorer_args``.
 """
@@ -15,13 +15,16 @@ from __future__ import annotations
 import ast
 import inspect
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from .config import ConfigError, TargetConfig
-from .samples import Samples
-from .targets import BooleanScorer, EnergyTarget, ExponentialScorer, RewardScorer
+from fdpg_scale.errors import ConfigError
+from fdpg_scale.targets.samples import Samples
+from fdpg_scale.targets.energy import BooleanScorer, EnergyTarget, ExponentialScorer, RewardScorer
+
+if TYPE_CHECKING:  # annotation only: targets sit below training and never import it at run time
+    from fdpg_scale.training.config import TargetConfig
 
 __all__ = ["Task", "build_task", "SCORERS"]
 

@@ -12,8 +12,8 @@ import json
 import os
 from pathlib import Path
 
-from .config import ConfigError, ModelConfig, RunConfig
-from .distributed import barrier, is_rank0
+from fdpg_scale.training.config import ConfigError, ModelConfig, RunConfig
+from fdpg_scale.distributed.launch import barrier, is_rank0
 
 __all__ = ["prepare_model_dir", "deepspeed_config", "prepare_output_dir"]
 
@@ -28,7 +28,7 @@ def prepare_model_dir(model: ModelConfig, *, seed: int) -> Path:
     path = Path(model.path)
     if model.build is not None:
         if is_rank0():
-            from .tiny_model import build_tiny_model_dir
+            from fdpg_scale.models.tiny import build_tiny_model_dir
 
             build_tiny_model_dir(path, arch=_TINY_ARCH[model.build], seed=seed)
         barrier()

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .engines import sequence_logprobs
-from .generation import Rollout, SamplingSettings, sample
-from .prompts import PromptSet
-from .samples import Samples
-from .timing import PhaseTimer
+from fdpg_scale.distributed.engines import sequence_logprobs
+from fdpg_scale.distributed.generation import Rollout, SamplingSettings, sample
+from fdpg_scale.training.prompts import PromptSet
+from fdpg_scale.targets.samples import Samples
+from fdpg_scale.training.timing import PhaseTimer
 
 __all__ = ["ScoredChunk", "chunk_seed", "collect_chunks", "TRAIN_STREAM", "FIT_STREAM"]
 
@@ -70,7 +70,7 @@ def collect_chunks(*, sampler, base, task, tokenizer, settings: SamplingSettings
     """Sample and score this rank's ``accumulation`` chunks of step ``step`` (collective: all ranks call).
 
     sampler: the engine q is drawn from (the proposal engine, or the policy on-policy); base: the frozen base
-    engine a; task: a ``fdpg_scale.tasks.Task``; timer: receives the "generation" and "scoring" seconds.
+    engine a; task: a ``fdpg_scale.targets.tasks.Task``; timer: receives the "generation" and "scoring" seconds.
     prompts: a conditional target's contexts (each row continues one drawn with the chunk's seed), or None
     for unconditional generation (from BOS; every sample is context 0).
     """

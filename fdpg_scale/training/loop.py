@@ -23,24 +23,24 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import checkpoint as ckpt
-from .config import RunConfig, config_to_dict
-from .distributed import all_gather_rows, barrier, init_distributed, is_rank0
-from .divergences import get_divergence
-from .engines import build_frozen, build_policy, copy_policy_into_proposal, sequence_logprobs, train_step
-from .estimator import fdpg_loss
-from .generation import SamplingSettings
-from .kernels import fdiv_weights
-from .metrics import importance_sampled_metrics
-from .preemption import PreemptionSignal
-from .prompts import load_prompts
-from .rollout import collect_chunks
-from .run_setup import deepspeed_config, prepare_model_dir, prepare_output_dir
-from .run_log import RunLogger
-from .target_fitting import fit_distributional_task
-from .tasks import build_task
-from .timing import PhaseTimer
-from .trainer_state import TrainerState
+from fdpg_scale.distributed import checkpoint as ckpt
+from fdpg_scale.training.config import RunConfig, config_to_dict
+from fdpg_scale.distributed.launch import all_gather_rows, barrier, init_distributed, is_rank0
+from fdpg_scale.core.divergences import get_divergence
+from fdpg_scale.distributed.engines import build_frozen, build_policy, copy_policy_into_proposal, sequence_logprobs, train_step
+from fdpg_scale.core.estimator import fdpg_loss
+from fdpg_scale.distributed.generation import SamplingSettings
+from fdpg_scale.kernels import fdiv_weights
+from fdpg_scale.core.metrics import importance_sampled_metrics
+from fdpg_scale.training.preemption import PreemptionSignal
+from fdpg_scale.training.prompts import load_prompts
+from fdpg_scale.training.rollout import collect_chunks
+from fdpg_scale.training.run_setup import deepspeed_config, prepare_model_dir, prepare_output_dir
+from fdpg_scale.training.run_log import RunLogger
+from fdpg_scale.training.target_fitting import fit_distributional_task
+from fdpg_scale.targets.tasks import build_task
+from fdpg_scale.training.timing import PhaseTimer
+from fdpg_scale.training.state import TrainerState
 
 __all__ = ["train"]
 

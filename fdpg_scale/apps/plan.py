@@ -35,7 +35,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ConfigError, RunConfig, load_config
+from fdpg_scale.training.config import ConfigError, RunConfig, load_config
 
 __all__ = ["Architecture", "MemoryPlan", "load_architecture", "count_parameters", "plan_memory", "main"]
 
@@ -222,7 +222,7 @@ def main(argv: list[str]) -> int:
                         help="kept free for the CUDA context, allocator fragmentation, buckets (default 4)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
-    from .run_setup import deepspeed_config
+    from fdpg_scale.training.run_setup import deepspeed_config
 
     try:
         cfg = load_config(args.config, args.overrides)

@@ -27,7 +27,7 @@ import copy
 import torch
 from torch import nn
 
-from .divergences import Divergence, get_divergence
+from fdpg_scale.core.divergences import Divergence, get_divergence
 
 __all__ = ["ToyLM", "exact_log_z", "normalise", "exact_divergence", "exact_kl"]
 

@@ -48,7 +48,7 @@ import math
 
 import torch
 
-from .collectives import Collective, LocalCollective
+from fdpg_scale.core.collectives import Collective, LocalCollective
 
 __all__ = ["fdpg_loss", "MovingAverageBaseline", "LogZEstimator", "PerContextLogZ", "ProposalSchedule",
            "proposal_estimates", "PROPOSAL_METRICS"]

@@ -2,7 +2,7 @@
 
 Draws ``target.fit_samples`` sequences (over all ranks) from the initial proposal, scores them with the base
 model, gathers φ, log a and log q on every rank, and solves the SNIS moment-matching problem of
-``fdpg_scale.targets.fit_lambdas`` (E_p[φ] = μ̄). Every rank fits on the same gathered batch, so every rank
+``fdpg_scale.targets.energy.fit_lambdas`` (E_p[φ] = μ̄). Every rank fits on the same gathered batch, so every rank
 gets the same λ. The draws use their own seed stream, independent of the training batches.
 """
 
@@ -12,12 +12,12 @@ import math
 
 import torch
 
-from .distributed import all_gather_rows
-from .generation import SamplingSettings
-from .rollout import FIT_STREAM, collect_chunks
-from .targets import LambdaFit, fit_lambdas
-from .tasks import Task
-from .timing import PhaseTimer
+from fdpg_scale.distributed.launch import all_gather_rows
+from fdpg_scale.distributed.generation import SamplingSettings
+from fdpg_scale.training.rollout import FIT_STREAM, collect_chunks
+from fdpg_scale.targets.energy import LambdaFit, fit_lambdas
+from fdpg_scale.targets.tasks import Task
+from fdpg_scale.training.timing import PhaseTimer
 
 __all__ = ["fit_distributional_task"]
 
