@@ -51,7 +51,7 @@ _DELEGATED = {
     "plan": ("fdpg_scale.apps.plan", "per-GPU memory plan of a config on N nodes × G GPUs"),
     "prompts": ("fdpg_scale.apps.prompt_corpus", "write conditional-task prompts (function signatures) from the held-out stdlib "
                                  "corpus"),
-    "toy": ("fdpg_scale.toy.demo", "f-DPG on an enumerable toy model, exact divergences per step"),
+    "toy": ("fdpg_scale.apps.toy", "f-DPG on an enumerable toy model, exact divergences per step"),
 }
 
 

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from fdpg_scale import checkpoint, engines
+from fdpg_scale.distributed import checkpoint, engines
 from fdpg_scale.distributed.export import export_latest
 from fdpg_scale.models.tiny import build_tiny_model_dir
 from tests.engines.common import (ADAM_EPS, GLOBAL_BATCH, GRAD_CLIP, LR, TRAIN_STEPS, WARMUP, WEIGHT_DECAY, batch,

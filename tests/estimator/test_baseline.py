@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from fdpg_scale import toy_demo
+from fdpg_scale.toy import demo as toy_demo
 from fdpg_scale.core.estimator import MovingAverageBaseline, fdpg_loss
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fdpg_scale import toy_demo
+from fdpg_scale.toy import demo as toy_demo
+from fdpg_scale.apps import toy as toy_cli
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "toy_convergence.md"
 REQUIRED_DROP = {"kl": 0.90, "rkl": 0.90, "js": 0.90, "tv": 0.75}
@@ -45,16 +46,16 @@ def test_recorded_curves_are_this_run(curves):
     expected = toy_demo.convergence_markdown(curves)
     assert DOC.read_text(encoding="utf-8") == expected, (
         "docs/toy_convergence.md differs from a rerun: regenerate it with "
-        "`python -m fdpg_scale.toy.demo --record docs/toy_convergence.md`")
+        "`fdpg-scale toy --record docs/toy_convergence.md`")
 
 
 def test_demo_command_line(capsys):
-    assert toy_demo.main(["--divergences", "kl", "alpha", "--alpha", "0.5", "--steps", "4", "--batch", "64",
+    assert toy_cli.main(["--divergences", "kl", "alpha", "--alpha", "0.5", "--steps", "4", "--batch", "64",
                           "--print-every", "2"]) == 0
     out = capsys.readouterr().out
     assert "[kl] step    4" in out and "[alpha(0.5)] step    4" in out
     assert out.count("| kl |") == 1 and out.count("| alpha(0.5) |") == 1
     with pytest.raises(SystemExit, match="unknown divergence 'nope'"):
-        toy_demo.main(["--divergences", "nope"])
+        toy_cli.main(["--divergences", "nope"])
     with pytest.raises(SystemExit, match="--steps must be ≥ 1"):
-        toy_demo.main(["--steps", "0"])
+        toy_cli.main(["--steps", "0"])

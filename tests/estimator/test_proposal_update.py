@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from fdpg_scale import toy_demo
+from fdpg_scale.toy import demo as toy_demo
 from fdpg_scale.core.estimator import ProposalSchedule, proposal_estimates
 from fdpg_scale.toy.model import ToyLM, exact_divergence, exact_kl, normalise
 

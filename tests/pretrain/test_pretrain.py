@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from fdpg_scale import pretrain
+from fdpg_scale.apps import pretrain
 from fdpg_scale.models.corpus import stdlib_dir
 from fdpg_scale.apps.pretrain import PretrainConfig, build_base_model, heldout_perplexity, unigram_log_probs
 

@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
-from fdpg_scale import checkpoint, engines  # noqa: E402
+from fdpg_scale.distributed import checkpoint, engines  # noqa: E402
 from fdpg_scale.distributed.launch import init_distributed  # noqa: E402
 from tests.engines.common import batch, ds_config, weighted_loss  # noqa: E402
 

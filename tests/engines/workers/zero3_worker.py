@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 from deepspeed.utils import safe_get_full_grad  # noqa: E402
 
-from fdpg_scale import checkpoint, engines, generation  # noqa: E402
+from fdpg_scale.distributed import checkpoint, engines, generation  # noqa: E402
 from fdpg_scale.distributed.launch import all_gather_rows, all_reduce_floats, init_distributed  # noqa: E402
 from tests.engines.common import (ADAM_EPS, GLOBAL_BATCH, LR, TRAIN_STEPS, WARMUP, WEIGHT_DECAY,  # noqa: E402
                                   batch, ds_config, rows, weighted_loss)
