@@ -25,7 +25,7 @@ def test_deepspeed_config_derives_batch_sizes_and_clipping():
 @pytest.mark.parametrize("patch, needle", [
     ({"train_batch_size": 64}, "sets train_batch_size=64"),
     ({"zero_optimization": {"stage": 2}}, "stage must be 3"),
-    ({"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"}}, "'reduce_bucket_size' is \"auto\""),
+    ({"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"}}, "zero_optimization.reduce_bucket_size is \"auto\""),
 ])
 def test_deepspeed_json_contradictions_are_named(tmp_path, patch, needle):
     ds = json.loads((ROOT / "configs/deepspeed/zero3_cpu.json").read_text())

@@ -1,6 +1,6 @@
 """Importance-sampled divergences between the policy π and the target p, and diversity of samples.
 
-Importance sampling (DESIGN.md §1, Metrics). Samples x_i ∼ q (i = 1 … N) with per-sequence log π, log q,
+Importance sampling (docs/method.md, § Metrics). Samples x_i ∼ q (i = 1 … N) with per-sequence log π, log q,
 log a (base), log P (unnormalised target). Write
 
     α_i = log π(x_i) − log q(x_i),     β̃_i = log P(x_i) − log q(x_i),     β_i = β̃_i − log Z,
@@ -57,7 +57,7 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from fdpg_scale.targets.energy import context_groups
+from fdpg_scale.core.logspace import context_groups, log_sum_exp_groups
 
 __all__ = ["importance_sampled_metrics", "exact_metrics", "distinct_n", "self_bleu", "diversity_metrics",
            "DIVERGENCE_METRICS"]
@@ -106,15 +106,6 @@ def _as_vector(x, n: int | None, name: str) -> torch.Tensor:
     return t
 
 
-def _log_mean_exp_groups(x: torch.Tensor, inverse: torch.Tensor, n_groups: int) -> torch.Tensor:
-    """[C] log((1/N_c) Σ_{i∈c} e^{x_i}), stabilised by each group's max (−inf for an all −inf group)."""
-    gmax = torch.full((n_groups,), -math.inf, dtype=x.dtype).scatter_reduce(0, inverse, x, "amax")
-    shift = torch.where(torch.isfinite(gmax), gmax, torch.zeros_like(gmax))
-    sums = torch.zeros(n_groups, dtype=x.dtype).index_add(0, inverse, torch.exp(x - shift[inverse]))
-    counts = torch.zeros(n_groups, dtype=x.dtype).index_add(0, inverse, torch.ones_like(x))
-    return torch.log(sums / counts) + shift
-
-
 def importance_sampled_metrics(*, logp_pi: torch.Tensor, logp_q: torch.Tensor, logp_a: torch.Tensor,
                                log_target: torch.Tensor, log_z: float | torch.Tensor | None = None,
                                features: Mapping[str, torch.Tensor] | None = None,
@@ -143,8 +134,8 @@ def importance_sampled_metrics(*, logp_pi: torch.Tensor, logp_q: torch.Tensor, l
     n_groups = int(inverse.max()) + 1
     alpha = lp - lq
     beta_raw = lt - lq  # log P/q
-    counts = torch.zeros(n_groups, dtype=torch.float64).index_add(0, inverse, torch.ones(n, dtype=torch.float64))
-    log_zhat = _log_mean_exp_groups(beta_raw, inverse, n_groups)  # [C]
+    log_sums, counts = log_sum_exp_groups(beta_raw, inverse, n_groups)  # [C] each; every group has a sample
+    log_zhat = log_sums - torch.log(counts)
 
     out: dict[str, float] = {}
     for name, h in DIVERGENCE_METRICS.items():

@@ -28,29 +28,21 @@ token). Per-token outputs are aligned with ``input_ids``: out[b, t] = log p(x_t 
 from __future__ import annotations
 
 import copy
-import math
+import functools
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
+from fdpg_scale.core.lr_schedule import SCHEDULES, lr_factor
+from fdpg_scale.core.sequences import position_ids_from_mask
+from fdpg_scale.errors import ConfigError
 from fdpg_scale.kernels import linear_token_logprobs
+from fdpg_scale.kernels.reference import IGNORE_INDEX
 
 __all__ = ["FusedHeadLM", "build_policy", "build_frozen", "sequence_logprobs", "train_step",
-           "copy_policy_into_proposal", "position_ids_from_mask", "gathered_state_dict"]
-
-IGNORE_INDEX = -100
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted over real tokens only, as transformers' generate computes them for left padding.
-
-    attention_mask [B, T] (1 = token) -> int64 [B, T]; padded slots get 1 (their value is never attended to).
-    """
-    pos = attention_mask.long().cumsum(-1) - 1
-    return pos.masked_fill(attention_mask == 0, 1)
-
+           "copy_policy_into_proposal", "position_ids_from_mask", "gathered_state_dict", "check_ds_config"]
 
 class FusedHeadLM(nn.Module):
     """A causal LM whose forward gives per-token log-probs through the fused head (see module docstring).
@@ -105,25 +97,35 @@ class FusedHeadLM(nn.Module):
         return torch.nn.functional.pad(out, (1, 0))
 
 
-def _check_ds_config(ds_config: Mapping) -> dict:
+def check_ds_config(ds_config: Mapping, source: str = "ds_config") -> dict:
+    """A deep copy of the DeepSpeed JSON ``ds_config`` after the checks this seam relies on.
+
+    ZeRO stage 3 (every engine here assumes partitioned parameters), no ``"auto"`` anywhere (DeepSpeed only
+    resolves it inside the HF Trainer and silently drops it elsewhere), no fp16 (unsupported by DeepSpeed on
+    CPU; bf16 or fp32). Raises ConfigError naming ``source`` (e.g. the JSON file) and the dotted key.
+    """
     if not isinstance(ds_config, Mapping):
-        raise TypeError(f"ds_config must be a dict (DeepSpeed JSON), got {type(ds_config).__name__}")
+        raise ConfigError(f"{source} must be a dict (DeepSpeed JSON), got {type(ds_config).__name__}")
+    _reject_auto(ds_config, source, "")
     stage = ds_config.get("zero_optimization", {}).get("stage")
     if stage != 3:
-        raise ValueError(f"ds_config zero_optimization.stage must be 3 (this seam assumes partitioned "
-                         f"parameters), got {stage!r}")
-
-    def find_auto(node, where):
-        if isinstance(node, Mapping):
-            for k, v in node.items():
-                find_auto(v, f"{where}.{k}" if where else k)
-        elif node == "auto":
-            raise ValueError(f"ds_config {where} is 'auto': DeepSpeed only resolves 'auto' inside the HF "
-                             f"Trainer; give an explicit value")
-    find_auto(ds_config, "")
+        raise ConfigError(f"{source}: zero_optimization.stage must be 3 (this seam assumes partitioned "
+                          f"parameters), got {stage!r}")
     if ds_config.get("fp16", {}).get("enabled"):
-        raise ValueError("ds_config fp16 is not supported (use bf16 or fp32)")
+        raise ConfigError(f"{source}: fp16 is not supported (use bf16 or fp32)")
     return copy.deepcopy(dict(ds_config))
+
+
+def _reject_auto(node, source: str, where: str) -> None:
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            _reject_auto(value, source, f"{where}.{key}" if where else str(key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _reject_auto(value, source, f"{where}[{i}]")
+    elif node == "auto":
+        raise ConfigError(f"{source}: {where} is \"auto\"; DeepSpeed drops \"auto\" outside the HF Trainer: "
+                          f"write an explicit value")
 
 
 def _param_dtype(ds_config: Mapping) -> torch.dtype:
@@ -148,14 +150,8 @@ def _load_zero3(model_dir: str | Path, ds_config: dict, *, trainable: bool) -> F
 
 
 def _lr_lambda(schedule: str, warmup_steps: int, total_steps: int | None):
-    def fn(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        if schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    return fn
+    """The LambdaLR factor of step s: ``fdpg_scale.core.lr_schedule.lr_factor`` (the project's one schedule)."""
+    return functools.partial(lr_factor, warmup_steps=warmup_steps, schedule=schedule, total_steps=total_steps)
 
 
 def build_policy(model_dir: str | Path, ds_config: Mapping, *, lr: float, weight_decay: float = 0.0,
@@ -167,14 +163,15 @@ def build_policy(model_dir: str | Path, ds_config: Mapping, *, lr: float, weight
     filled in by the caller; ``zero_optimization.stage`` 3). Unless it has an ``optimizer`` section, a torch
     AdamW (weight decay on matrices only) is the client optimizer (needs ``zero_allow_untested_optimizer``);
     unless it has a ``scheduler`` section, the LR warms up linearly over ``warmup_steps`` optimizer steps
-    (factor (s+1)/(warmup_steps+1) at step s), then stays constant (``lr_schedule="constant"``) or follows a cosine to 0 at ``total_steps``.
+    (factor (s+1)/warmup_steps at step s), then stays constant (``lr_schedule="constant"``) or follows a cosine
+    to 0 at ``total_steps`` (``fdpg_scale.core.lr_schedule``).
     Returns the engine; ``engine.module`` is the FusedHeadLM, ``engine.module.hf_model`` the HF model.
     """
     import deepspeed
 
-    cfg = _check_ds_config(ds_config)
-    if lr_schedule not in ("constant", "cosine"):
-        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
+    cfg = check_ds_config(ds_config)
+    if lr_schedule not in SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {SCHEDULES}, got {lr_schedule!r}")
     if lr_schedule == "cosine" and (total_steps is None or total_steps <= warmup_steps):
         raise ValueError(f"lr_schedule='cosine' needs total_steps > warmup_steps={warmup_steps}, got {total_steps}")
     if not lr > 0:
@@ -210,7 +207,7 @@ def build_frozen(model_dir: str | Path, ds_config: Mapping):
     """
     import deepspeed
 
-    cfg = _check_ds_config(ds_config)
+    cfg = check_ds_config(ds_config)
     cfg.pop("optimizer", None)
     cfg.pop("scheduler", None)
     module = _load_zero3(model_dir, cfg, trainable=False)

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fdpg_scale.core.sequences import first_eos_mask
 
 __all__ = ["SamplingSettings", "Rollout", "sample", "pad_prompts"]
 
@@ -229,12 +230,9 @@ def sample(engine, prompts: list[list[int]], settings: SamplingSettings, *, seed
     width = prompt_len + settings.max_new_tokens
     ids = torch.full((seqs.shape[0], width), pad_id, dtype=torch.long)
     ids[:, :seqs.shape[1]] = seqs
-    gen = torch.zeros_like(ids, dtype=torch.bool)
-    gen[:, prompt_len:seqs.shape[1]] = True
-    is_eos = (ids == eos_id) & gen
-    # Keep tokens up to and including the first EOS: positions with no earlier EOS among generated ones.
-    eos_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
-    gen &= eos_before == 0
+    produced = torch.zeros_like(ids, dtype=torch.bool)
+    produced[:, prompt_len:seqs.shape[1]] = True
+    gen = first_eos_mask(ids, eos_id, within=produced)  # an EOS in the prompt does not end the sequence
     logprobs = torch.zeros(ids.shape, dtype=torch.float32)
     logprobs[:, prompt_len:seqs.shape[1]] = step_lp
     logprobs = logprobs.masked_fill(~gen, 0.0)

@@ -26,7 +26,7 @@ from typing import Mapping, Sequence
 import torch
 
 __all__ = ["LaunchInfo", "resolve_launch", "expand_hostlist", "init_distributed", "device", "get_rank",
-           "get_world_size", "is_rank0", "barrier", "all_reduce_floats", "all_gather_rows", "broadcast_object"]
+           "get_world_size", "is_rank0", "barrier", "all_reduce_floats", "all_gather_rows"]
 
 
 @dataclass(frozen=True)
@@ -251,12 +251,3 @@ def all_gather_rows(rows: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
         torch.distributed.all_gather(parts, padded)
         out[k] = torch.cat([p[:c] for p, c in zip(parts, counts)]).cpu()
     return out
-
-
-def broadcast_object(obj, src: int = 0):
-    """Rank ``src``'s picklable ``obj`` on every rank."""
-    if not (torch.distributed.is_initialized() and get_world_size() > 1):
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=src)
-    return box[0]

@@ -1,4 +1,4 @@
-"""Energy-based target distributions p(x) = P(x)/Z with P(x) = a(x) · Π_k s_k(x) (DESIGN.md §1).
+"""Energy-based target distributions p(x) = P(x)/Z with P(x) = a(x) · Π_k s_k(x) (docs/method.md, § Targets).
 
 a is the base (original) LM; each *scorer* s_k contributes a non-negative factor, always handled in log
 space (log s_k = −inf is a legal zero: the sample is outside the target's support):
@@ -31,8 +31,8 @@ The fit also fails loudly when the effective sample size (Σw)²/Σw² of the fi
 
 Conditional targets: P(x|c) = a(x|c) Π_k s_k(x, c), one target per context c with its own Z(c). Scorers
 read ``samples.context_ids`` / ``samples.contexts`` when they depend on c; nothing else changes on the target
-side. The per-context log Z(c) lives with the estimator (fdpg_scale.core.estimator): ``context_groups`` maps the
-batch's context ids to 0 … C−1 so that it (and the metrics) can reduce per context.
+side. The per-context log Z(c) lives with the estimator (fdpg_scale.core.estimator); the grouping by context
+and the per-context log-mean-exp are in fdpg_scale.core.logspace.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ import torch
 from fdpg_scale.targets.samples import Samples
 
 __all__ = ["Scorer", "BooleanScorer", "ExponentialScorer", "RewardScorer", "EnergyTarget", "LambdaFit",
-           "fit_lambdas", "context_groups"]
+           "fit_lambdas"]
 
 BatchFn = Callable[[Samples], object]
 """A function of the batch returning B values (a tensor, numpy array or list)."""
@@ -378,17 +378,3 @@ class EnergyTarget:
                 out[s.name] = s.holds(samples).to(torch.float32)
         return out
 
-
-def context_groups(context_ids: torch.Tensor | None, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Group a batch by context for conditional targets (one Z(c) per context).
-
-    context_ids: LongTensor [B] or None (unconditional: one group). Returns (unique [C], inverse [B]) with
-    ``unique[inverse] == context_ids``; reduce per context with e.g. ``index_add`` / ``scatter_reduce`` over
-    ``inverse``.
-    """
-    if context_ids is None:
-        return torch.zeros(1, dtype=torch.long), torch.zeros(batch_size, dtype=torch.long)
-    if context_ids.shape != (batch_size,):
-        raise ValueError(f"context_groups: context_ids must be [B] = ({batch_size},), got {tuple(context_ids.shape)}")
-    unique, inverse = torch.unique(context_ids, return_inverse=True)
-    return unique, inverse

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from fdpg_scale.core.divergences import Divergence, get_divergence
+from fdpg_scale.core.sequences import first_eos_mask
 
 __all__ = ["ToyLM", "exact_log_z", "normalise", "exact_divergence", "exact_kl"]
 
@@ -85,9 +86,7 @@ class ToyLM(nn.Module):
     def mask(self, seqs: torch.Tensor) -> torch.Tensor:
         """seqs [N, L] -> bool [N, L]: the positions that are decisions (tokens up to and including the first EOS)."""
         self._check_seqs(seqs)
-        is_eos = (seqs == self.eos).long()
-        eos_before = torch.cumsum(is_eos, dim=1) - is_eos
-        return eos_before == 0
+        return first_eos_mask(seqs, self.eos)
 
     def lengths(self, seqs: torch.Tensor) -> torch.Tensor:
         """seqs [N, L] -> long [N]: n, the number of ordinary tokens (before the first EOS)."""

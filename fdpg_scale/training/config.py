@@ -18,7 +18,6 @@ from typing import Any
 
 import yaml
 
-from fdpg_scale.core.divergences import DIVERGENCE_NAMES, get_divergence
 from fdpg_scale.errors import ConfigError
 
 __all__ = ["ConfigError", "RunConfig", "load_config", "apply_overrides", "config_to_dict"]
@@ -49,6 +48,10 @@ class DivergenceConfig:
     """Clamp pseudo-rewards to [−clip, clip] (off by default; when on, logged as a metric)."""
 
     def __post_init__(self):
+        # Imported here, not at the top: the divergences need torch, and the CLI reads configs (plan, --help
+        # of every command) without loading it.
+        from fdpg_scale.core.divergences import DIVERGENCE_NAMES, get_divergence
+
         _choice("divergence.name", self.name, DIVERGENCE_NAMES)
         try:
             get_divergence(self.name, alpha=self.alpha)

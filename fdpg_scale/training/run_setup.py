@@ -3,7 +3,8 @@
 Batch-size keys of the DeepSpeed JSON are derived from ``train.*`` (sequences per step, per micro-step,
 accumulation) and the world size; a JSON that sets one of them to something else is an error, never a
 silent override. The JSON holds explicit values only: DeepSpeed silently drops ``"auto"`` outside the HF
-Trainer, so an ``"auto"`` anywhere is rejected by name.
+Trainer, so an ``"auto"`` anywhere is rejected by name (``distributed.engines.check_ds_config``, the same
+checks the engines make).
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import json
 import os
 from pathlib import Path
 
-from fdpg_scale.training.config import ConfigError, ModelConfig, RunConfig
+from fdpg_scale.distributed.engines import check_ds_config
 from fdpg_scale.distributed.launch import barrier, is_rank0
+from fdpg_scale.training.config import ConfigError, ModelConfig, RunConfig
 
 __all__ = ["prepare_model_dir", "deepspeed_config", "prepare_output_dir"]
 
@@ -53,10 +55,7 @@ def deepspeed_config(cfg: RunConfig, *, world_size: int, accumulation: int) -> d
         ds = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ConfigError(f"deepspeed.config {str(path)!r} is not valid JSON: {err}") from None
-    _reject_auto(ds, str(path))
-    stage = ds.get("zero_optimization", {}).get("stage")
-    if stage != 3:
-        raise ConfigError(f"deepspeed.config {str(path)!r}: zero_optimization.stage must be 3, got {stage!r}")
+    ds = check_ds_config(ds, f"deepspeed.config {str(path)!r}")
     derived = {
         "train_batch_size": cfg.train.global_batch,
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch,
@@ -74,18 +73,6 @@ def deepspeed_config(cfg: RunConfig, *, world_size: int, accumulation: int) -> d
                           f"model.dtype={cfg.model.dtype!r}")
     ds.setdefault("bf16", {})["enabled"] = bf16
     return ds
-
-
-def _reject_auto(node, where: str) -> None:
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if value == "auto":
-                raise ConfigError(f"deepspeed.config {where}: {key!r} is \"auto\"; DeepSpeed drops \"auto\" "
-                                  f"outside the HF Trainer: write an explicit value")
-            _reject_auto(value, where)
-    elif isinstance(node, list):
-        for value in node:
-            _reject_auto(value, where)
 
 
 def prepare_output_dir(output_dir: str | Path) -> Path:

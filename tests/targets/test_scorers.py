@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from fdpg_scale.targets.samples import Samples
-from fdpg_scale.targets.energy import BooleanScorer, EnergyTarget, ExponentialScorer, RewardScorer, Scorer, context_groups
+from fdpg_scale.core.logspace import context_groups
+from fdpg_scale.targets.energy import BooleanScorer, EnergyTarget, ExponentialScorer, RewardScorer, Scorer
 from tests.helpers import assert_close
 
 
