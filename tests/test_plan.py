@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fdpg_scale.training.config import ConfigError, load_config
-from fdpg_scale.apps.plan import GIB, count_parameters, load_architecture, main, plan_memory, resolve_architecture_file
+from fdpg_scale.training.config import load_config
+from fdpg_scale.apps.cli import main as cli_main
+from fdpg_scale.apps.plan import count_parameters, load_architecture, plan_memory, resolve_architecture_file
 from fdpg_scale.training.run_setup import deepspeed_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,6 +83,11 @@ def test_offload_moves_states_to_host():
                        reserve_gib=4)
     assert plan.gpu["optimizer states (policy)"] == 0 and plan.gpu["parameters (policy)"] == 0
     assert plan.host["optimizer states + fp32 master (policy)"] == 8 * 12 * -(-plan.parameters // 8)
+
+
+def main(argv):
+    """``fdpg-scale plan ARGV``, in this process."""
+    return cli_main(["plan", *argv])
 
 
 def test_cli_fit_verdict_and_errors(capsys, tmp_path):

@@ -1,4 +1,4 @@
-"""The ``fdpg-scale`` command line: parse, then hand over to the module that does the job.
+"""The ``fdpg-scale`` command line: every command's options, parsed here; the job runs in its own module.
 
     fdpg-scale train --config FILE [key=value ...]     f-DPG training (torchrun / deepspeed launcher / SLURM)
     fdpg-scale export OUTPUT_DIR --to HF_DIR           latest checkpoint's policy → Hugging Face directory
@@ -7,9 +7,17 @@
     fdpg-scale demo                                    pretrain-base, then a sweep of configs/demo.yaml on 2 ranks
     fdpg-scale pretrain-base                           the demo's base model, trained on the stdlib (cached)
     fdpg-scale plan --config FILE --nodes N --gpus-per-node G   per-GPU memory plan
+    fdpg-scale prompts                                 conditional-task prompts from the held-out stdlib corpus
     fdpg-scale toy [--divergences kl rkl ...]          f-DPG on an enumerable toy, exact divergences per step
 
-Each job module is imported only when its command runs, so ``--help`` stays fast.
+Why the options live here and not beside each job: the jobs import torch, DeepSpeed and Triton (seconds to
+load), and ``--help`` of any command should answer at once. So this module, and everything it imports at
+the top, loads none of them (``tests/test_cli.py`` checks it); each command names its job as
+``"module:function"``, imported only when the command runs, and called with the parsed arguments
+(``args.argv`` holds the command line after ``fdpg-scale``).
+
+Exit status: the job's own, or 2 with one line on stderr for a user error (``fdpg_scale.errors``, a missing
+file) and for a bad option (argparse's usage error).
 """
 
 from __future__ import annotations
@@ -17,22 +25,152 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from dataclasses import fields
+from pathlib import Path
 
-from fdpg_scale.errors import ConfigError
+from fdpg_scale.errors import CheckpointMismatchError, ConfigError, ConstraintNeverSatisfied
 
-__all__ = ["main"]
+__all__ = ["main", "build_parser", "COMMANDS"]
+
+#: Exit status of a command whose input is wrong (argparse uses the same for a bad option).
+USAGE_ERROR = 2
+_EXAMPLES = """examples:
+  fdpg-scale train --config configs/smoke.yaml train.steps=20 divergence.name=rkl
+  torchrun --standalone --nproc_per_node 2 -m fdpg_scale.cli train --config configs/smoke.yaml
+  fdpg-scale export runs/smoke --to runs/smoke-hf
+  fdpg-scale toy --divergences kl rkl js"""
+_DIVERGENCE_HELP = "divergence names as in divergence.name (kl rkl tv js chi2 rchi2 hellinger alpha)"
 
 
-def _train(args: argparse.Namespace) -> int:
+# ------------------------------------------------------------------------------------------ commands
+def _train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="YAML config file (e.g. configs/smoke.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides with dotted keys, e.g. train.steps=20 divergence.name=rkl")
+
+
+def _export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("output_dir", help="a run's output_dir (holds checkpoints/)")
+    p.add_argument("--to", required=True, help="destination directory")
+
+
+def _eval(p: argparse.ArgumentParser) -> None:
+    p.add_argument("output_dir", help="a run's output_dir (config.yaml and checkpoints/)")
+    p.add_argument("--samples", type=int, default=256, help="sequences drawn from each model (default 256)")
+    p.add_argument("--seed", type=int, default=1234)
+
+
+def _sweep(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--configs", nargs="+", type=Path, required=True, help="run configs (tasks, model sizes)")
+    p.add_argument("--divergences", nargs="+", default=["kl", "rkl", "js"],
+                   help=f"{_DIVERGENCE_HELP}; alpha:0.5 for an α-divergence (default: kl rkl js)")
+    p.add_argument("--out", type=Path, default=Path("runs/sweep"), help="sweep directory (default runs/sweep)")
+    p.add_argument("--nproc", type=int, default=1, help="ranks per run (torchrun --standalone), default 1")
+    p.add_argument("--eval-samples", type=int, default=256)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
+
+
+def _demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="demo directory (default runs/demo)")
+    p.add_argument("--divergences", nargs="+", default=["kl", "rkl", "js"], help=_DIVERGENCE_HELP)
+    p.add_argument("--nproc", type=int, default=2, help="ZeRO-3 ranks per run (default 2)")
+    p.add_argument("--config", type=Path, default=Path("configs/demo.yaml"))
+    p.add_argument("--eval-samples", type=int, default=256)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
+
+
+def _pretrain(p: argparse.ArgumentParser) -> None:
+    from fdpg_scale.models.base_config import DEFAULT_OUT, PretrainConfig  # light: a dataclass
+
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="output Hugging Face directory (default: %(default)s)")
+    p.add_argument("--corpus", default=None, help="directory of .py files (default: this Python's stdlib)")
+    p.add_argument("--doc", default=None, help="also write the Markdown report page here (e.g. docs/base_model.md)")
+    p.add_argument("--log-every", type=int, default=50, help="print the training loss every N steps")
+    for f in fields(PretrainConfig):
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                       help=f"(default: {f.default})")
+
+
+def _plan(p: argparse.ArgumentParser) -> None:
+    from fdpg_scale.apps.plan import GPUS  # light: the planner is arithmetic on config files
+
+    p.add_argument("--config", required=True, help="run config YAML")
+    p.add_argument("--nodes", type=int, required=True)
+    p.add_argument("--gpus-per-node", type=int, required=True)
+    p.add_argument("--arch", help="name under configs/models/ (default: the config file's stem) when "
+                                  "model.path has no config.json")
+    p.add_argument("--prompt-tokens", type=int, default=64,
+                   help="prompt length added to sampling.max_new_tokens (default 64)")
+    gpu = p.add_mutually_exclusive_group()
+    gpu.add_argument("--gpu", choices=sorted(GPUS), help="check the fit against this GPU")
+    gpu.add_argument("--gpu-memory-gib", type=float, help="check the fit against this much memory per GPU")
+    p.add_argument("--reserve-gib", type=float, default=4.0,
+                   help="kept free for the CUDA context, allocator fragmentation, buckets (default 4)")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+
+
+def _prompts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, default=Path(".cache/prompts/stdlib_signatures.jsonl"))
+    p.add_argument("--n", type=int, default=32, help="number of prompts (default 32)")
+    p.add_argument("--corpus", type=Path, default=None, help="corpus directory (default: the stdlib)")
+
+
+def _toy(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--divergences", nargs="+", default=["kl", "rkl"],
+                   help=f"divergences to train with ({_DIVERGENCE_HELP}; alpha needs --alpha)")
+    p.add_argument("--alpha", type=float, default=None, help="α for the 'alpha' divergence")
+    p.add_argument("--steps", type=int, default=80, help="optimizer steps per divergence")
+    p.add_argument("--batch", type=int, default=256, help="samples per step")
+    p.add_argument("--lr", type=float, default=0.1, help="Adam learning rate")
+    p.add_argument("--seed", type=int, default=0, help="seed of the base LM and of the sampler")
+    p.add_argument("--target", choices=("exponential", "pointwise"), default="exponential")
+    p.add_argument("--on-policy", action="store_true", help="sample from π instead of a proposal q")
+    p.add_argument("--print-every", type=int, default=10, help="print the exact metrics every k steps")
+    p.add_argument("--record", metavar="FILE", default=None,
+                   help="instead: write the convergence table (the test's settings) as markdown to FILE")
+
+
+#: name -> (one-line help, description, adds the options, the job as "module:function" taking the Namespace)
+COMMANDS = {
+    "train": ("train a policy with f-DPG",
+              "Train with f-DPG. Rank and world size come from torchrun, the deepspeed launcher or SLURM's "
+              "variables; one process trains alone.", _train, "fdpg_scale.apps.cli:_run_train"),
+    "export": ("export the latest checkpoint's policy as a Hugging Face directory",
+               "Write the latest checkpoint's policy of OUTPUT_DIR as a Hugging Face directory (safetensors, "
+               "config, tokenizer) that from_pretrained loads.", _export, "fdpg_scale.apps.cli:_run_export"),
+    "eval": ("evaluate a run's latest policy against its target and base model",
+             "Evaluate a trained policy against its target and its base model, by plain Monte Carlo in one "
+             "process; writes OUTPUT_DIR/eval.json.", _eval, "fdpg_scale.apps.evaluate:run"),
+    "sweep": ("train and evaluate configs × divergences, write report.md with plots",
+              "Train and evaluate every (config, divergence) pair, then write report.md.", _sweep,
+              "fdpg_scale.apps.sweep:run"),
+    "demo": ("the embedded default: pretrain the base, f-DPG with kl/rkl/js on 2 ranks, report with plots",
+             "The first command's job, offline on a CPU in minutes: pretrain-base, f-DPG under ZeRO-3 per "
+             "divergence, evaluation and report.md.", _demo, "fdpg_scale.apps.demo:run"),
+    "pretrain-base": ("train the base model (BPE tokenizer + small GPT-2) on the Python standard library, cached",
+                      "Pretrain (or reuse) the GPT-2 base model on the Python stdlib source.", _pretrain,
+                      "fdpg_scale.apps.pretrain:run"),
+    "plan": ("per-GPU memory plan of a config on N nodes × G GPUs",
+             "Per-GPU memory plan of a run config on N nodes × G GPUs; exit status 1 when it does not fit.",
+             _plan, "fdpg_scale.apps.plan:run"),
+    "prompts": ("write conditional-task prompts (function signatures) from the held-out stdlib corpus",
+                "Contexts for conditional tasks: function signatures from the held-out documents of the "
+                "standard-library corpus, written as JSON lines.", _prompts, "fdpg_scale.apps.prompt_corpus:run"),
+    "toy": ("f-DPG on an enumerable toy model, exact divergences per step",
+            "Sampled f-DPG on the enumerable toy, with the exact divergences printed as it trains.", _toy,
+            "fdpg_scale.apps.toy:run"),
+}
+
+
+def _run_train(args: argparse.Namespace) -> int:
     from fdpg_scale.training.config import load_config
     from fdpg_scale.training.loop import train
 
-    cfg = load_config(args.config, args.overrides)
-    train(cfg)
+    train(load_config(args.config, args.overrides))
     return 0
 
 
-def _export(args: argparse.Namespace) -> int:
+def _run_export(args: argparse.Namespace) -> int:
     from fdpg_scale.distributed.export import export_latest
 
     path = export_latest(args.output_dir, args.to)
@@ -40,74 +178,40 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-# Commands whose arguments (``--help`` included) belong to another module's own ``main(argv) -> int``:
-# name -> (module, one-line help for `fdpg-scale --help`). Imported only when run.
-_DELEGATED = {
-    "demo": ("fdpg_scale.apps.demo", "the embedded default: pretrain the base, f-DPG with kl/rkl/js on 2 ranks, report with plots"),
-    "pretrain-base": ("fdpg_scale.apps.pretrain", "train the base model (BPE tokenizer + small GPT-2) on the Python standard "
-                                  "library, cached"),
-    "eval": ("fdpg_scale.apps.evaluate", "evaluate a run's latest policy against its target and base model"),
-    "sweep": ("fdpg_scale.apps.sweep", "train and evaluate configs × divergences, write report.md with plots"),
-    "plan": ("fdpg_scale.apps.plan", "per-GPU memory plan of a config on N nodes × G GPUs"),
-    "prompts": ("fdpg_scale.apps.prompt_corpus", "write conditional-task prompts (function signatures) from the held-out stdlib "
-                                 "corpus"),
-    "toy": ("fdpg_scale.apps.toy", "f-DPG on an enumerable toy model, exact divergences per step"),
-}
-
-
-def _run_delegated(name: str, argv: list[str]) -> int:
-    module = importlib.import_module(_DELEGATED[name][0])
-    return module.main(argv) or 0
-
-
+# ------------------------------------------------------------------------------------------------ main
 def build_parser() -> argparse.ArgumentParser:
+    """The whole command line (every command and its options); imports no job module."""
     parser = argparse.ArgumentParser(
-        prog="fdpg-scale", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="fdpg-scale", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EXAMPLES,
         description="Align a language model to a target distribution by f-divergence minimisation (f-DPG), "
-                    "with DeepSpeed ZeRO-3.",
-        epilog="examples:\n  fdpg-scale train --config configs/smoke.yaml train.steps=20 divergence.name=rkl\n"
-               "  torchrun --standalone --nproc_per_node 2 -m fdpg_scale.cli train --config configs/smoke.yaml\n"
-               "  fdpg-scale export runs/smoke --to runs/smoke-hf\n  fdpg-scale toy --divergences kl rkl js")
+                    "with DeepSpeed ZeRO-3.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("train", help="train a policy with f-DPG",
-                       description="Train with f-DPG. Rank and world size come from torchrun, the deepspeed "
-                                   "launcher or SLURM's variables; one process trains alone.")
-    p.add_argument("--config", required=True, help="YAML config file (e.g. configs/smoke.yaml)")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides with dotted keys, e.g. train.steps=20 divergence.name=rkl")
-    p.set_defaults(run=_train)
-
-    p = sub.add_parser("export", help="export the latest checkpoint's policy as a Hugging Face directory",
-                       description="Write the latest checkpoint's policy of OUTPUT_DIR as a Hugging Face "
-                                   "directory (safetensors, config, tokenizer) that from_pretrained loads.")
-    p.add_argument("output_dir", help="a run's output_dir (holds checkpoints/)")
-    p.add_argument("--to", required=True, help="destination directory")
-    p.set_defaults(run=_export)
-
-    for name, (_, text) in _DELEGATED.items():
-        sub.add_parser(name, help=text, add_help=False,
-                       description=f"{text}. See 'fdpg-scale {name} --help' for its options.")
+    for name, (text, description, add_arguments, job) in COMMANDS.items():
+        p = sub.add_parser(name, help=text, description=description)
+        add_arguments(p)
+        p.set_defaults(job=job)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    from fdpg_scale.distributed.checkpoint import CheckpointMismatchError
-    from fdpg_scale.apps.evaluate import ConstraintNeverSatisfied
+def _job(spec: str):
+    module, _, function = spec.partition(":")
+    return getattr(importlib.import_module(module), function)
 
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``), run the command, return its exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
-        if argv and argv[0] in _DELEGATED:
-            return _run_delegated(argv[0], argv[1:])
-        args = build_parser().parse_args(argv)
-        return args.run(args)
+        return _job(args.job)(args) or 0
     except ConfigError as err:
         print(f"fdpg-scale: config error: {err}", file=sys.stderr)
-        return 2
+        return USAGE_ERROR
     except (FileNotFoundError, FileExistsError, CheckpointMismatchError, ConstraintNeverSatisfied) as err:
         # Errors about the user's files or task: one line, no traceback.
         print(f"fdpg-scale: {err}", file=sys.stderr)
-        return 2
+        return USAGE_ERROR
 
 
 if __name__ == "__main__":

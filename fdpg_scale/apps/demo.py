@@ -10,28 +10,18 @@
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from fdpg_scale.apps.sweep import run_sweep
 
-__all__ = ["main"]
-
-DEMO_CONFIG = Path("configs/demo.yaml")
+__all__ = ["run"]
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="fdpg-scale demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="demo directory (default runs/demo)")
-    parser.add_argument("--divergences", nargs="+", default=["kl", "rkl", "js"])
-    parser.add_argument("--nproc", type=int, default=2, help="ZeRO-3 ranks per run (default 2)")
-    parser.add_argument("--config", type=Path, default=DEMO_CONFIG)
-    parser.add_argument("--eval-samples", type=int, default=256)
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
-    args = parser.parse_args(argv)
+def run(args) -> int:
+    """``fdpg-scale demo [--out DIR] [--divergences ...] [--nproc N] [--config FILE] [key=value ...]``
+    (arguments parsed by ``fdpg_scale.apps.cli``)."""
     start = time.perf_counter()
     print("[demo] 1/3 base model: pretrain-base (cached after the first run)", flush=True)
     proc = subprocess.run([sys.executable, "-m", "fdpg_scale.cli", "pretrain-base"])

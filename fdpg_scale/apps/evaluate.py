@@ -16,32 +16,37 @@ Results go to ``OUTPUT_DIR/eval.json``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
 
 import torch
 
-from fdpg_scale.training.config import RunConfig, load_config
-from fdpg_scale.kernels import token_logprobs
-from fdpg_scale.distributed.engines import position_ids_from_mask
+from fdpg_scale.core.logspace import log_mean_exp_groups
+from fdpg_scale.core.metrics import diversity_metrics
+from fdpg_scale.core.sequences import first_eos_mask, position_ids_from_mask
 from fdpg_scale.distributed.generation import pad_prompts
-from fdpg_scale.core.metrics import distinct_n, self_bleu
-from fdpg_scale.training.prompts import PromptSet, load_prompts
+from fdpg_scale.errors import ConstraintNeverSatisfied
+from fdpg_scale.kernels.reference import IGNORE_INDEX
+from fdpg_scale.kernels import token_logprobs
 from fdpg_scale.targets.samples import Samples
 from fdpg_scale.targets.tasks import Task, build_task
+from fdpg_scale.training.config import RunConfig, load_config
+from fdpg_scale.training.prompts import PromptSet, load_prompts
 
-__all__ = ["evaluate_run", "sample_and_score", "main"]
+__all__ = ["evaluate_run", "sample_and_score", "run"]
 
-
-class ConstraintNeverSatisfied(ValueError):
-    """No base sample has a positive target score: Z cannot be estimated (the task is unreachable as posed)."""
+#: Generated samples scored per forward pass.
+BATCH_SIZE = 64
+#: Policy samples quoted in eval.json.
+SHOWN_SAMPLES = 8
+#: Self-BLEU scores at most this many hypotheses (each against all other samples): O(m·N) instead of O(N²).
+SELF_BLEU_HYPOTHESES = 100
 
 
 @torch.no_grad()
 def sample_and_score(model, tokenizer, task: Task, *, n: int, max_new_tokens: int, seed: int,
-                     prompts: PromptSet | None = None, batch_size: int = 64) -> dict:
+                     prompts: PromptSet | None = None, batch_size: int = BATCH_SIZE) -> dict:
     """Draw ``n`` sequences from ``model`` (temperature 1, no truncation) and score them.
 
     Unconditional: every draw continues BOS. Conditional (``prompts``): draw i continues prompt i mod C, so
@@ -64,9 +69,7 @@ def sample_and_score(model, tokenizer, task: Task, *, n: int, max_new_tokens: in
             produced = out.shape[1] - width
             gen = torch.full((p_ids.shape[0], max_new_tokens), tokenizer.pad_token_id, dtype=torch.long)
             gen[:, :produced] = out[:, width:]
-            # Generated tokens up to and including the first EOS.
-            is_eos = (gen == tokenizer.eos_token_id).long()
-            mask = ((is_eos.cumsum(-1) - is_eos) == 0) & (torch.arange(max_new_tokens) < produced)
+            mask = first_eos_mask(gen, tokenizer.eos_token_id, within=torch.arange(max_new_tokens) < produced)
             ids.append(gen)
             masks.append(mask)
             logps.append(sequence_logprob(model, p_ids, p_mask, gen, mask))
@@ -82,7 +85,7 @@ def sample_and_score(model, tokenizer, task: Task, *, n: int, max_new_tokens: in
 
 @torch.no_grad()
 def sequence_logprob(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, generated: torch.Tensor,
-                     mask: torch.Tensor, *, batch_size: int = 64) -> torch.Tensor:
+                     mask: torch.Tensor, *, batch_size: int = BATCH_SIZE) -> torch.Tensor:
     """[B] Σ_t log model(x_t | c, x_<t) over ``mask`` for generated tokens [B, T] continuing the left-padded
     contexts ``prompt_ids`` [B, P] (``prompt_mask`` 1 on real tokens)."""
     out = []
@@ -92,20 +95,14 @@ def sequence_logprob(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
         attention = torch.cat([prompt_mask[sl], torch.ones_like(generated[sl])], dim=1)
         logits = model(inputs, attention_mask=attention,
                        position_ids=position_ids_from_mask(attention)).logits[:, prompt_ids.shape[1] - 1:-1].float()
-        out.append(token_logprobs(logits, generated[sl].masked_fill(~mask[sl], -100)).to(torch.float64).sum(-1))
+        out.append(token_logprobs(logits, generated[sl].masked_fill(~mask[sl], IGNORE_INDEX)).to(torch.float64).sum(-1))
     return torch.cat(out)
 
 
 def _log_z_per_context(base: dict) -> torch.Tensor:
     """[C] log Ẑ(c) = log mean of s(x) over the base draws of context c (−inf where no draw has s > 0)."""
     ctx = base["samples"].context_ids
-    scores = base["log_scores"].to(torch.float64)
-    n_ctx = int(ctx.max()) + 1
-    lse = torch.full((n_ctx,), -math.inf, dtype=torch.float64).scatter_reduce(0, ctx, scores, "amax")
-    shift = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    sums = torch.zeros(n_ctx, dtype=torch.float64).index_add(0, ctx, torch.exp(scores - shift[ctx]))
-    counts = torch.bincount(ctx, minlength=n_ctx).to(torch.float64)
-    return torch.log(sums) + shift - torch.log(counts)
+    return log_mean_exp_groups(base["log_scores"], ctx, int(ctx.max()) + 1)
 
 
 def _row(policy: dict, base: dict, *, log_z: torch.Tensor, pi_on_base: torch.Tensor) -> dict:
@@ -124,8 +121,7 @@ def _row(policy: dict, base: dict, *, log_z: torch.Tensor, pi_on_base: torch.Ten
         "alignment_se": float(policy["feature"].std() / math.sqrt(len(seqs))),
         "kl_p_pi": float(kl_terms.mean()), "kl_p_pi_se": float(kl_terms.std() / math.sqrt(len(kl_terms))),
         "kl_pi_a": float((policy["logp"] - policy["logp_base"]).mean()),
-        "distinct_1": distinct_n(seqs, 1), "distinct_2": distinct_n(seqs, 2),
-        "self_bleu_3": self_bleu(seqs, 3, max_hypotheses=min(len(seqs), 100)),
+        **diversity_metrics(seqs, distinct=(1, 2), bleu_n=(3,), max_hypotheses=SELF_BLEU_HYPOTHESES),
         "mean_length": float(policy["samples"].lengths.float().mean()),
     }
 
@@ -177,17 +173,13 @@ def evaluate_run(output_dir: str | Path, *, n: int = 256, seed: int = 1234) -> d
               "policy": _row(policy, base, log_z=log_z, pi_on_base=pi_on_base),
               "divergence": str(cfg.divergence.name if cfg.divergence.alpha is None
                                 else f"alpha({cfg.divergence.alpha:g})"),
-              "samples": policy["samples"].texts[:8]}
+              "samples": policy["samples"].texts[:SHOWN_SAMPLES]}
     (output_dir / "eval.json").write_text(json.dumps(result, indent=2))
     return result
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="fdpg-scale eval", description=__doc__.split("\n\n")[0])
-    parser.add_argument("output_dir", help="a run's output_dir (config.yaml and checkpoints/)")
-    parser.add_argument("--samples", type=int, default=256, help="sequences drawn from each model (default 256)")
-    parser.add_argument("--seed", type=int, default=1234)
-    args = parser.parse_args(argv)
+def run(args) -> int:
+    """``fdpg-scale eval OUTPUT_DIR [--samples N] [--seed S]`` (arguments parsed by ``fdpg_scale.apps.cli``)."""
     r = evaluate_run(args.output_dir, n=args.samples, seed=args.seed)
     keys = ("alignment", "kl_p_pi", "kl_pi_a", "distinct_1", "distinct_2", "self_bleu_3")
     print("| model | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))

@@ -29,7 +29,6 @@ Offloaded parts are listed as host memory per node.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import dataclass
@@ -37,14 +36,18 @@ from pathlib import Path
 
 from fdpg_scale.training.config import ConfigError, RunConfig, load_config
 
-__all__ = ["Architecture", "MemoryPlan", "load_architecture", "count_parameters", "plan_memory", "main"]
+__all__ = ["Architecture", "MemoryPlan", "load_architecture", "count_parameters", "plan_memory", "run"]
 
 GIB = 1024 ** 3
 _DTYPE_BYTES = {"fp32": 4, "bf16": 2}
+#: Bytes per parameter of AdamW's two fp32 moments (m and v), and of the fp32 master copy kept for bf16.
+_ADAM_MOMENT_BYTES, _FP32_MASTER_BYTES = 8, 4
+#: Activation bytes per layer are L·m·s·h·(34 + 5·n·s/h) for 2-byte activations (Korthikanti et al. 2022).
+_ACT_LINEAR, _ACT_ATTENTION = 34, 5
 #: Usable memory of common accelerators, GiB (the ``--gpu`` choices; ``--gpu-memory-gib`` for others).
 GPUS = {"h100-80gb": 80, "h200-141gb": 141, "a100-80gb": 80, "a100-40gb": 40, "v100-32gb": 32, "l40s-48gb": 48,
         "a10-24gb": 24}
-_PROJECT_ROOT = Path(__file__).resolve().parent.parent
+_PROJECT_ROOT = Path(__file__).resolve().parents[2]  # fdpg_scale/apps/plan.py -> the checkout
 
 
 @dataclass(frozen=True)
@@ -142,12 +145,12 @@ def plan_memory(cfg: RunConfig, arch: Architecture, *, nodes: int, gpus_per_node
     offload_opt = zero.get("offload_optimizer", {}).get("device", "none") in ("cpu", "nvme")
     offload_par = zero.get("offload_param", {}).get("device", "none") in ("cpu", "nvme")
     shard = -(-P // world)  # ZeRO-3 pads each rank's partition up to the ceiling
-    opt_bytes = shard * (8 + (4 if b == 2 else 0))
+    opt_bytes = shard * (_ADAM_MOMENT_BYTES + (_FP32_MASTER_BYTES if b == 2 else 0))
     s = prompt_tokens + cfg.sampling.max_new_tokens
     m = cfg.train.micro_batch
     per_rank_sequences = cfg.train.global_batch // world
     frozen_copies = 1 if cfg.train.on_policy else 2  # base a, plus the proposal q unless it is π_θ itself
-    act = arch.layers * m * s * arch.hidden * (34 + 5 * arch.heads * s / arch.hidden) * b / 2
+    act = arch.layers * m * s * arch.hidden * (_ACT_LINEAR + _ACT_ATTENTION * arch.heads * s / arch.hidden) * b / 2
     gathered = P * b if cfg.sampling.generation_mode == "gathered" else layer_parameters(arch) * b
     gpu = {
         "parameters (policy)": 0 if offload_par else shard * b,
@@ -205,23 +208,9 @@ def format_plan(plan: MemoryPlan, arch: Architecture, *, nodes: int, gpus_per_no
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> int:
-    """``fdpg-scale plan --config FILE --nodes N --gpus-per-node G [--gpu NAME | --gpu-memory-gib X] [k=v ...]``."""
-    parser = argparse.ArgumentParser(prog="fdpg-scale plan", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="run config YAML")
-    parser.add_argument("--nodes", type=int, required=True)
-    parser.add_argument("--gpus-per-node", type=int, required=True)
-    parser.add_argument("--arch", help="name under configs/models/ (default: the config file's stem) when "
-                                       "model.path has no config.json")
-    parser.add_argument("--prompt-tokens", type=int, default=64, help="prompt length added to "
-                                                                      "sampling.max_new_tokens (default 64)")
-    gpu = parser.add_mutually_exclusive_group()
-    gpu.add_argument("--gpu", choices=sorted(GPUS), help="check the fit against this GPU")
-    gpu.add_argument("--gpu-memory-gib", type=float, help="check the fit against this much memory per GPU")
-    parser.add_argument("--reserve-gib", type=float, default=4.0,
-                        help="kept free for the CUDA context, allocator fragmentation, buckets (default 4)")
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-    args = parser.parse_args(argv)
+def run(args) -> int:
+    """``fdpg-scale plan --config FILE --nodes N --gpus-per-node G [--gpu NAME | --gpu-memory-gib X] [k=v ...]``
+    (arguments parsed by ``fdpg_scale.apps.cli``): 0 when it fits or was not checked, 1 when it does not."""
     from fdpg_scale.training.run_setup import deepspeed_config
 
     try:
@@ -238,7 +227,3 @@ def main(argv: list[str]) -> int:
         return 2
     print(format_plan(plan, arch, nodes=args.nodes, gpus_per_node=args.gpus_per_node))
     return 0 if plan.fits in (None, True) else 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))

@@ -4,7 +4,7 @@ Nothing can be downloaded at run time, so the project builds its own base model 
 has (``fdpg_scale.models.corpus``: the stdlib's ``.py`` files, split by document into train / held-out):
 
 1. tokenizer: a byte-level BPE (the ``tokenizers`` package) with ``vocab_size`` entries, trained on the train
-   split, with the special tokens of ``tiny_model`` (``<|bos|>``, ``<|eos|>``, ``<|pad|>``);
+   split, with the project's special tokens (``fdpg_scale.models.bpe``: ``<|bos|>``, ``<|eos|>``, ``<|pad|>``);
 2. data: every document is encoded as ``[bos] + tokens + [eos]``; the documents are concatenated and cut
    into non-overlapping blocks of ``block_size`` tokens (the remainder is dropped): train ``[N, T]``,
    held-out ``[M, T]``;
@@ -31,95 +31,40 @@ an error rather than being overwritten.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
 
+from fdpg_scale.core.lr_schedule import lr_factor
+from fdpg_scale.errors import ConfigError
+from fdpg_scale.models.base_config import DEFAULT_OUT, PretrainConfig
+from fdpg_scale.models.bpe import train_bpe_tokenizer
+from fdpg_scale.models.cache import build_cached_dir, is_built, read_stamp
 from fdpg_scale.models.corpus import Document, collect_documents, corpus_hash, split_documents, stdlib_dir
-from fdpg_scale.models.tiny import BOS, EOS, PAD
 
-__all__ = ["PretrainConfig", "train_tokenizer", "encode_blocks", "unigram_log_probs", "heldout_perplexity",
-           "build_base_model", "render_doc", "main"]
+__all__ = ["PretrainConfig", "encode_blocks", "unigram_log_probs", "heldout_perplexity", "build_base_model",
+           "render_doc", "run"]
 
 STAMP = "pretrain_base.json"
 REPORT = "pretrain_report.json"
 _FORMAT_VERSION = 1  # bump when the recipe changes, so stale caches are rebuilt
-_REQUIRED = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", REPORT, STAMP)
-DEFAULT_OUT = Path(".cache/models/stdlib-gpt2")
-
-
-@dataclass(kw_only=True, frozen=True)
-class PretrainConfig:
-    """What determines the weights (all recorded in the stamp), plus ``threads``."""
-
-    seed: int = 0
-    """Seed of the initialisation and of the batch order."""
-    steps: int = 500
-    """Optimizer steps (a step budget, not a time budget, so the result is deterministic)."""
-    batch_size: int = 32
-    """Blocks per step."""
-    block_size: int = 128
-    """Tokens per block; also the model's n_positions."""
-    vocab_size: int = 2048
-    """BPE vocabulary size, special tokens included."""
-    n_layer: int = 4
-    """Transformer blocks."""
-    n_embd: int = 128
-    """Hidden size."""
-    n_head: int = 4
-    """Attention heads (must divide n_embd)."""
-    lr: float = 2e-3
-    """Peak learning rate."""
-    warmup_steps: int = 30
-    """Linear warm-up steps before the cosine decay."""
-    weight_decay: float = 0.01
-    """AdamW weight decay."""
-    heldout_fraction: float = 0.05
-    """Fraction of documents held out (by a hash of their path)."""
-    eval_blocks: int = 512
-    """Held-out blocks scored (the first ones, in corpus order)."""
-    threads: int = 2
-    """torch intra-op threads; not part of the stamp, but bitwise results depend on it."""
-
-    def __post_init__(self):
-        for name in ("steps", "batch_size", "block_size", "n_layer", "n_embd", "n_head", "eval_blocks", "threads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.block_size < 2:
-            raise ValueError(f"block_size must be >= 2 (one context and one target token), got {self.block_size}")
-        if self.vocab_size < 260:
-            raise ValueError(f"vocab_size must be >= 260 (256 bytes + 3 special tokens + 1), got {self.vocab_size}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_head ({self.n_head}) must divide n_embd ({self.n_embd})")
-        if not self.lr > 0 or self.warmup_steps < 0 or self.weight_decay < 0:
-            raise ValueError(f"need lr > 0, warmup_steps >= 0, weight_decay >= 0; got lr={self.lr}, "
-                             f"warmup_steps={self.warmup_steps}, weight_decay={self.weight_decay}")
-        if not 0.0 < self.heldout_fraction < 1.0:
-            raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
-
-
-def train_tokenizer(texts: list[str], vocab_size: int, model_max_length: int):
-    """A byte-level BPE trained on ``texts``, with bos/eos/pad, wrapped as a ``PreTrainedTokenizerFast``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS, PAD],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-                                   padding_side="left", model_max_length=model_max_length)
+_REQUIRED = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", REPORT)
+#: The cosine decays the learning rate to this fraction of ``lr`` at the last step.
+LR_FLOOR = 0.1
+#: Gradient norm clipping.
+GRAD_CLIP = 1.0
+#: AdamW betas (β₂ = 0.95 as in GPT-style pretraining: faster to adapt on a short run).
+BETAS = (0.9, 0.95)
+#: The report's smoothed final training loss averages this many last steps.
+LOSS_TAIL = 20
+#: The report's sample from <|bos|>: temperature and top-k.
+SAMPLE_TEMPERATURE, SAMPLE_TOP_K = 0.8, 50
 
 
 def encode_blocks(tokenizer, docs: list[Document], block_size: int) -> tuple[torch.Tensor, int]:
@@ -166,17 +111,15 @@ def heldout_perplexity(model, blocks: torch.Tensor, log_unigram: torch.Tensor, b
 
 
 def _lr_at(step: int, cfg: PretrainConfig) -> float:
-    """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay to ``0.1 * lr`` at ``steps``."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+    """The project's schedule (``core.lr_schedule``): linear warm-up, then cosine to ``LR_FLOOR · lr``."""
+    return cfg.lr * lr_factor(step, warmup_steps=cfg.warmup_steps, schedule="cosine", total_steps=cfg.steps,
+                              floor=LR_FLOOR)
 
 
 def _train(model, blocks: torch.Tensor, cfg: PretrainConfig, log_every: int) -> list[float]:
     """``cfg.steps`` AdamW steps on batches of ``blocks`` ``[N, T]``; returns the per-step training loss."""
     gen = torch.Generator().manual_seed(cfg.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=BETAS, weight_decay=cfg.weight_decay)
     order, pos, losses = torch.randperm(blocks.shape[0], generator=gen), 0, []
     model.train()
     t0 = time.perf_counter()
@@ -194,7 +137,7 @@ def _train(model, blocks: torch.Tensor, cfg: PretrainConfig, log_every: int) -> 
         loss = model(input_ids=x, labels=x).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
         opt.step()
         losses.append(loss.item())
         if (step + 1) % log_every == 0 or step + 1 == cfg.steps:
@@ -210,34 +153,23 @@ def _stamp(cfg: PretrainConfig, docs_hash: str) -> dict:
             "corpus_sha256": docs_hash, "config": weights_cfg}
 
 
-def _read_stamp(path: Path) -> dict | None:
-    try:
-        return json.loads((path / STAMP).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _is_valid(path: Path, stamp: dict) -> bool:
-    return all((path / name).is_file() for name in _REQUIRED) and _read_stamp(path) == stamp
-
-
 def _sample(model, tokenizer, seed: int, max_new_tokens: int) -> str:
-    """One sample from ``<|bos|>`` (temperature 0.8, top-k 50), under a private RNG state."""
+    """One sample from ``<|bos|>`` (``SAMPLE_TEMPERATURE``, ``SAMPLE_TOP_K``), under a private RNG state."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         x = torch.tensor([[tokenizer.bos_token_id]])
-        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=True, temperature=0.8,
-                             top_k=50, top_p=1.0, max_new_tokens=max_new_tokens,
+        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=True,
+                             temperature=SAMPLE_TEMPERATURE, top_k=SAMPLE_TOP_K, top_p=1.0, max_new_tokens=max_new_tokens,
                              pad_token_id=tokenizer.pad_token_id)
     return tokenizer.decode(out[0, 1:], skip_special_tokens=True)
 
 
 def _build(tmp: Path, cfg: PretrainConfig, train_docs, heldout_docs, stamp: dict, log_every: int) -> dict:
-    """Tokenizer + model trained and evaluated, written into ``tmp``; returns the report dict."""
+    """Tokenizer + model trained and evaluated, written into ``tmp`` (all but the stamp); returns the report."""
     from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
 
     t_start = time.perf_counter()
-    tokenizer = train_tokenizer([d.text for d in train_docs], cfg.vocab_size, cfg.block_size)
+    tokenizer = train_bpe_tokenizer([d.text for d in train_docs], cfg.vocab_size, cfg.block_size)
     train_blocks, train_tokens = encode_blocks(tokenizer, train_docs, cfg.block_size)
     held_blocks, held_tokens = encode_blocks(tokenizer, heldout_docs, cfg.block_size)
     if train_blocks.shape[0] < 1 or held_blocks.shape[0] < 1:
@@ -275,7 +207,7 @@ def _build(tmp: Path, cfg: PretrainConfig, train_docs, heldout_docs, stamp: dict
                                                pad_token_id=config.pad_token_id)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    tail = losses[-min(20, len(losses)):]
+    tail = losses[-min(LOSS_TAIL, len(losses)):]
     report = {
         **stamp,
         "threads": cfg.threads, "torch": torch.__version__,
@@ -293,7 +225,6 @@ def _build(tmp: Path, cfg: PretrainConfig, train_docs, heldout_docs, stamp: dict
         "sample": sample,
     }
     (tmp / REPORT).write_text(json.dumps(report, indent=1) + "\n")
-    (tmp / STAMP).write_text(json.dumps(stamp, indent=1) + "\n")
     return report
 
 
@@ -307,36 +238,25 @@ def build_base_model(cfg: PretrainConfig, out: str | os.PathLike = DEFAULT_OUT, 
     docs = collect_documents(corpus)
     train_docs, heldout_docs = split_documents(docs, cfg.heldout_fraction)
     stamp = _stamp(cfg, corpus_hash(docs))
-    if _is_valid(out, stamp):
+    if is_built(out, stamp, STAMP, _REQUIRED):
         return out, json.loads((out / REPORT).read_text()), True
-    old = _read_stamp(out) if out.exists() else None
-    if out.exists() and not (isinstance(old, dict) and "corpus_sha256" in old):
+    if out.exists() and read_stamp(out, STAMP) is None:  # checked before the long build, not after it
         raise FileExistsError(f"--out {out} exists but is not a pretrain-base build (no valid {STAMP}); "
                               f"remove it or choose another --out")
     print(f"pretraining on {len(train_docs)} train / {len(heldout_docs)} held-out documents from "
           f"{corpus or stdlib_dir()} (Python {stamp['python']}, corpus sha256 {stamp['corpus_sha256'][:12]})",
           flush=True)
+    report = {}
+
+    def build(tmp: Path) -> None:
+        report.update(_build(tmp, cfg, train_docs, heldout_docs, stamp, log_every))
+
     threads_before = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    trash = None
     try:
-        report = _build(tmp, cfg, train_docs, heldout_docs, stamp, log_every)
-        for p in (tmp, *tmp.iterdir()):  # mkdtemp makes 0700: the cache is shared by other users' runs
-            p.chmod(0o755 if p.is_dir() else 0o644)
-        if out.exists():  # a stale build of ours (checked above): move it aside, then swap in the new one
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rename(out, trash / "old")
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            if not _is_valid(out, stamp):  # else another process renamed its identical build first
-                raise
+        build_cached_dir(out, stamp, build, stamp_name=STAMP, required=_REQUIRED, what="a pretrain-base build",
+                         replace_stale=True)  # a stale build of ours (other config, other stdlib) is rebuilt
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
         torch.set_num_threads(threads_before)
     return out, report, False
 
@@ -367,8 +287,8 @@ Generated by `{command}` from its `{REPORT}`; do not edit by hand.
 
 fdpg-scale downloads nothing at run time, so its embedded demo starts from a base model that it pretrains
 itself on a corpus every machine has: the `.py` files of the running interpreter's standard library
-(tests, GUI code, generated tables and site-packages excluded; see `fdpg_scale/corpus.py`), split by
-document (a hash of the file path) into train and held-out. Recipe and determinism: `fdpg_scale/pretrain.py`.
+(tests, GUI code, generated tables and site-packages excluded; see `fdpg_scale/models/corpus.py`), split
+by document (a hash of the file path) into train and held-out. Recipe and determinism: `fdpg_scale/apps/pretrain.py`.
 
 {table}
 Wall times are those of the run that wrote this page; other jobs sharing its CPU inflate them.
@@ -392,29 +312,15 @@ frequencies with add-one smoothing.
 """
 
 
-def _parse(argv: list[str]) -> tuple[PretrainConfig, argparse.Namespace]:
-    p = argparse.ArgumentParser(prog="fdpg-scale pretrain-base",
-                                description="Pretrain (or reuse) the GPT-2 base model on the Python stdlib source.")
-    p.add_argument("--out", default=str(DEFAULT_OUT), help="output Hugging Face directory (default: %(default)s)")
-    p.add_argument("--corpus", default=None, help="directory of .py files (default: this Python's stdlib)")
-    p.add_argument("--doc", default=None, help="also write the Markdown report page here (e.g. docs/base_model.md)")
-    p.add_argument("--log-every", type=int, default=50, help="print the training loss every N steps")
-    for f in fields(PretrainConfig):
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                       help=f"(default: {f.default})")
-    args = p.parse_args(argv)
+def run(args) -> int:
+    """``fdpg-scale pretrain-base [--out DIR] [--corpus DIR] [--steps N] ...`` (arguments parsed by
+    ``fdpg_scale.apps.cli``, one option per ``PretrainConfig`` field); returns the exit status."""
     if args.log_every < 1:
-        p.error(f"--log-every must be >= 1, got {args.log_every}")
+        raise ConfigError(f"--log-every must be >= 1, got {args.log_every}")
     try:
         cfg = PretrainConfig(**{f.name: getattr(args, f.name) for f in fields(PretrainConfig)})
     except ValueError as err:
-        p.error(str(err))
-    return cfg, args
-
-
-def main(argv: list[str]) -> int:
-    """``fdpg-scale pretrain-base [--out DIR] [--corpus DIR] [--steps N] ...``; returns the exit status."""
-    cfg, args = _parse(argv)
+        raise ConfigError(f"pretrain-base: {err}") from None
     try:
         out, report, cached = build_base_model(cfg, args.out, args.corpus, args.log_every)
     except (ValueError, FileExistsError) as err:
@@ -428,10 +334,6 @@ def main(argv: list[str]) -> int:
         print(f"sample from <|bos|>:\n{report['sample']}")
     if args.doc:
         Path(args.doc).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.doc).write_text(render_doc(report, "fdpg-scale pretrain-base " + " ".join(argv)))
+        Path(args.doc).write_text(render_doc(report, "fdpg-scale " + " ".join(args.argv)))
         print(f"wrote {args.doc}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

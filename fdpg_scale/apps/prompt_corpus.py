@@ -8,16 +8,15 @@ in file order, duplicates dropped, the first ``--n`` kept.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
 from pathlib import Path
 
+from fdpg_scale.models.base_config import PretrainConfig
 from fdpg_scale.models.corpus import collect_documents, split_documents
-from fdpg_scale.apps.pretrain import PretrainConfig
 
-__all__ = ["signature_prompts", "main"]
+__all__ = ["signature_prompts", "run"]
 
 _SIGNATURE = re.compile(r"^def [A-Za-z_]\w*\(.*\):[ \t]*$")
 
@@ -35,12 +34,8 @@ def signature_prompts(corpus: str | Path | None, n: int) -> list[str]:
     return prompts
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="fdpg-scale prompts", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path(".cache/prompts/stdlib_signatures.jsonl"))
-    parser.add_argument("--n", type=int, default=32, help="number of prompts (default 32)")
-    parser.add_argument("--corpus", type=Path, default=None, help="corpus directory (default: the stdlib)")
-    args = parser.parse_args(argv)
+def run(args) -> int:
+    """``fdpg-scale prompts [--out FILE] [--n N] [--corpus DIR]`` (arguments parsed by ``fdpg_scale.apps.cli``)."""
     prompts = signature_prompts(args.corpus, args.n)
     if not prompts:
         print(f"fdpg-scale prompts: no function signature found in the held-out documents of "

@@ -8,7 +8,6 @@ stopped. Configs stand for tasks and model sizes; on a cluster the same pairs ru
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from pathlib import Path
 from fdpg_scale.apps.evaluate import evaluate_run
 from fdpg_scale.apps.report import load_run, results_table, write_report
 
-__all__ = ["run_sweep", "main"]
+__all__ = ["run_sweep", "run"]
 
 
 def _train_command(config: Path, output_dir: Path, divergence: str, nproc: int, overrides: list[str]) -> list[str]:
@@ -65,19 +64,12 @@ def run_sweep(configs: list[Path], divergences: list[str], out: Path, *, nproc: 
     return write_report(groups, out)
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="fdpg-scale sweep", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", nargs="+", type=Path, required=True, help="run configs (tasks, model sizes)")
-    parser.add_argument("--divergences", nargs="+", default=["kl", "rkl", "js"],
-                        help="divergence names; alpha:0.5 for an α-divergence (default: kl rkl js)")
-    parser.add_argument("--out", type=Path, default=Path("runs/sweep"), help="sweep directory (default runs/sweep)")
-    parser.add_argument("--nproc", type=int, default=1, help="ranks per run (torchrun --standalone), default 1")
-    parser.add_argument("--eval-samples", type=int, default=256)
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
-    args = parser.parse_args(argv)
+def run(args) -> int:
+    """``fdpg-scale sweep --configs A.yaml [B.yaml ...] [--divergences ...] [key=value ...]`` (arguments parsed
+    by ``fdpg_scale.apps.cli``)."""
     for config in args.configs:
         if not config.is_file():
-            parser.error(f"config file not found: {config}")
+            raise FileNotFoundError(f"sweep: config file not found: {config}")
     report = run_sweep(args.configs, args.divergences, args.out, nproc=args.nproc, eval_samples=args.eval_samples,
                        overrides=args.overrides)
     print(f"report: {report}")

@@ -8,33 +8,14 @@ The trainer and the recorded curves live in ``fdpg_scale.toy.demo``; this module
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
 
-from fdpg_scale.core.divergences import DIVERGENCE_NAMES, get_divergence
+from fdpg_scale.core.divergences import get_divergence
 from fdpg_scale.toy.demo import ToyFDPG, make_problem, record, single_thread
 
-__all__ = ["main"]
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fdpg-scale toy", description=__doc__.split("\n\n")[0])
-    p.add_argument("--divergences", nargs="+", default=["kl", "rkl"],
-                   help=f"divergences to train with (from {', '.join(DIVERGENCE_NAMES)}; alpha needs --alpha)")
-    p.add_argument("--alpha", type=float, default=None, help="α for the 'alpha' divergence")
-    p.add_argument("--steps", type=int, default=80, help="optimizer steps per divergence")
-    p.add_argument("--batch", type=int, default=256, help="samples per step")
-    p.add_argument("--lr", type=float, default=0.1, help="Adam learning rate")
-    p.add_argument("--seed", type=int, default=0, help="seed of the base LM and of the sampler")
-    p.add_argument("--target", choices=("exponential", "pointwise"), default="exponential")
-    p.add_argument("--on-policy", action="store_true", help="sample from π instead of a proposal q")
-    p.add_argument("--print-every", type=int, default=10, help="print the exact metrics every k steps")
-    p.add_argument("--record", metavar="FILE", default=None,
-                   help="instead: write the convergence table (the test's settings) as markdown to FILE")
-    return p
+__all__ = ["run", "main"]
 
 
 def _check_args(args) -> None:
@@ -45,12 +26,18 @@ def _check_args(args) -> None:
         raise SystemExit(f"--lr must be > 0, got {args.lr}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point (``fdpg-scale toy`` calls it with its remaining arguments)."""
-    args = _parser().parse_args(argv)
+def run(args) -> int:
+    """``fdpg-scale toy [--divergences ...] [--steps N] ...`` (arguments parsed by ``fdpg_scale.apps.cli``)."""
     _check_args(args)
     with single_thread():
         return _main(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``fdpg-scale toy`` with its own arguments ``argv`` (default ``sys.argv[1:]``)."""
+    from fdpg_scale.apps.cli import main as cli_main
+
+    return cli_main(["toy", *(sys.argv[1:] if argv is None else argv)])
 
 
 def _main(args) -> int:
@@ -74,12 +61,12 @@ def _main(args) -> int:
         print(f"\n[{d}] step {0:4d}  samples {0:6d}  D_f(π‖p) {start['divergence']:.5f}  "
               f"KL(p‖π) {start['kl_p_pi']:.5f}")
         for _ in range(args.steps):
-            info = fdpg.step()
+            fdpg.step()
             if fdpg.steps % args.print_every == 0 or fdpg.steps == args.steps:
                 ex = fdpg.exact()
                 print(f"[{d}] step {fdpg.steps:4d}  samples {fdpg.samples:6d}  D_f(π‖p) {ex['divergence']:.5f}  "
                       f"KL(p‖π) {ex['kl_p_pi']:.5f}  log Z err {ex['log_z_error']:+.4f}  "
-                      f"q version {fdpg.proposal_version}" + ("  (skipped)" if info["skipped"] else ""))
+                      f"q version {fdpg.proposal_version}")
         end = fdpg.exact()
         summary.append((str(d), start, end, fdpg.samples, time.perf_counter() - t0))
     print("\n| divergence | D_f start | D_f end | KL(p‖π) start | KL(p‖π) end | KL drop | samples | seconds |")

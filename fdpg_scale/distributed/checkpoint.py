@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from fdpg_scale.distributed.launch import barrier, get_rank, get_world_size, is_rank0
+from fdpg_scale.errors import CheckpointMismatchError  # defined with the other user errors; re-exported here
 
 __all__ = ["CheckpointMismatchError", "save_checkpoint", "load_checkpoint", "find_latest", "check_fingerprint",
            "model_config_hash", "checkpoints_dir"]
@@ -43,10 +44,6 @@ __all__ = ["CheckpointMismatchError", "save_checkpoint", "load_checkpoint", "fin
 _STEP_RE = re.compile(r"^step_(\d{8})$")
 _DS_TAG = "ds"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
-
-
-class CheckpointMismatchError(ValueError):
-    """The checkpoint was made by a different model / divergence / world size than this run."""
 
 
 def checkpoints_dir(output_dir: str | os.PathLike) -> Path:

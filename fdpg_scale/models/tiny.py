@@ -4,36 +4,37 @@
 (config.json, model.safetensors, tokenizer.json + tokenizer_config.json, generation_config.json) that
 ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained`` load:
 
-- tokenizer: a byte-level BPE (the ``tokenizers`` package) trained in-process on a fixed built-in text, so it
-  is identical on every machine and Python version; special tokens ``<|bos|>``, ``<|eos|>``, ``<|pad|>``;
+- tokenizer: the project's byte-level BPE (``fdpg_scale.models.bpe``) trained in-process on a fixed built-in
+  text, so it is identical on every machine and Python version; special tokens ``<|bos|>``, ``<|eos|>``,
+  ``<|pad|>``;
 - model: ``GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=64)`` with the head tied to the token
   embedding, or a Llama of the same size with an untied head (``tie_word_embeddings=False``), initialised
   from ``seed`` (bit-identical for a seed on one machine).
 
-The directory is cached: a ``tiny_model.json`` stamp records what was built, and a directory whose stamp
-matches and whose files are all present is reused as is. The build writes into a temporary sibling and
-renames it into place, so concurrent builders (several ranks) and a build killed halfway never leave a
-half-written directory at ``path``.
+The directory is cached (``fdpg_scale.models.cache``): a ``tiny_model.json`` stamp records what was built,
+and a directory whose stamp matches and whose files are all present is reused as is. The build writes into a
+temporary sibling and renames it into place, so concurrent builders (several ranks) and a build killed
+halfway never leave a half-written directory at ``path``.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from fdpg_scale.models.bpe import train_bpe_tokenizer
+from fdpg_scale.models.cache import build_cached_dir
 
 __all__ = ["build_tiny_model_dir", "TINY_ARCHS"]
 
 TINY_ARCHS = ("gpt2", "llama")
 _STAMP = "tiny_model.json"
 _FORMAT_VERSION = 1  # bump when the recipe below changes, so stale caches are rebuilt
-_REQUIRED = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", _STAMP)
-BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+_REQUIRED = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 VOCAB_SIZE = 384  # 256 byte symbols + 3 specials + 125 merges: large enough to exercise V > H in the head
+CONTEXT = 64  # tokens: the models' n_positions and the tokenizer's model_max_length
 
 # Training text for the tokenizer: fixed here (not read from the Python installation) so that the
 # vocabulary, hence the model's shapes, is the same on every machine.
@@ -67,43 +68,19 @@ for line in open(path):
 """
 
 
-def _train_tokenizer():
-    """Byte-level BPE with bos/eos/pad, wrapped as a ``PreTrainedTokenizerFast``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=[BOS, EOS, PAD],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(_CORPUS.splitlines(keepends=True), trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-                                   padding_side="left", model_max_length=64)
-
-
 def _model_config(arch: str, tokenizer):
     from transformers import GPT2Config, LlamaConfig
 
     ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     if arch == "gpt2":
-        return GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=64, tie_word_embeddings=True, **ids)
+        return GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=CONTEXT, tie_word_embeddings=True, **ids)
     return LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                       num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False, **ids)
+                       num_key_value_heads=2, max_position_embeddings=CONTEXT, tie_word_embeddings=False, **ids)
 
 
 def _stamp(arch: str, seed: int) -> dict:
     return {"arch": arch, "seed": int(seed), "format_version": _FORMAT_VERSION}
-
-
-def _is_valid(path: Path, stamp: dict) -> bool:
-    if not all((path / name).is_file() for name in _REQUIRED):
-        return False
-    try:
-        return json.loads((path / _STAMP).read_text()) == stamp
-    except (OSError, ValueError):
-        return False
 
 
 def build_tiny_model_dir(path: str | os.PathLike, arch: str = "gpt2", seed: int = 0) -> Path:
@@ -115,19 +92,11 @@ def build_tiny_model_dir(path: str | os.PathLike, arch: str = "gpt2", seed: int 
     """
     if arch not in TINY_ARCHS:
         raise ValueError(f"arch must be one of {TINY_ARCHS}, got {arch!r}")
-    path = Path(path)
-    stamp = _stamp(arch, seed)
-    if _is_valid(path, stamp):
-        return path
-    if path.exists():
-        raise FileExistsError(f"{path} exists but is not a tiny {arch} model with seed {seed} "
-                              f"(missing files or a different {_STAMP}); remove it or choose another path")
-    from transformers import AutoModelForCausalLM, GenerationConfig
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        tokenizer = _train_tokenizer()
+    def build(tmp: Path) -> None:
+        from transformers import AutoModelForCausalLM, GenerationConfig
+
+        tokenizer = train_bpe_tokenizer(_CORPUS.splitlines(keepends=True), VOCAB_SIZE, CONTEXT)
         config = _model_config(arch, tokenizer)
         # Seed a private generator state: building a model must not move the caller's RNG.
         with torch.random.fork_rng(devices=[]):
@@ -139,13 +108,7 @@ def build_tiny_model_dir(path: str | os.PathLike, arch: str = "gpt2", seed: int 
                                                    pad_token_id=config.pad_token_id)
         model.save_pretrained(tmp, safe_serialization=True)  # handles the tied wte/lm_head (one tensor)
         tokenizer.save_pretrained(tmp)
-        (tmp / _STAMP).write_text(json.dumps(stamp, indent=1) + "\n")
-        try:
-            os.rename(tmp, path)
-        except OSError:
-            # Another process renamed its (identical) build into place first.
-            if not _is_valid(path, stamp):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+
+    build_cached_dir(path, _stamp(arch, seed), build, stamp_name=_STAMP, required=_REQUIRED,
+                     what=f"a tiny {arch} model with seed {seed}")
+    return Path(path)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fdpg_scale.apps import pretrain
+from fdpg_scale.apps.cli import main as cli_main
 from fdpg_scale.models.corpus import stdlib_dir
 from fdpg_scale.apps.pretrain import PretrainConfig, build_base_model, heldout_perplexity, unigram_log_probs
 
@@ -16,6 +17,11 @@ TINY = dict(steps=60, batch_size=8, block_size=64, vocab_size=512, n_layer=2, n_
             warmup_steps=5, eval_blocks=32)
 TINY_ARGV = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
 FILES = ("argparse.py", "textwrap.py", "shlex.py", "glob.py", "fnmatch.py", "bisect.py", "heapq.py", "queue.py")
+
+
+def pretrain_base(argv):
+    """``fdpg-scale pretrain-base ARGV``, in this process."""
+    return cli_main(["pretrain-base", *argv])
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +74,7 @@ def test_cached_second_run_does_not_train(built, corpus, monkeypatch, capsys):
         raise AssertionError("a cached model was rebuilt")
 
     monkeypatch.setattr(pretrain, "_build", no_training)
-    assert pretrain.main(["--out", str(out), "--corpus", str(corpus), *TINY_ARGV]) == 0
+    assert pretrain_base(["--out", str(out), "--corpus", str(corpus), *TINY_ARGV]) == 0
     assert capsys.readouterr().out.startswith(f"cached: {out}")
     assert (out / "model.safetensors").stat().st_mtime_ns == before
 
@@ -77,7 +83,7 @@ def test_stale_build_is_replaced_foreign_dir_refused(built, corpus, tmp_path, ca
     out = tmp_path / "m"
     shutil.copytree(built[0][0], out)
     argv = ["--out", str(out), "--corpus", str(corpus), *TINY_ARGV, "--steps=3", "--warmup-steps=1"]
-    assert pretrain.main(argv) == 0  # other steps: our stale build is rebuilt in place
+    assert pretrain_base(argv) == 0  # other steps: our stale build is rebuilt in place
     assert json.loads((out / "pretrain_base.json").read_text())["config"]["steps"] == 3
     assert (out / "model.safetensors").read_bytes() != (built[0][0] / "model.safetensors").read_bytes()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
@@ -85,7 +91,7 @@ def test_stale_build_is_replaced_foreign_dir_refused(built, corpus, tmp_path, ca
     foreign.mkdir()
     (foreign / "config.json").write_text("{}")
     capsys.readouterr()
-    assert pretrain.main(["--out", str(foreign), "--corpus", str(corpus), *TINY_ARGV]) == 2
+    assert pretrain_base(["--out", str(foreign), "--corpus", str(corpus), *TINY_ARGV]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and str(foreign) in err and "--out" in err
     assert (foreign / "config.json").read_text() == "{}"
@@ -97,16 +103,16 @@ def test_bad_corpus_one_line_error(tmp_path, capsys, content):
     bad.mkdir()
     if content is not None:
         (bad / "x.py").write_bytes(content)
-    assert pretrain.main(["--corpus", str(bad), "--out", str(tmp_path / "m")]) == 2
+    assert pretrain_base(["--corpus", str(bad), "--out", str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and str(bad) in err and "no readable" in err
     assert not (tmp_path / "m").exists()
 
 
 def test_bad_flag_names_the_argument(capsys):
-    with pytest.raises(SystemExit):
-        pretrain.main(["--n-embd", "30", "--n-head", "4"])
-    assert "n_head (4) must divide n_embd (30)" in capsys.readouterr().err
+    assert pretrain_base(["--n-embd", "30", "--n-head", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "n_head (4) must divide n_embd (30)" in err
 
 
 def test_loads_with_auto_classes(built):
@@ -144,7 +150,13 @@ def test_heldout_perplexity_of_the_unigram_is_the_unigram():
 
 
 def test_lr_schedule():
+    """Warm-up (s+1)/w to the peak at step w−1, cosine down to LR_FLOOR·lr: the schedule the f-DPG engines use."""
+    from fdpg_scale.distributed.engines import _lr_lambda
+
     cfg = PretrainConfig(steps=100, warmup_steps=10, lr=1e-3)
     lrs = [pretrain._lr_at(s, cfg) for s in range(100)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] == pytest.approx(1e-4, rel=0.01)
+    policy = _lr_lambda("cosine", 10, 100)  # the same warm-up; the policy's cosine ends at 0
+    assert [policy(s) * cfg.lr for s in range(10)] == pytest.approx(lrs[:10])
+    assert policy(99) < 1e-3 and lrs[99] / cfg.lr - pretrain.LR_FLOOR == pytest.approx(policy(99) * 0.9, abs=1e-12)
