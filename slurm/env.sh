@@ -17,5 +17,5 @@ fi
 export NPROC_PER_NODE
 # Threads per process: the CPUs SLURM gave each task, divided among its processes.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( ${SLURM_CPUS_PER_TASK:-1} / NPROC_PER_NODE > 0 ? ${SLURM_CPUS_PER_TASK:-1} / NPROC_PER_NODE : 1 ))}"
-# DeepSpeed's JIT-built C++ ops: one cache per checkout, not per user (DESIGN.md §4).
+# DeepSpeed's JIT-built C++ ops: one cache per checkout, not per user (DeepSpeed's default cache is per user).
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$FDPG_ROOT/.cache/torch_extensions}"

@@ -1,6 +1,6 @@
 """Test-session set-up shared by every test.
 
-The Triton interpreter must be switched on before the first ``@triton.jit`` decorator runs (DESIGN.md §4),
+The Triton interpreter must be switched on before the first ``@triton.jit`` decorator runs (it is read then),
 so it is set here, at collection time, for the whole session: kernels then run on CPU tensors when a test
 asks for ``impl="triton"``. The library itself never reads this variable to change behaviour.
 """

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 # (rtol, atol) for comparing a result computed from inputs of this dtype against a float64 reference.
-# bf16 is loose on purpose: the Triton interpreter truncates fp32→bf16 instead of rounding (DESIGN.md §4).
+# bf16 is loose on purpose: the Triton interpreter truncates fp32→bf16 instead of rounding (triton 3.7.1).
 TOLERANCES = {
     torch.float64: (1e-10, 1e-10),
     torch.float32: (1e-5, 1e-5),

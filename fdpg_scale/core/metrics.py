@@ -1,6 +1,6 @@
 """Importance-sampled divergences between the policy π and the target p, and diversity of samples.
 
-Importance sampling (docs/method.md, § Metrics). Samples x_i ∼ q (i = 1 … N) with per-sequence log π, log q,
+Importance sampling (docs/method.md §8). Samples x_i ∼ q (i = 1 … N) with per-sequence log π, log q,
 log a (base), log P (unnormalised target). Write
 
     α_i = log π(x_i) − log q(x_i),     β̃_i = log P(x_i) − log q(x_i),     β_i = β̃_i − log Z,

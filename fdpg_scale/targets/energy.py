@@ -1,4 +1,4 @@
-"""Energy-based target distributions p(x) = P(x)/Z with P(x) = a(x) · Π_k s_k(x) (docs/method.md, § Targets).
+"""Energy-based target distributions p(x) = P(x)/Z with P(x) = a(x) · Π_k s_k(x) (docs/method.md §1).
 
 a is the base (original) LM; each *scorer* s_k contributes a non-negative factor, always handled in log
 space (log s_k = −inf is a legal zero: the sample is outside the target's support):

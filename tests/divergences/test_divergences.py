@@ -30,7 +30,7 @@ IDS = [str(d) for d in DIVERGENCES]
 
 
 def textbook_f(d: Divergence, t: torch.Tensor) -> torch.Tensor:
-    """f(t) exactly as DESIGN.md's table writes it (t, not log t)."""
+    """f(t) exactly as docs/method.md §2's table writes it (t, not log t)."""
     if d.name == "kl":
         return -torch.log(t)
     if d.name == "rkl":
