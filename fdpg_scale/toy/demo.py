@@ -7,11 +7,11 @@ The problem (``make_problem``): a random tabular base LM a (fdpg_scale.toy.model
 P(x) = a(x)·exp(λ·φ(x)) with φ(x) = the number of token-0 occurrences (full support: every D_f is finite),
 or the pointwise P(x) = a(x)·b(x), b(x) = [x contains token 0]. The policy π and the proposal q start as a.
 
-One step (``ToyFDPG.step``), exactly the trainer's loop in miniature: sample a batch from q (or π
-on-policy), look up log P, fold log P − log q into the running log Z, compute the weights with
-``fdiv_weights`` (baseline = the moving average of earlier batches), minimise ``fdpg_loss`` with Adam,
-update the baseline after its use, and every ``proposal_interval`` steps replace q by π if the
-importance-sampled estimate says π is closer to p. Every sequence can be listed, so after each step the
+One step (``ToyFDPG.step``) is ``fdpg_scale.core.step.fdpg_step``, the very function ``fdpg-scale train``
+runs on the ZeRO-3 engines, here on the toy backend (``fdpg_scale.toy.backend``): sample a batch from q (or π
+on-policy), look up log P, fold log P − log q into the running log Z, weigh with ``fdiv_weights``, minimise
+``fdpg_loss`` with Adam, update the baseline after its use, and replace q by π when the importance-sampled
+evidence accumulated since the last check says π is closer to p. Every sequence can be listed, so after each step the
 exact D_f(π‖p) and KL(p‖π) are computed from the full enumeration (nothing estimated).
 """
 
@@ -24,8 +24,9 @@ from dataclasses import dataclass
 import torch
 
 from fdpg_scale.core.divergences import get_divergence
-from fdpg_scale.core.estimator import LogZEstimator, MovingAverageBaseline, ProposalSchedule, fdpg_loss
-from fdpg_scale.kernels import fdiv_weights
+from fdpg_scale.core.estimator import MovingAverageBaseline, PerContextLogZ, ProposalSchedule
+from fdpg_scale.core.step import FDPGState, StepSettings, fdpg_step
+from fdpg_scale.toy.backend import ToyBackend
 from fdpg_scale.toy.model import ToyLM, exact_divergence, exact_kl, exact_log_z, normalise
 
 __all__ = ["ToyProblem", "make_problem", "ToyFDPG", "run", "record", "single_thread"]
@@ -69,21 +70,23 @@ def make_problem(kind: str = "exponential", *, vocab_size: int = 3, max_len: int
 
 
 class ToyFDPG:
-    """Sampled f-DPG on a ``ToyProblem``: policy, proposal, optimizer, baseline, log Z and schedule.
+    """Sampled f-DPG on a ``ToyProblem``: a thin driver of ``fdpg_step`` on the toy backend.
 
     Args:
         problem: the target.
         divergence: a name or ``get_divergence`` object.
         batch: samples per step; lr: Adam's learning rate.
         on_policy: sample from π (no proposal) instead of q.
-        proposal_interval, proposal_metric: the ``ProposalSchedule`` (off-policy only).
+        proposal_interval, proposal_metric, proposal_min_samples: the ``ProposalSchedule`` (off-policy only).
         baseline_momentum: the baseline's EMA momentum; None disables the baseline.
+        outside_support_reward: pseudo-reward of P = 0 samples for rkl/rchi2/α ≥ 1 (see ``StepSettings``).
         seed: the sampling generator's seed.
     """
 
     def __init__(self, problem: ToyProblem, divergence, *, batch: int = 256, lr: float = 0.1,
                  on_policy: bool = False, proposal_interval: int = 5, proposal_metric: str = "kl",
-                 baseline_momentum: float | None = 0.9, seed: int = 0):
+                 proposal_min_samples: int = 256, baseline_momentum: float | None = 0.9,
+                 outside_support_reward: float | None = None, seed: int = 0):
         if batch < 1:
             raise ValueError(f"batch must be ≥ 1, got {batch}")
         self.problem = problem
@@ -91,46 +94,37 @@ class ToyFDPG:
         self.batch = batch
         self.policy = problem.base.clone()
         self.proposal = None if on_policy else problem.base.clone()
-        self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=lr)
-        self.baseline = MovingAverageBaseline(baseline_momentum if baseline_momentum is not None else 0.0,
-                                              enabled=baseline_momentum is not None)
-        self.log_z = LogZEstimator()
-        self.schedule = ProposalSchedule(proposal_interval, proposal_metric)
-        self.generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            log_base = problem.base.log_prob_all()
+        self.backend = ToyBackend(policy=self.policy, proposal=self.proposal, log_target=problem.log_target,
+                                  log_base=log_base, optimizer=torch.optim.Adam(self.policy.parameters(), lr=lr),
+                                  batch=batch, generator=torch.Generator().manual_seed(seed))
+        self.state = FDPGState(
+            log_z=PerContextLogZ(1),
+            baseline=MovingAverageBaseline(baseline_momentum if baseline_momentum is not None else 0.0,
+                                           enabled=baseline_momentum is not None),
+            proposal_schedule=None if on_policy else ProposalSchedule(proposal_interval, proposal_metric,
+                                                                      min_samples=proposal_min_samples))
+        self.settings = StepSettings(divergence=self.divergence, outside_support_reward=outside_support_reward)
         self.steps = 0
         self.samples = 0
-        self.proposal_version = 0
+
+    @property
+    def proposal_version(self) -> int:
+        return self.state.proposal_version
+
+    @property
+    def log_z(self) -> float:
+        """The running log Ẑ (−inf until a sample with P > 0)."""
+        return float(self.state.log_z.value[0])
 
     def step(self) -> dict:
-        """One sampled f-DPG step; returns its scalars (loss, log_z, baseline used, skipped, replaced)."""
-        sampler = self.policy if self.proposal is None else self.proposal
-        seqs = sampler.sample(self.batch, self.generator)
-        with torch.no_grad():
-            logp_q = sampler.log_prob(seqs)
-        log_target = self.problem.log_target[self.policy.sequence_index(seqs)]
-        self.samples += self.batch
+        """One f-DPG step (``fdpg_step``); returns its scalars (loss, log_z, baseline used, replaced)."""
+        result = fdpg_step(self.backend, self.state, self.settings, self.steps)
         self.steps += 1
-        out = {"step": self.steps, "samples": self.samples, "skipped": self.log_z.update(log_target - logp_q),
-               "replaced": False, "baseline": self.baseline.value, "log_z": self.log_z.value, "loss": 0.0}
-        if out["skipped"]:  # no sample with P > 0: nothing to learn from
-            return out
-        logp_pi = self.policy.log_prob(seqs)
-        w = fdiv_weights(logp_pi.detach(), logp_q, log_target, self.log_z.value, self.divergence,
-                         baseline=self.baseline.value)
-        loss = fdpg_loss(logp_pi, w.weight)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        self.baseline.update(w.pseudo_reward, w.importance_ratio)   # after its use on this batch
-        out["loss"] = float(loss.detach())
-        if self.proposal is not None and self.schedule.due(self.steps):
-            with torch.no_grad():
-                logp_new = self.policy.log_prob(seqs)                # π after this step, on q's samples
-            if self.schedule.should_replace(logp_pi=logp_new, logp_q=logp_q, log_target=log_target):
-                self.proposal.copy_(self.policy)
-                self.proposal_version += 1
-                out["replaced"] = True
-        return out
+        self.samples += self.batch
+        return {"step": self.steps, "samples": self.samples, "loss": result.loss, "log_z": self.log_z,
+                "baseline": result.baseline_used, "replaced": result.replaced}
 
     @torch.no_grad()
     def exact(self) -> dict:
@@ -139,7 +133,7 @@ class ToyFDPG:
         log_p = self.problem.log_p
         return {"divergence": float(exact_divergence(self.divergence, log_pi, log_p)),
                 "kl_p_pi": float(exact_kl(log_pi, log_p)),
-                "log_z_error": self.log_z.value - self.problem.log_z}
+                "log_z_error": self.log_z - self.problem.log_z}
 
 
 @contextlib.contextmanager
@@ -174,7 +168,7 @@ def run(problem: ToyProblem, divergence, *, samples: int, every: int = 0, **kwar
 # ---------------------------------------------------------------------------------- recorded curves
 CONVERGENCE_SETTINGS = {"vocab_size": 3, "max_len": 5, "lam": 1.0, "problem_seed": 0, "samples": 20_000,
                         "batch": 250, "lr": 0.1, "proposal_interval": 5, "proposal_metric": "kl",
-                        "baseline_momentum": 0.9, "seed": 1, "every": 10}
+                        "proposal_min_samples": 1000, "baseline_momentum": 0.9, "seed": 1, "every": 10}
 """The settings of tests/estimator/test_convergence.py and of docs/toy_convergence.md."""
 CONVERGENCE_RUNS = {"exponential": ("kl", "rkl", "js", "tv"), "pointwise": ("kl", "js", "tv", "hellinger")}
 
@@ -192,7 +186,8 @@ def convergence_curves(settings: dict = CONVERGENCE_SETTINGS) -> dict:
                     curves[(kind, name, on_policy)] = run(
                         problem, name, samples=s["samples"], every=s["every"], batch=s["batch"], lr=s["lr"],
                         on_policy=on_policy, proposal_interval=s["proposal_interval"],
-                        proposal_metric=s["proposal_metric"], baseline_momentum=s["baseline_momentum"],
+                        proposal_metric=s["proposal_metric"], proposal_min_samples=s["proposal_min_samples"],
+                        baseline_momentum=s["baseline_momentum"],
                         seed=s["seed"])
     return curves
 
@@ -215,7 +210,7 @@ def convergence_markdown(curves: dict, settings: dict = CONVERGENCE_SETTINGS) ->
         f"(fdpg_scale.toy.demo.ToyFDPG): {s['batch']} samples per step, Adam lr {s['lr']:g}, baseline = EMA "
         f"({s['baseline_momentum']:g}) of the importance-weighted mean pseudo-reward, running log Z; off-policy: "
         f"q ← π when the importance-sampled {s['proposal_metric']} says π is closer, checked every "
-        f"{s['proposal_interval']} steps; on-policy: samples from π. Sampler seed {s['seed']}.",
+        f"{s['proposal_interval']} steps on the ≥ {s['proposal_min_samples']} samples drawn since the last check; on-policy: samples from π. Sampler seed {s['seed']}.",
         "",
     ]
     for kind, names in CONVERGENCE_RUNS.items():

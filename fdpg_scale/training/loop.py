@@ -1,18 +1,12 @@
-"""The f-DPG training loop: sample, score, weigh, step, log, save. Read it top to bottom.
+"""The f-DPG training run: set up, then one ``fdpg_step`` per optimizer step, log, save. Read it top to bottom.
 
-One optimizer step on the global batch (``train.global_batch`` sequences, whatever the world size):
-
-1. **sample** this rank's share from the proposal q (or from π on-policy), chunk by chunk (rollout.py);
-2. **score** each sample: base log a(x), the target's log-scores, so log P(x) = log a(x) + Σ log-scores;
-3. **log Z**: fold every sample's log P(x) − log q(x) into the running estimate (all ranks, all chunks:
-   the value used for this step is the same on every rank and for every world size);
-4. **weigh**: per micro-batch, log π(x) through the fused head inside the policy engine's forward,
-   ``fdiv_weights`` → weight = (π/q)·(f′(π/p) + B); loss = mean(weight · log π); backward; DeepSpeed
-   averages over ranks and accumulation steps and steps at the boundary;
-5. **update** the baseline (after its use), and every ``proposal_update_interval`` steps replace q by π if
-   π is closer to p;
-6. **log** metrics.jsonl / TensorBoard / a summary line; **save** a checkpoint every ``save_every`` steps, at
-   the end, and when SLURM (or anyone) sends SIGUSR1/SIGTERM.
+Each optimizer step on the global batch (``train.global_batch`` sequences, whatever the world size) is
+``fdpg_scale.core.step.fdpg_step`` on the ZeRO-3 backend (``training/backend.py``): sample from q (or π
+on-policy) and score, fold every sample into the running log Z, weigh and backpropagate per micro-batch
+(DeepSpeed steps at the accumulation boundary), update the baseline after its use, and replace q by π when the
+evidence accumulated since the last check says π is closer to p. This module only builds the engines and the
+state, logs ``metrics.jsonl`` / TensorBoard / a summary line, and saves a checkpoint every ``save_every``
+steps, at the end, and when SLURM (or anyone) sends SIGUSR1/SIGTERM.
 """
 
 from __future__ import annotations
@@ -25,21 +19,19 @@ import yaml
 
 from fdpg_scale.distributed import checkpoint as ckpt
 from fdpg_scale.training.config import RunConfig, config_to_dict
-from fdpg_scale.distributed.launch import all_gather_rows, barrier, init_distributed, is_rank0
+from fdpg_scale.distributed.launch import barrier, init_distributed, is_rank0
 from fdpg_scale.core.divergences import get_divergence
-from fdpg_scale.distributed.engines import build_frozen, build_policy, copy_policy_into_proposal, sequence_logprobs, train_step
-from fdpg_scale.core.estimator import fdpg_loss
-from fdpg_scale.distributed.generation import SamplingSettings
-from fdpg_scale.kernels import fdiv_weights
 from fdpg_scale.core.metrics import importance_sampled_metrics
+from fdpg_scale.core.step import StepResult, StepSettings, fdpg_step, no_estimate
+from fdpg_scale.distributed.engines import build_frozen, build_policy
+from fdpg_scale.distributed.generation import SamplingSettings
 from fdpg_scale.training.preemption import PreemptionSignal
 from fdpg_scale.training.prompts import load_prompts
-from fdpg_scale.training.rollout import collect_chunks
+from fdpg_scale.training.backend import ZeroBackend
 from fdpg_scale.training.run_setup import deepspeed_config, prepare_model_dir, prepare_output_dir
 from fdpg_scale.training.run_log import RunLogger
 from fdpg_scale.training.target_fitting import fit_distributional_task
 from fdpg_scale.targets.tasks import build_task
-from fdpg_scale.training.timing import PhaseTimer
 from fdpg_scale.training.state import TrainerState
 
 __all__ = ["train"]
@@ -101,25 +93,15 @@ def train(cfg: RunConfig) -> None:
     if task.moment is not None:
         log.message(fit_note)
 
-    sampler = policy if proposal is None else proposal
+    backend = ZeroBackend(policy=policy, proposal=proposal, base=base, task=task, tokenizer=tokenizer,
+                          settings=settings, mode=cfg.sampling.generation_mode, run_seed=cfg.seed, rank=rank,
+                          world=world, accumulation=accumulation, micro_batch=cfg.train.micro_batch, prompts=prompts)
+    step_settings = StepSettings(divergence=divergence, clip=cfg.divergence.clip,
+                                 outside_support_reward=cfg.divergence.outside_support_reward)
     for step in range(state.step, cfg.train.steps):
-        timer = PhaseTimer()
-        chunks = collect_chunks(sampler=sampler, base=base, task=task, tokenizer=tokenizer, settings=settings,
-                                mode=cfg.sampling.generation_mode, run_seed=cfg.seed, step=step, rank=rank,
-                                world=world, accumulation=accumulation, micro_batch=cfg.train.micro_batch,
-                                timer=timer, prompts=prompts)
-        skipped = state.log_z.update(torch.cat([c.log_target - c.logq for c in chunks]),
-                                     torch.cat([c.context_ids for c in chunks])).all()
-        if skipped:  # no sample of the global batch has P(x) > 0: nothing to learn from, log Z unchanged
-            state.step = step + 1
-            log.message(f"step {state.step} skipped: 0/{cfg.train.global_batch} samples have P(x) > 0 (the target's "
-                        f"constraint held on none of them); log Z unchanged")
-            log.log(state.step, {"loss": 0.0, "log_z": float(state.log_z.value.mean()), "skipped": 1})
-        else:
-            weighed = [_weigh_and_backward(policy, chunk, state, divergence, cfg.divergence.clip, timer)
-                       for chunk in chunks]
-            state.step = step + 1
-            log.log(state.step, _after_step(cfg, state, policy, proposal, chunks, weighed, timer))
+        result = fdpg_step(backend, state, step_settings, step)
+        state.step = step + 1
+        log.log(state.step, _step_metrics(state, result, backend, lr=policy.get_lr()[0]))
 
         stop = preemption.requested()
         if stop or state.step == cfg.train.steps or state.step % cfg.train.save_every == 0:
@@ -138,62 +120,27 @@ def train(cfg: RunConfig) -> None:
     torch.distributed.destroy_process_group()
 
 
-def _weigh_and_backward(policy, chunk, state: TrainerState, divergence, clip: float | None, timer: PhaseTimer):
-    """Step 4 of the module docstring for one micro-batch: log π, weights, loss, backward (and the optimizer
-    step at the accumulation boundary). Returns (log π(x) [B] detached, FDivWeights)."""
-    r = chunk.rollout
-    with timer.phase("logprobs"):
-        logp_pi_tok = sequence_logprobs(policy, r.input_ids, r.attention_mask, r.gen_mask)
-        log_z = state.log_z.values_for(chunk.context_ids)
-    w = fdiv_weights(logp_pi_tok.detach().cpu(), r.logprobs, chunk.logp_base, log_z, divergence,
-                         baseline=state.baseline.value, clip=clip, mask=r.gen_mask, log_scores=chunk.log_scores)
-    with timer.phase("backward"):
-        train_step(policy, fdpg_loss(logp_pi_tok.sum(-1), w.weight))
-    return logp_pi_tok.detach().sum(-1).cpu(), w
-
-
-def _after_step(cfg: RunConfig, state: TrainerState, policy, proposal, chunks, weighed, timer: PhaseTimer) -> dict:
-    """Step 5 of the module docstring on the whole global batch (identical on every rank): update the
-    baseline, maybe replace q by π; returns the step's metrics."""
-    batch = all_gather_rows({
-        "logp_pi": torch.cat([lp for lp, _ in weighed]), "logq": torch.cat([c.logq for c in chunks]),
-        "logp_base": torch.cat([c.logp_base.sum(-1) for c in chunks]),
-        "log_target": torch.cat([c.log_target for c in chunks]),
-        "feature": torch.cat([c.feature for c in chunks]),
-        "pseudo_reward": torch.cat([w.pseudo_reward for _, w in weighed]),
-        "importance_ratio": torch.cat([w.importance_ratio for _, w in weighed]),
-        "weight": torch.cat([w.weight for _, w in weighed]),
-        "tokens": torch.cat([c.rollout.gen_mask.sum(-1).float() for c in chunks]),
-        "context_ids": torch.cat([c.context_ids for c in chunks]),
-    })
+def _step_metrics(state: TrainerState, result: StepResult, backend: ZeroBackend, *, lr: float) -> dict:
+    """One ``metrics.jsonl`` record from the step's global batch (identical on every rank)."""
+    batch = result.batch
     conditional = state.log_z.num_contexts > 1
-    log_z = state.log_z.values_for(batch["context_ids"])          # [N] log Z(c_i)
-    baseline_used = state.baseline.value
-    state.baseline.update(batch["pseudo_reward"], batch["importance_ratio"])
-    replaced = False
-    if proposal is not None and state.proposal_schedule.due(state.step):
-        # Decided on this batch's log π from before the optimizer step (no extra forward pass); self-normalised
-        # over the batch when unconditional, with each sample's own Z(c) when conditional.
-        replaced = state.proposal_schedule.should_replace(logp_pi=batch["logp_pi"], logp_q=batch["logq"],
-                                                          log_target=batch["log_target"],
-                                                          log_z=log_z if conditional else None)
-        if replaced:
-            copy_policy_into_proposal(policy, proposal)
-            state.proposal_version += 1
-    metrics = importance_sampled_metrics(logp_pi=batch["logp_pi"], logp_q=batch["logq"], logp_a=batch["logp_base"],
-                                         log_target=batch["log_target"], log_z=log_z,
-                                         features={"alignment": batch["feature"]},
+    metrics = importance_sampled_metrics(logp_pi=batch["logp_pi"], logp_q=batch["logq"], logp_a=batch["log_base"],
+                                         log_target=batch["log_target"], log_z=batch["log_z"].double(),
+                                         features={"alignment": batch["feature/alignment"]},
                                          context_ids=batch["context_ids"] if conditional else None)
     metrics["alignment"] = metrics.pop("phi_mean/alignment")
     metrics["alignment_se"] = metrics.pop("phi_mean_se/alignment")
-    tokens = float(batch["tokens"].sum())
+    schedule = state.proposal_schedule
+    tokens = float(batch["extra/tokens"].sum())
+    timer = backend.timer
     return {
-        "loss": float((batch["weight"] * batch["logp_pi"]).mean()), "log_z": float(state.log_z.value.mean()),
-        "baseline": baseline_used, "pseudo_reward_mean": float(batch["pseudo_reward"].mean()),
+        "loss": result.loss, "log_z": no_estimate(float(state.log_z.value.mean())),
+        "baseline": result.baseline_used, "pseudo_reward_mean": float(batch["pseudo_reward"].mean()),
         "weight_abs_max": float(batch["weight"].abs().max()),
-        "q_alignment_rate": float(batch["feature"].mean()),
+        "q_alignment_rate": float(batch["feature/alignment"].mean()),
         **metrics,
-        "proposal_version": state.proposal_version, "proposal_replaced": int(replaced),
-        "lr": policy.get_lr()[0], "tokens": tokens, "tokens_per_s": tokens / timer.total, "time/step": timer.total,
+        "proposal_version": state.proposal_version, "proposal_replaced": int(result.replaced),
+        "proposal_evidence": 0 if schedule is None else schedule.pending,
+        "lr": lr, "tokens": tokens, "tokens_per_s": tokens / timer.total, "time/step": timer.total,
         **timer.as_metrics(),
     }

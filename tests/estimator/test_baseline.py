@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from fdpg_scale.core import step as step_module
 from fdpg_scale.toy import demo as toy_demo
 from fdpg_scale.core.estimator import MovingAverageBaseline, fdpg_loss
 
@@ -63,17 +64,18 @@ def test_bad_input_is_named():
 
 
 def test_a_step_uses_the_baseline_before_updating_it(monkeypatch):
-    """Within ToyFDPG.step, fdiv_weights receives the value from *earlier* batches; the batch's own rewards
-    enter only afterwards (a baseline that depends on its own batch would bias the gradient)."""
+    """Within fdpg_step (the trainer's step, on the toy backend), fdiv_weights receives the value from *earlier*
+    batches; the batch's own rewards enter only afterwards (a baseline that depends on its own batch would bias
+    the gradient)."""
     seen = []
-    real = toy_demo.fdiv_weights
+    real = step_module.fdiv_weights
 
     def spy(*args, **kwargs):
         out = real(*args, **kwargs)
         seen.append((kwargs["baseline"], out))
         return out
 
-    monkeypatch.setattr(toy_demo, "fdiv_weights", spy)
+    monkeypatch.setattr(step_module, "fdiv_weights", spy)
     fdpg = toy_demo.ToyFDPG(toy_demo.make_problem(max_len=3), "rkl", batch=64, baseline_momentum=0.5)
     expected_before = 0.0
     for step in range(4):
@@ -82,7 +84,7 @@ def test_a_step_uses_the_baseline_before_updating_it(monkeypatch):
         assert used == expected_before == info["baseline"]
         stat = MovingAverageBaseline.batch_statistic(w.pseudo_reward, w.importance_ratio)
         expected_before = stat if step == 0 else 0.5 * expected_before + 0.5 * stat
-        assert math.isclose(fdpg.baseline.value, expected_before, rel_tol=1e-15)
+        assert math.isclose(fdpg.state.baseline.value, expected_before, rel_tol=1e-15)
     assert len({u for u, _ in seen}) == 4                  # the baseline did move
 
 

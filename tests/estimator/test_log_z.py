@@ -1,5 +1,6 @@
 """Running log Z: exact bookkeeping, rank invariance (simulated ranks and a real 2-process gloo group),
-per-context estimates, skipped all-zero batches, bad input, state round trips, and consistency on the toy."""
+per-context estimates, every sample counted (zeros included), bad input, state round trips, and Ẑ/Z → 1 on an
+enumerable toy for batch sizes 1, 8, 32 and for a conditional target with one sample per context per step."""
 
 from __future__ import annotations
 
@@ -69,24 +70,29 @@ def _batches(seed: int = 0, n_ctx: int = 3):
     return out
 
 
-def _reference(batches, n_ctx: int, initial: float = 0.0):
-    """log Ẑ(c) after each batch, from the concatenation of every counted sample (float64)."""
+def _reference(batches, n_ctx: int):
+    """log Ẑ(c) after each batch, from the concatenation of every sample so far (float64; −inf: no P > 0 yet)."""
     kept_w = [[] for _ in range(n_ctx)]
     values = []
     for lw, ids in batches:
         for c in range(n_ctx):
-            mine = lw[ids == c]
-            if mine.numel() and bool((mine > NEG_INF).any()):   # a context with no P > 0 is skipped
-                kept_w[c].append(mine)
+            kept_w[c].append(lw[ids == c])                      # every sample counts, P = 0 included
         values.append(torch.tensor([
-            float(torch.logsumexp(torch.cat(w), 0) - math.log(sum(x.numel() for x in w))) if w else initial
+            float(torch.logsumexp(torch.cat(w), 0) - math.log(max(1, sum(x.numel() for x in w))))
             for w in kept_w], dtype=torch.float64))
     return values
 
 
+def _assert_same(got: torch.Tensor, want: torch.Tensor, *, rtol: float, atol: float, name: str) -> None:
+    """Equal −inf pattern (contexts without an estimate), finite entries close."""
+    assert torch.equal(torch.isfinite(got), torch.isfinite(want)), f"{name}: {got} vs {want}"
+    fin = torch.isfinite(want)
+    assert_close(got[fin], want[fin], rtol=rtol, atol=atol, name=name)
+
+
 def _run_ranks(world: int, batches, n_ctx: int | None):
     """Run the estimator on ``world`` simulated ranks (threads), each given its contiguous shard of every
-    batch; returns per rank the list of (value, skipped flag) after each batch."""
+    batch; returns per rank the list of (value, sample count) after each batch."""
     group = SimulatedGroup(world)
     results: list = [None] * world
     errors: list = []
@@ -100,11 +106,11 @@ def _run_ranks(world: int, batches, n_ctx: int | None):
                 lw_r = torch.tensor_split(lw, world)[rank]
                 ids_r = torch.tensor_split(ids, world)[rank]
                 if n_ctx is None:
-                    flag = est.update(lw_r)
-                    trace.append((torch.tensor([est.value], dtype=torch.float64), flag))
+                    est.update(lw_r)
+                    trace.append((torch.tensor([est.value], dtype=torch.float64), est.count))
                 else:
-                    flag = est.update(lw_r, ids_r)
-                    trace.append((est.value.clone(), flag.clone()))
+                    est.update(lw_r, ids_r)
+                    trace.append((est.value.clone(), est.count.clone()))
             results[rank] = trace
         except BaseException as e:  # surfaced below; a failing rank must not leave the others waiting
             errors.append(e)
@@ -126,8 +132,7 @@ def test_matches_the_direct_running_mean():
     for (lw, _), expected in zip(batches, _reference(batches, 1)):
         est.update(lw)
         assert math.isclose(est.value, float(expected[0]), rel_tol=1e-13, abs_tol=1e-12)
-    counted = sum(lw.numel() for lw, _ in batches if bool((lw > NEG_INF).any()))
-    assert est.count == counted
+    assert est.count == sum(lw.numel() for lw, _ in batches)             # every sample, zeros included
     # float32 input is accumulated in float64: the same as feeding its float64 image.
     lw32 = batches[0][0].to(torch.float32)
     a, b = LogZEstimator(), LogZEstimator()
@@ -147,11 +152,10 @@ def test_rank_invariance_simulated(n_ctx):
     for world in (2, 4):
         traces = _run_ranks(world, batches, n_ctx)
         for rank, trace in enumerate(traces):
-            for step, ((v, flag), (v1, flag1), expected) in enumerate(zip(trace, one, ref)):
-                assert torch.all(torch.isfinite(v))
-                assert_close(v, v1, rtol=1e-14, atol=1e-13, name=f"world {world} rank {rank} step {step}")
-                assert_close(v, expected, rtol=1e-13, atol=1e-12, name=f"reference, step {step}")
-                assert (torch.as_tensor(flag) == torch.as_tensor(flag1)).all()
+            for step, ((v, count), (v1, count1), expected) in enumerate(zip(trace, one, ref)):
+                _assert_same(v, v1, rtol=1e-14, atol=1e-13, name=f"world {world} rank {rank} step {step}")
+                _assert_same(v, expected, rtol=1e-13, atol=1e-12, name=f"reference, step {step}")
+                assert (torch.as_tensor(count) == torch.as_tensor(count1)).all()
 
 
 def _gloo_worker(rank: int, world: int, init_file: str, out_file: str, batches) -> None:
@@ -160,14 +164,15 @@ def _gloo_worker(rank: int, world: int, init_file: str, out_file: str, batches) 
         coll = TorchDistCollective()
         assert coll.world_size == world
         est, per_ctx = LogZEstimator(collective=coll), PerContextLogZ(3, collective=coll)
-        values, ctx_values, flags = [], [], []
+        values, ctx_values, counts = [], [], []
         for lw, ids in batches:
             lw_r, ids_r = torch.tensor_split(lw, world)[rank], torch.tensor_split(ids, world)[rank]
-            flags.append(est.update(lw_r))
+            est.update(lw_r)
             per_ctx.update(lw_r, ids_r)
             values.append(est.value)
+            counts.append(est.count)
             ctx_values.append(per_ctx.value.clone())
-        torch.save({"values": values, "ctx": ctx_values, "flags": flags}, f"{out_file}.{rank}")
+        torch.save({"values": values, "ctx": ctx_values, "counts": counts}, f"{out_file}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -180,51 +185,117 @@ def test_rank_invariance_real_gloo_two_processes(tmp_path):
     mp.spawn(_gloo_worker, args=(2, str(tmp_path / "rendezvous"), out, batches), nprocs=2, join=True)
     # The same global batches in one process.
     est, per_ctx = LogZEstimator(collective=LocalCollective()), PerContextLogZ(3)
-    want_v, want_ctx, want_flags = [], [], []
+    want_v, want_ctx, want_counts = [], [], []
     for lw, ids in batches:
-        want_flags.append(est.update(lw))
+        est.update(lw)
         per_ctx.update(lw, ids)
         want_v.append(est.value)
+        want_counts.append(est.count)
         want_ctx.append(per_ctx.value.clone())
-    assert any(want_flags) and not all(want_flags)
     results = [torch.load(f"{out}.{rank}") for rank in range(2)]
     for rank, got in enumerate(results):
-        assert got["flags"] == want_flags
+        assert got["counts"] == want_counts
         for step in range(len(batches)):
             assert math.isclose(got["values"][step], want_v[step], rel_tol=1e-14, abs_tol=1e-13), (rank, step)
-            assert_close(got["ctx"][step], want_ctx[step], rtol=1e-14, atol=1e-13,
+            _assert_same(got["ctx"][step], want_ctx[step], rtol=1e-14, atol=1e-13,
                          name=f"rank {rank} per-context step {step}")
     assert results[0]["values"] == results[1]["values"]                   # every rank holds the same value
     assert all(torch.equal(a, b) for a, b in zip(results[0]["ctx"], results[1]["ctx"]))
 
 
-def test_all_zero_batch_is_skipped_without_nan():
+def test_all_zero_batches_count_every_sample():
     est = LogZEstimator()
-    assert est.update(torch.full((5,), NEG_INF)) is True                  # before any estimate
-    assert est.value == 0.0 and est.count == 0 and est.skipped_batches == 1
-    assert est.update(torch.tensor([0.5, NEG_INF, -1.0])) is False
-    value, count = est.value, est.count
-    assert count == 3 and math.isfinite(value)
-    assert est.update(torch.full((4,), NEG_INF, dtype=torch.float64)) is True
-    assert est.value == value and est.count == count and est.skipped_batches == 2
-    assert est.update(torch.zeros(0)) is True                              # an empty batch changes nothing
-    assert est.value == value
+    est.update(torch.full((5,), NEG_INF))                                 # before any estimate
+    assert est.value == NEG_INF and est.count == 5                       # no estimate yet, but 5 samples seen
+    est.update(torch.tensor([0.5, NEG_INF, -1.0]))
+    assert est.count == 8
+    assert math.isclose(est.value, math.log((math.exp(0.5) + math.exp(-1.0)) / 8), rel_tol=1e-14)
+    value = est.value
+    est.update(torch.full((4,), NEG_INF, dtype=torch.float64))         # zeros lower the mean: 12 samples now
+    assert est.count == 12 and math.isclose(est.value, value + math.log(8 / 12), rel_tol=1e-14)
+    before = est.value
+    est.update(torch.zeros(0))                                            # an empty batch changes nothing
+    assert est.value == before and est.count == 12
 
 
-def test_per_context_values_and_flags():
-    est = PerContextLogZ(3, initial=-1.0)
+def test_per_context_values_and_counts():
+    est = PerContextLogZ(3)
     lw = torch.tensor([0.0, 1.0, NEG_INF, 2.0, NEG_INF], dtype=torch.float64)
     ids = torch.tensor([0, 0, 1, 2, 2])
-    skipped = est.update(lw, ids)
-    assert skipped.tolist() == [False, True, False]                      # context 1: its only sample has P = 0
-    expected = torch.tensor([math.log((1 + math.e) / 2), -1.0, math.log(math.exp(2.0) / 2)], dtype=torch.float64)
-    assert_close(est.value, expected, rtol=1e-14, atol=1e-14, name="log Z(c)")
+    counts = est.update(lw, ids)
+    assert counts.tolist() == [2.0, 1.0, 2.0]
+    assert est.has_estimate.tolist() == [True, False, True]              # context 1: its only sample has P = 0
+    expected = torch.tensor([math.log((1 + math.e) / 2), NEG_INF, math.log(math.exp(2.0) / 2)], dtype=torch.float64)
+    _assert_same(est.value, expected, rtol=1e-14, atol=1e-14, name="log Z(c)")
     assert torch.equal(est.values_for(torch.tensor([2, 0, 1, 1])), est.value[[2, 0, 1, 1]])
     before = est.value.clone()
-    skipped = est.update(torch.tensor([NEG_INF, 5.0]), torch.tensor([0, 1]))
-    assert skipped.tolist() == [True, False, True]                       # 0 all-zero, 2 absent
-    assert est.value[0] == before[0] and est.value[2] == before[2]
-    assert math.isclose(float(est.value[1]), 5.0, rel_tol=1e-14)          # first positive sample of context 1
+    est.update(torch.tensor([NEG_INF, 5.0], dtype=torch.float64), torch.tensor([0, 1]))
+    assert est.count.tolist() == [3.0, 2.0, 2.0]
+    assert math.isclose(float(est.value[0]), float(before[0]) + math.log(2 / 3), rel_tol=1e-14)  # a zero counted
+    assert est.value[2] == before[2]                                                              # absent: unchanged
+    assert math.isclose(float(est.value[1]), 5.0 - math.log(2), rel_tol=1e-14)  # its earlier zero counts too
+
+
+# ---------------------------------------------------------------- unbiased on an enumerable toy (issue 10)
+def _rare_constraint(q: ToyLM, rate: float, seed: int) -> torch.Tensor:
+    """bool [N]: a random set of light sequences (q < rate/20 each) whose q-mass is just above ``rate``."""
+    log_q = q.log_prob_all().detach()
+    order = torch.randperm(q.num_sequences, generator=torch.Generator().manual_seed(seed))
+    order = order[log_q[order].exp() < rate / 20]
+    mass = torch.cumsum(log_q[order].exp(), 0)
+    chosen = order[: int(torch.searchsorted(mass, torch.tensor(rate, dtype=mass.dtype))) + 1]
+    b = torch.zeros(q.num_sequences, dtype=torch.bool)
+    b[chosen] = True
+    return b
+
+
+@pytest.mark.parametrize("batch", [1, 8, 32])
+def test_z_hat_over_z_tends_to_one_for_every_batch_size(batch):
+    """A constraint q meets 2.7% of the time: counting only batches with a hit gave Ẑ/Z = 5.0 at batch 8 and
+    1.7 at batch 32. Every sample counts now, so Ẑ/Z → 1 within Monte Carlo error whatever the batch."""
+    q = ToyLM(3, 4, init_scale=1.0, generator=torch.Generator().manual_seed(0))
+    b = _rare_constraint(q, 0.027, seed=1)
+    log_P = torch.where(b, q.log_prob_all().detach() + 0.4, torch.full((q.num_sequences,), NEG_INF,
+                                                                        dtype=torch.float64))
+    n = 4_000 if batch == 1 else 40_000 // batch * batch     # one update per sample at batch 1: fewer
+    x = q.sample(n, torch.Generator().manual_seed(2 + batch))
+    log_w = log_P[q.sequence_index(x)] - q.log_prob(x).detach()
+    est = LogZEstimator()
+    for lw in log_w.split(batch):
+        est.update(lw)
+    rate = float(q.log_prob_all().detach()[b].exp().sum())
+    assert 0.027 <= rate < 0.03
+    ratio = math.exp(est.value - float(exact_log_z(log_P)))
+    se = math.sqrt((1 - rate) / (rate * n))                                # relative se of Ẑ (P/q = e^0.4 on b)
+    assert abs(ratio - 1) < 4 * se, (ratio, se)
+    assert se < 0.1                                                        # the check has teeth (old: 37, 5.0, 1.7)
+
+
+def test_z_hat_over_z_conditional_one_sample_per_context_per_step():
+    """One sample per context per step: skipping contexts without a hit gave Ẑ(c)/Z(c) = 1/rate ≈ 37."""
+    n_ctx, steps = 12, 3_000
+    q = ToyLM(3, 4, init_scale=1.0, generator=torch.Generator().manual_seed(0))
+    log_q_all = q.log_prob_all().detach()
+    tables = []
+    for c in range(n_ctx):                                                # each context its own rare constraint
+        b = _rare_constraint(q, 0.027, seed=10 + c)
+        tables.append(torch.where(b, log_q_all + 0.1 * c, torch.full_like(log_q_all, NEG_INF)))
+    log_P = torch.stack(tables)                                           # [C, N]
+    x = q.sample(n_ctx * steps, torch.Generator().manual_seed(3))
+    idx = q.sequence_index(x).view(steps, n_ctx)
+    lq = q.log_prob(x).detach().view(steps, n_ctx)
+    ctx = torch.arange(n_ctx)
+    est = PerContextLogZ(n_ctx)
+    for s in range(steps):
+        est.update(log_P[ctx, idx[s]] - lq[s], ctx)
+    exact = torch.stack([exact_log_z(t) for t in tables])
+    ratio = (est.value - exact).exp()
+    rates = torch.stack([log_q_all[t > NEG_INF].exp().sum() for t in tables])
+    se = ((1 - rates) / (rates * steps)).sqrt()
+    assert bool(((ratio - 1).abs() < 5 * se).all()), (ratio, se)
+    pooled_se = float(se.pow(2).mean().sqrt()) / math.sqrt(n_ctx)
+    assert abs(float(ratio.mean()) - 1) < 4 * pooled_se, (float(ratio.mean()), pooled_se)
+    assert float(se.max()) < 0.15                                          # teeth: the old estimator gave ≈ 37
 
 
 def test_state_dict_round_trip_through_json():
@@ -235,13 +306,14 @@ def test_state_dict_round_trip_through_json():
     b.load_state_dict(json.loads(json.dumps(a.state_dict())))
     for lw, ids in batches[4:]:
         assert torch.equal(a.update(lw, ids), b.update(lw, ids))
-        assert torch.equal(a.value, b.value)
+        assert torch.equal(a.value, b.value) and torch.equal(a.count, b.count)
     s, t = LogZEstimator(), LogZEstimator()
     s.update(torch.tensor([1.0, 2.0]))
     t.load_state_dict(json.loads(json.dumps(s.state_dict())))
     assert t.value == s.value and t.count == s.count
     with pytest.raises(ValueError, match="num_contexts = 2"):
         PerContextLogZ(2).load_state_dict(a.state_dict())
+    assert json.loads(json.dumps(LogZEstimator().state_dict()))["log_sum"] == [NEG_INF]  # −inf survives JSON
 
 
 def test_bad_input_is_named():

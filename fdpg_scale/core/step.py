@@ -1,0 +1,196 @@
+"""One f-DPG optimizer step, written once for every backend: sample → score → log Z → weigh → backward/step →
+baseline → proposal (docs/method.md §3–§6).
+
+The step is the method; a *backend* is the model it runs on. Two implement ``FDPGBackend``:
+
+- ``fdpg_scale.toy.backend.ToyBackend``: the enumerable tabular LM (every quantity has an exact value, so the
+  tests in tests/estimator prove this very function unbiased and convergent);
+- ``fdpg_scale.training.backend.ZeroBackend``: the DeepSpeed ZeRO-3 engines that ``fdpg-scale train`` runs.
+
+Order inside a step (and why):
+
+1. ``backend.sample(step)``: this rank's share of the global batch, drawn from q (π on-policy) with log q of the
+   warped sampler that drew it, and scored: log P(x) = log a(x) + Σ log-scores.
+2. log Z: every sample of the global batch (all ranks) is folded into the running estimate *before* weighing,
+   so the batch's own P/q terms are in the Ẑ its weights use (the same value on every rank).
+3. weigh + backward: per micro-batch, log π(x) with autograd, ``fdiv_weights`` → w = (π/q)·(B − r), loss
+   mean(w · log π); the backend accumulates gradients and steps the optimizer once per global batch.
+   Where no sample of a context has had P > 0 yet (log Ẑ(c) = −inf), any finite log Z gives the same weights:
+   every sample of that context has t = π/p = ∞, so Z does not enter.
+4. baseline: B is updated with this batch's pseudo-rewards *after* its use (B must not depend on the batch it
+   weighs, else the estimator is biased).
+5. proposal: the batch's log π (warped as q samples) joins the accumulated evidence; at a check that has
+   enough samples, q ← π if π is estimated closer to p (``ProposalSchedule``). Decided after the optimizer step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from fdpg_scale.core.collectives import Collective
+from fdpg_scale.core.divergences import Divergence
+from fdpg_scale.core.estimator import MovingAverageBaseline, PerContextLogZ, ProposalSchedule, fdpg_loss
+from fdpg_scale.kernels import fdiv_weights
+
+__all__ = ["Draws", "FDPGBackend", "FDPGState", "StepSettings", "StepResult", "fdpg_step"]
+
+
+@dataclass
+class Draws:
+    """One micro-batch of this rank's samples from the proposal, scored (b = micro-batch size)."""
+
+    logq: torch.Tensor
+    """[b] log q(x) under the (warped) sampler that drew x."""
+    log_target: torch.Tensor
+    """[b] log P(x), unnormalised; −inf outside the target's support."""
+    log_base: torch.Tensor
+    """[b] log a(x) of the base model (for KL(π‖a) in the metrics)."""
+    context_ids: torch.Tensor
+    """[b] int64 context of each sample (all 0 for an unconditional target)."""
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+    """{name: [b] float} per-sample quantities whose mean under π is reported (e.g. alignment)."""
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    """{name: [b]} per-sample bookkeeping gathered with the batch (e.g. generated token counts)."""
+    payload: Any = None
+    """What the backend needs to score this micro-batch again (token ids and masks, or sequence rows)."""
+
+
+@runtime_checkable
+class FDPGBackend(Protocol):
+    """The model side of an f-DPG step: what ``fdpg_step`` asks of the toy and of the ZeRO-3 engines."""
+
+    collective: Collective
+    """Reductions over the ranks that share the global batch (log Z is all-reduced through it)."""
+
+    def sample(self, step: int) -> list[Draws]:
+        """This rank's share of step ``step``'s global batch, as micro-batches (collective: all ranks call)."""
+        ...
+
+    def policy_logprobs(self, draws: Draws) -> torch.Tensor:
+        """[b] log π_θ(x) of the micro-batch, with autograd history."""
+        ...
+
+    def sampling_logprobs(self, draws: Draws, policy_logprobs: torch.Tensor) -> torch.Tensor:
+        """[b] log-prob of x under π *as it would sample if it became q* (same warping as q), no grad.
+        ``policy_logprobs`` ([b], detached) is returned when sampling does not warp."""
+        ...
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate the gradient of one micro-batch's mean loss (the backend averages over micro-batches
+        and ranks)."""
+        ...
+
+    def optimizer_step(self) -> None:
+        """Apply the accumulated gradient of the global batch (once per step)."""
+        ...
+
+    def replace_proposal(self) -> None:
+        """q ← π (collective)."""
+        ...
+
+    def gather_rows(self, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """{name: [b_r, ...]} on each rank → {name: [N, ...]} the global batch in rank order, on every rank."""
+        ...
+
+
+@dataclass(kw_only=True)
+class FDPGState:
+    """What the estimator carries from step to step (each part has its own state_dict)."""
+
+    log_z: PerContextLogZ
+    """Running log Ẑ(c) over every sample so far (all ranks); one context when unconditional."""
+    baseline: MovingAverageBaseline
+    proposal_schedule: ProposalSchedule | None
+    """None on-policy (no proposal to replace)."""
+    proposal_version: int = 0
+    """How many times q was replaced by π."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepSettings:
+    """The step's fixed choices (from the run config)."""
+
+    divergence: Divergence
+    clip: float | None = None
+    """Clamp pseudo-rewards to ±clip (explicit, logged); None: the exact f′."""
+    outside_support_reward: float | None = None
+    """Pseudo-reward of samples with P = 0 for divergences whose f′ is infinite there (rkl, rchi2, α ≥ 1)."""
+
+
+@dataclass
+class StepResult:
+    """What one step did, for logging (every tensor is the *global* batch, identical on every rank)."""
+
+    batch: dict[str, torch.Tensor]
+    """[N] per sample: logp_pi, logp_sampling, logq, log_target, log_base, context_ids, weight, pseudo_reward,
+    importance_ratio, log_z, plus ``feature/<name>`` and ``extra/<name>`` rows."""
+    loss: float
+    """mean(weight · log π) over the global batch (its gradient estimates ∇D_f)."""
+    baseline_used: float
+    replaced: bool
+    """True when q was replaced by π after this step."""
+
+
+def fdpg_step(backend: FDPGBackend, state: FDPGState, settings: StepSettings, step: int) -> StepResult:
+    """Run optimizer step ``step`` (0-based) of f-DPG on ``backend``; updates ``state`` in place.
+
+    Collective when the backend is distributed: every rank calls it, with the same state.
+    """
+    draws = backend.sample(step)                                                      # 1. sample, score
+    state.log_z.update(torch.cat([d.log_target - d.logq for d in draws]),             # 2. log Z (all ranks)
+                       torch.cat([d.context_ids for d in draws]))
+    # t = ∞ for every sample of a context without an estimate (all its samples had P = 0), whatever Z is:
+    # any finite stand-in gives the exact weights and keeps −inf − (−inf) = NaN out of log t.
+    log_z = state.log_z.value
+    log_z = torch.where(torch.isfinite(log_z), log_z, torch.zeros_like(log_z))
+    baseline = state.baseline.value
+
+    rows = []
+    for d in draws:                                                                   # 3. weigh, backward
+        logp_pi = backend.policy_logprobs(d)
+        dev = logp_pi.device
+        ctx_log_z = log_z.to(dev)[d.context_ids.to(dev)]
+        w = fdiv_weights(logp_pi.detach(), d.logq.to(dev), d.log_target.to(dev), ctx_log_z,
+                         settings.divergence, baseline=baseline, clip=settings.clip,
+                         **_outside_support(settings))
+        backend.backward(fdpg_loss(logp_pi, w.weight))
+        rows.append({"logp_pi": logp_pi.detach(), "logq": d.logq, "log_target": d.log_target,
+                     "log_base": d.log_base, "context_ids": d.context_ids, "log_z": ctx_log_z,
+                     "weight": w.weight, "pseudo_reward": w.pseudo_reward, "importance_ratio": w.importance_ratio,
+                     "logp_sampling": backend.sampling_logprobs(d, logp_pi.detach()),
+                     **{f"feature/{k}": v for k, v in d.features.items()},
+                     **{f"extra/{k}": v for k, v in d.extras.items()}})
+    backend.optimizer_step()
+
+    local = {k: torch.cat([r[k].detach().cpu() for r in rows]) for k in rows[0]}
+    batch = backend.gather_rows(local)                                                # the global batch
+    state.baseline.update(batch["pseudo_reward"], batch["importance_ratio"])          # 4. after its use
+
+    replaced = False                                                                  # 5. proposal
+    schedule = state.proposal_schedule
+    if schedule is not None:
+        schedule.observe(logp_pi=batch["logp_sampling"], logp_q=batch["logq"], log_target=batch["log_target"],
+                         context_ids=batch["context_ids"])
+        if schedule.due(step + 1):
+            conditional = state.log_z.num_contexts > 1
+            replaced = schedule.decide(state.log_z.value if conditional else None)
+            if replaced:
+                backend.replace_proposal()
+                state.proposal_version += 1
+    loss = float((batch["weight"].double() * batch["logp_pi"].double()).mean())
+    return StepResult(batch=batch, loss=loss, baseline_used=baseline, replaced=replaced)
+
+
+def _outside_support(settings: StepSettings) -> dict:
+    """The ``fdiv_weights`` keyword for samples with P = 0, passed only when the run chose a value."""
+    return {} if settings.outside_support_reward is None else {
+        "outside_support_reward": settings.outside_support_reward}
+
+
+def no_estimate(value: float) -> float | None:
+    """A log Z (or any estimate) for logging: None (JSON null) when it is not finite, i.e. no estimate yet."""
+    return value if math.isfinite(value) else None
