@@ -1,14 +1,15 @@
 """Torch reference for ``fdiv_weights``: the oracle, the CPU path and the documentation.
 
-Math (f-DPG, Go et al. 2023, Theorem 1; DESIGN.md §1). For one sampled sequence x ~ q with
+Math (f-DPG, Go et al. 2023, arXiv 2302.08215, Theorem 1; docs/method.md §3, §7). For one sampled sequence x ~ q with
 
     log π = Σ_t m_t·log π(x_t|x_<t)      (or given per sequence)       m = the token mask
     log q = Σ_t m_t·log q(x_t|x_<t)      (or given per sequence)
-    log P = Σ_t m_t·log a(x_t|x_<t) + log_scores     (or log P(x) given per sequence, + log_scores if any)
+    log P = Σ_t m_t·log a(x_t|x_<t)  + log_scores   (or log P(x) given per sequence, + log_scores if any)
 
-    log t = clamp(log π − (log P − log Z), −bound, +bound)        t = π(x)/p(x), p = P/Z  (bound below)
-    r     = −f′(t)                      (clamped to [−clip, clip] only when ``clip`` is given)
-    ρ     = exp(log π − log q)          the importance ratio π/q
+    log t = log π − (log P − log Z)      t = π(x)/p(x), p = P/Z   (no clamp)
+    r     = −f′(t)                       (f′ from kernels/f_prime.py; clamped to [−clip, clip] only when
+                                          ``clip`` is given)
+    ρ     = exp(log π − log q)           the importance ratio π/q
     w     = ρ·(−(r − B)) = ρ·(B − r)     B = the baseline
 
 The trainer minimises mean(w · log π_θ(x)) with w detached, so
@@ -17,27 +18,36 @@ The trainer minimises mean(w · log π_θ(x)) with w detached, so
 
 the baseline term vanishes because it sits inside the importance ratio (Σ_x π = 1 for every θ).
 
-Zero-probability samples: a sample outside the target's support has log P = −inf, so log t = +inf and e.g.
-rkl's f′ = log t + 1 would be inf (and 0·inf = NaN in the loss). log t is therefore clamped to ±bound with
+Inside the support (log P > −inf) every divergence gets its exact f′ in a stable log-space form: rkl's
+f′ = log t + 1 is linear, js's ½(log 2 − softplus(−log t)) is linear at both ends, and the exponential ones
+(kl, chi2, rchi2, hellinger, alpha) are c₀ + c₁·exp(κ·log t). The pseudo-reward field reports r honestly:
+±inf where r itself is beyond float32 (kl at log t < −88.7: r = e^{−log t}).
 
-    bound = LOG_T_BOUND / max(1, |κ|),   LOG_T_BOUND = 80,
+Outside the support (log P = −inf, so t = +inf and log t is reported as +inf):
+  * f′ has a finite limit at t → ∞ for kl (0), tv (½), js (½ log 2), chi2 (1), hellinger (1) and alpha with
+    α < 1 (1/(1 − α)): r is exactly −(that limit). It is the true pseudo-reward of the sample (the gradient of
+    D_f(π‖p) with p(x) = 0 is π(x)·f′(∞)·∇log π(x)), not an approximation.
+  * f′ → +∞ for rkl, rchi2 and alpha with α > 1: D_f(π‖p) = +∞ as soon as π puts mass outside the support, and
+    no finite pseudo-reward is exact. The caller chooses one: ``outside_support_reward`` = the r used for such
+    samples (a penalty, e.g. −20); None (default) makes such a sample a ValueError naming the argument.
+    ``outside_support_reward`` is not used by the finite-limit divergences above (their limit is exact).
+    For comparison: naver/disco's f-DPG losses (disco/tuners/losses/*.py) apply f′ to log t = +inf as it is,
+    so its rkl pseudo-reward is −inf for a P = 0 sample (BooleanScorer gives log 0) and the loss is not finite;
+    it has neither a clamp nor a penalty.
 
-κ the rate of the exponential in the divergence's f′ (f′ ∝ expm1(κ·log t): kl −1, chi2 −2, rchi2 1,
-hellinger −½, alpha α−1; rkl, tv and js have none, κ = 0). Then |κ·log t| ≤ 80 and every f′ is finite in
-float32 at the bound (at most 2·e^80 ≈ 1.1e35 < 3.4e38, or e^80/|α−1| for alpha): such a sample gets the
-maximal finite penalty instead of inf. A plain ±80 would not do: chi2's f′ = 1 − e^(−2 log t) is −inf in
-float32 at log t = −80, and alpha's at |α−1|·80 > 88.7 (α > 2.1 or α < −0.1). Sequence ratios beyond e^±80
-are indistinguishable for any trainer anyway. The weight ρ·(B − r) can still overflow when ρ is itself huge
-(off-policy samples): that is the importance ratio's own variance problem and is reported, not hidden.
-NaN inputs stay NaN (the clamp never hides them).
-
-Weight arithmetic: w = ρ·(B − r) is formed as a plain product, because exp(log ρ) keeps full relative precision
-and the product overflows only when the true |w| is beyond float32's range, where no representation helps.
-Evaluating it as sign·exp(log ρ + log|B − r|) everywhere would cost relative precision (exp turns the
-absolute rounding of its argument, up to ~|arg|·6e-8 ≈ 1e-5 at |arg| ≈ 170, into relative error), so log
-space is used only where ρ itself overflows (log ρ > 88.7) yet the product may not, which also maps the
-one hazard of the plain form, inf·0 = NaN, to the correct 0 (a zero coefficient B − r gives 0 unless ρ is
-NaN).
+Weight arithmetic: w = ρ·(B − r) is a plain product where ρ and B − r are finite, because exp(log ρ) keeps
+full relative precision and the product overflows only when the true |w| is beyond float32's range. Two
+cases leave the plain product:
+  * ρ outside float32's normal range (log ρ > 88.7: inf; log ρ < −87.3: a subnormal or 0, which would lose
+    the weight of a huge finite r) with B − r finite: w = sign(B − r)·exp(log ρ + log|B − r|), and a zero
+    coefficient gives 0 (never inf·0 = NaN). Log space only there: exp turns the absolute rounding of its
+    argument (~|arg|·6e-8) into relative error, which the plain product does not have.
+  * r overflowed (B − r = ±inf) for an exponential f′ = c₀ + c₁·exp(κ·log t): w = ρ·(B + c₀) + c₁·exp(E) with
+    E = log ρ + κ·log t = (1 + κ)·log π − log q − κ·(log P − log Z), the two terms added in log space. For kl
+    that is ρB − exp(log p − log q): finite wherever the true weight is, although f′ = −e^{−log t} is not.
+    (Written from the inputs, E needs no inf − inf when π = 0.) For rkl and js, r overflows only at
+    log t = −inf, i.e. π(x) = 0, where ρ = 0 and w = 0 (π log π → 0).
+NaN inputs stay NaN; finite inputs never give a NaN weight.
 
 Everything is computed in float32 (inputs are cast first: bf16/fp16 per-token log-probs are upcast before
 the sum), exactly as the Triton kernel does, so the two agree to float32 rounding.
@@ -50,19 +60,10 @@ from dataclasses import dataclass
 
 import torch
 
-from fdpg_scale.core.divergences import Divergence, get_divergence
+from .f_prime import FPrimeSpec, f_prime_torch, fprime_spec
 
-__all__ = ["LOG_T_BOUND", "FDivWeights", "FDivInputs", "check_fdiv_inputs", "fdiv_weights_torch", "log_t_bound"]
-
-LOG_T_BOUND = 80.0
-"""|κ·log t| is clamped to this: f′ stays finite in float32 for every divergence (see the module docstring)."""
-
-def log_t_bound(divergence: Divergence) -> float:
-    """LOG_T_BOUND / max(1, |κ|): the |log t| up to which this divergence's f′ is finite in float32.
-
-    κ = ``divergence.exp_rate``: f′(log t) grows like exp(κ·log t) (chi2: −2, alpha: α − 1, ...).
-    """
-    return LOG_T_BOUND / max(1.0, abs(divergence.exp_rate))
+__all__ = ["FDivWeights", "FDivInputs", "check_fdiv_inputs", "fdiv_weights_torch", "outside_reward",
+           "outside_support_error"]
 
 
 @dataclass(frozen=True)
@@ -72,11 +73,12 @@ class FDivWeights:
     weight: torch.Tensor
     """(π/q)·(−(r − B)): the coefficient of log π in the loss mean(weight · log π)."""
     pseudo_reward: torch.Tensor
-    """r = −f′(π/p), clamped to [−clip, clip] when clip was given (before the baseline is subtracted)."""
+    """r = −f′(π/p), clamped to [−clip, clip] when clip was given (before the baseline is subtracted); ±inf
+    where r is beyond float32; outside the support the limit −f′(∞) or ``outside_support_reward``."""
     importance_ratio: torch.Tensor
     """π(x)/q(x) = exp(log π − log q)."""
     log_t: torch.Tensor
-    """log(π(x)/p(x)) = log π − (log P − log Z), clamped to ±log_t_bound(divergence)."""
+    """log(π(x)/p(x)) = log π − (log P − log Z), unclamped; +inf for samples outside the support (log P = −inf)."""
 
 
 @dataclass(frozen=True)
@@ -97,8 +99,11 @@ class FDivInputs:
     """float32, [B] or [1] (broadcast)."""
     baseline: torch.Tensor
     """float32, [B] or [1] (broadcast)."""
-    divergence: Divergence
+    divergence: FPrimeSpec
+    """Which f′ (kernel id and α)."""
     clip: float | None
+    outside_support_reward: float | None
+    """r for samples with log P = −inf where f′(∞) = +∞ (None: such a sample is an error)."""
     batch: int
     tokens: int
     """T of the per-token inputs (0 when every input is per sequence)."""
@@ -142,13 +147,13 @@ def _broadcast_scalar(name: str, value, batch: int, device) -> torch.Tensor:
 
 
 def check_fdiv_inputs(logp_pi, logp_q, log_target, log_z, divergence, *, baseline=0.0, clip=None, mask=None,
-                      log_scores=None) -> FDivInputs:
+                      log_scores=None, outside_support_reward=None) -> FDivInputs:
     """Check shapes, dtypes and devices of ``fdiv_weights``'s arguments (one-line errors naming them)."""
     _check_logprob("logp_pi", logp_pi, None, None)
     batch, device = logp_pi.shape[0], logp_pi.device
     _check_logprob("logp_q", logp_q, batch, device)
     _check_logprob("log_target", log_target, batch, device)
-    divergence = get_divergence(divergence)
+    divergence = fprime_spec(divergence)
     per_token = [(n, x) for n, x in (("logp_pi", logp_pi), ("logp_q", logp_q), ("log_target", log_target))
                  if x.dim() == 2]
     tokens = per_token[0][1].shape[1] if per_token else 0
@@ -184,13 +189,21 @@ def check_fdiv_inputs(logp_pi, logp_q, log_target, log_z, divergence, *, baselin
         if not (math.isfinite(clip) and clip > 0):
             raise ValueError(f"clip must be None or a finite float > 0, got {clip!r}")
         clip = float(clip)
+    if outside_support_reward is not None:
+        if isinstance(outside_support_reward, bool) or not isinstance(outside_support_reward, (int, float)):
+            raise TypeError(f"outside_support_reward must be None or a float, got "
+                            f"{type(outside_support_reward).__name__}")
+        if not math.isfinite(outside_support_reward):
+            raise ValueError(f"outside_support_reward must be None or a finite float, got {outside_support_reward!r}")
+        outside_support_reward = float(outside_support_reward)
     return FDivInputs(
         logp_pi=logp_pi.detach(), logp_q=logp_q.detach(), log_target=log_target.detach(),
         mask=None if mask is None else mask.detach(),
         log_scores=None if log_scores is None else log_scores.detach(),
         log_z=_broadcast_scalar("log_z", log_z, batch, device),
         baseline=_broadcast_scalar("baseline", baseline, batch, device),
-        divergence=divergence, clip=clip, batch=batch, tokens=tokens)
+        divergence=divergence, clip=clip, outside_support_reward=outside_support_reward, batch=batch,
+        tokens=tokens)
 
 
 def _sequence_sum(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -204,13 +217,57 @@ def _sequence_sum(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return x.sum(dim=1)
 
 
-def _weight(log_ratio: torch.Tensor, ratio: torch.Tensor, coeff: torch.Tensor) -> torch.Tensor:
-    """ρ·coeff, in log space only where ρ = exp(log_ratio) overflowed (see the module docstring)."""
-    # A zero coefficient gives weight 0 even where ρ = inf (the true ρ is finite, only unrepresentable);
-    # a NaN ρ stays NaN.
-    zero = (coeff == 0) & ~torch.isnan(ratio)
+def outside_reward(inputs: FDivInputs) -> float:
+    """r for a sample outside the support: −f′(∞) where finite, else ``outside_support_reward`` (−inf if None:
+    the true value, only ever seen by the caller if it skips ``outside_support_error``)."""
+    limit = inputs.divergence.limit_at_infinity
+    if limit is not None:
+        return -limit
+    return float("-inf") if inputs.outside_support_reward is None else inputs.outside_support_reward
+
+
+def outside_support_error(inputs: FDivInputs, log_t: torch.Tensor) -> None:
+    """Raise if a sample lies outside the support (log t = +inf) where f′(∞) = +∞ and no
+    ``outside_support_reward`` was given. Only then does it read a value (one host sync)."""
+    if inputs.divergence.limit_at_infinity is not None or inputs.outside_support_reward is not None:
+        return
+    n = int(torch.isposinf(log_t).sum())
+    if n:
+        raise ValueError(f"{n} sample(s) lie outside the target's support (log P = −inf, log t = +inf), where "
+                         f"divergence {inputs.divergence.name!r} has f′ = +∞ (D_f is infinite): pass "
+                         f"outside_support_reward= (the pseudo-reward r for such samples; config key "
+                         f"divergence.outside_support_reward)")
+
+
+def _signed_exp_sum(s1: torch.Tensor, a: torch.Tensor, s2: float, b: torch.Tensor) -> torch.Tensor:
+    """s1·eᵃ + s2·eᵇ without overflowing on the way: e^m·(s1·e^{a−m} + s2·e^{b−m}), m = max(a, b)."""
+    m = torch.maximum(a, b)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)   # a term of e^±inf: no ±inf − ±inf = NaN
+    inner = s1 * torch.exp(a - m) + s2 * torch.exp(b - m)
+    return torch.sign(inner) * torch.exp(m + torch.log(inner.abs()))
+
+
+def _weight(inputs: FDivInputs, log_pi, log_q, log_p_norm, log_ratio, ratio, coeff) -> torch.Tensor:
+    """w = ρ·coeff, coeff = B − r, in log space only where ρ or r overflowed (see the module docstring)."""
+    # ρ = inf or below float32's normal range (0 or a subnormal with few significant bits) with a finite
+    # coefficient: log space. A zero coefficient gives 0 (the true ρ is finite, only unrepresentable); a NaN ρ
+    # stays NaN through the plain product.
+    zero = coeff == 0
     log_space = torch.sign(coeff) * torch.exp(log_ratio + torch.log(torch.where(zero, 1.0, coeff.abs())))
-    return torch.where(zero, 0.0, torch.where(torch.isinf(ratio), log_space, ratio * coeff))
+    outside_normal = torch.isinf(ratio) | (ratio < torch.finfo(torch.float32).tiny)
+    w = torch.where(outside_normal, torch.where(zero, 0.0, log_space), ratio * coeff)
+    # r = ±inf: f′ itself overflowed.
+    form = inputs.divergence.exp_form
+    if form is None:       # rkl, js (tv never overflows): only at log t = −inf, i.e. π = 0 and ρ = 0
+        huge = torch.where(ratio == 0, 0.0, ratio * coeff)
+    else:                  # ρ·(B + c₀) + c₁·exp((1 + κ) log π − log q − κ log p)
+        lead = 1.0 + form.kappa
+        e = (0.0 if lead == 0.0 else lead * log_pi) - log_q - form.kappa * log_p_norm
+        b_c0 = inputs.baseline + form.c0
+        a = log_ratio + torch.log(b_c0.abs())
+        huge = _signed_exp_sum(torch.sign(b_c0).expand_as(a), a, math.copysign(1.0, form.c1),
+                               e + math.log(abs(form.c1)))
+    return torch.where(torch.isinf(coeff), huge, w)
 
 
 def fdiv_weights_torch(inputs: FDivInputs) -> FDivWeights:
@@ -220,12 +277,14 @@ def fdiv_weights_torch(inputs: FDivInputs) -> FDivWeights:
     log_p = _sequence_sum(inputs.log_target, inputs.mask)
     if inputs.log_scores is not None:
         log_p = log_p + inputs.log_scores.to(torch.float32)
-    bound = log_t_bound(inputs.divergence)
-    log_t = (logp_pi - (log_p - inputs.log_z)).clamp(-bound, bound)
-    reward = -inputs.divergence.f_prime(log_t)
+    outside = torch.isneginf(log_p)
+    log_p_norm = log_p - inputs.log_z
+    log_t = torch.where(outside, float("inf"), logp_pi - log_p_norm)
+    outside_support_error(inputs, log_t)
+    reward = torch.where(outside, outside_reward(inputs), -f_prime_torch(log_t, inputs.divergence))
     if inputs.clip is not None:
         reward = reward.clamp(-inputs.clip, inputs.clip)
     log_ratio = logp_pi - logp_q
     ratio = torch.exp(log_ratio)
-    weight = _weight(log_ratio, ratio, inputs.baseline - reward)
+    weight = _weight(inputs, logp_pi, logp_q, log_p_norm, log_ratio, ratio, inputs.baseline - reward)
     return FDivWeights(weight=weight, pseudo_reward=reward, importance_ratio=ratio, log_t=log_t)

@@ -7,11 +7,13 @@ exact evaluation on enumerable problems and for the importance-sampled metrics.
 
 Both methods take ``log_t`` (any shape, any float dtype) and never exponentiate more than the formula asks
 for: ratios of sequence probabilities routinely reach e^±50, where ``t`` itself is not representable in
-fp16/bf16 and ``t²`` is not representable in fp32. Every formula is finite in float32 for
-``log_t ∈ [−80, 80]`` wherever its true value fits in float32.
+fp16/bf16 and ``t²`` is not representable in fp32. Every formula is finite wherever its true value fits the
+dtype, with no clamp on log t; at log t = +inf (a sample outside the target's support) ``f_prime`` is the
+limit of f′ at t → ∞ (+inf for rkl, rchi2 and alpha with α > 1).
 
-The divergence is stateless; ``kernel_id``/``alpha`` let the Triton ``fdiv_weights`` kernel pick the same
-formula as a compile-time constant.
+f′ and the kernel ids are owned by the kernels (``fdpg_scale.kernels.f_prime``: the Triton kernel switches
+on the id, the torch forms there are its reference); each class here takes its ``kernel_id`` and ``f_prime``
+from that table, and adds ``f`` for exact evaluation. The divergence is stateless.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
+
+from fdpg_scale.kernels.f_prime import KERNEL_IDS, FPrimeSpec, expm1_over, f_prime_torch, softplus_exact
 
 __all__ = ["Divergence", "get_divergence", "DIVERGENCE_NAMES"]
 
@@ -33,7 +36,7 @@ class Divergence:
     """Base class: ``f(log_t)`` and ``f_prime(log_t)`` elementwise, shapes preserved."""
 
     name: ClassVar[str] = ""
-    # Index of this divergence in the Triton kernel's constexpr switch (kernels/fdiv_weights.py).
+    # Index of this divergence in the kernels' f′ table (fdpg_scale.kernels.f_prime.KERNEL_IDS).
     kernel_id: ClassVar[int] = -1
 
     @property
@@ -42,16 +45,16 @@ class Divergence:
         return 0.0
 
     @property
-    def exp_rate(self) -> float:
-        """κ: f′(log t) grows like e^{κ·log t} at worst (kl: −1, rkl: 0, chi2: −2, ...). ``fdiv_weights`` bounds
-        |log t| by 80 / max(1, |κ|) so that f′ stays finite in float32 at the bound."""
-        return 1.0
+    def fprime_spec(self) -> FPrimeSpec:
+        """What the kernels need to evaluate this f′: its id and α."""
+        return FPrimeSpec(kernel_id=self.kernel_id, alpha=self.alpha_value)
 
     def f(self, log_t: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def f_prime(self, log_t: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def f_prime(self, log_t: torch.Tensor) -> torch.Tensor:
+        """f′(t) given log t, elementwise (the kernels' torch form, exact and unclamped)."""
+        return f_prime_torch(log_t, self.fprime_spec)
 
     def __str__(self) -> str:
         return self.name
@@ -66,17 +69,10 @@ class ForwardKL(Divergence):
     """
 
     name: ClassVar[str] = "kl"
-    kernel_id: ClassVar[int] = 0
-
-    @property
-    def exp_rate(self) -> float:
-        return -1.0
+    kernel_id: ClassVar[int] = KERNEL_IDS["kl"]
 
     def f(self, log_t):
         return -log_t
-
-    def f_prime(self, log_t):
-        return -torch.exp(-log_t)
 
 
 @dataclass(frozen=True)
@@ -84,18 +80,11 @@ class ReverseKL(Divergence):
     """KL(π‖p). f(t) = t log t, f′(t) = log t + 1 (reverse-KL f-DPG is KL-penalised RL)."""
 
     name: ClassVar[str] = "rkl"
-    kernel_id: ClassVar[int] = 1
-
-    @property
-    def exp_rate(self) -> float:
-        return 0.0
+    kernel_id: ClassVar[int] = KERNEL_IDS["rkl"]
 
     def f(self, log_t):
         # t·log t → 0 as log t → −∞; torch gives 0·(−inf) = nan there, so guard it.
         return torch.where(torch.isneginf(log_t), torch.zeros_like(log_t), torch.exp(log_t) * log_t)
-
-    def f_prime(self, log_t):
-        return log_t + 1.0
 
 
 @dataclass(frozen=True)
@@ -103,18 +92,10 @@ class TotalVariation(Divergence):
     """TV(π, p). f(t) = ½|t − 1|, f′(t) = ½ sign(t − 1)."""
 
     name: ClassVar[str] = "tv"
-    kernel_id: ClassVar[int] = 2
-
-    @property
-    def exp_rate(self) -> float:
-        return 0.0
+    kernel_id: ClassVar[int] = KERNEL_IDS["tv"]
 
     def f(self, log_t):
         return 0.5 * torch.abs(torch.expm1(log_t))
-
-    def f_prime(self, log_t):
-        # torch.sign(nan) is 0: keep a NaN log t NaN instead of turning it into a plausible pseudo-reward.
-        return torch.where(torch.isnan(log_t), log_t, 0.5 * torch.sign(log_t))
 
 
 @dataclass(frozen=True)
@@ -126,40 +107,26 @@ class JensenShannon(Divergence):
     """
 
     name: ClassVar[str] = "js"
-    kernel_id: ClassVar[int] = 3
-
-    @property
-    def exp_rate(self) -> float:
-        return 0.0
+    kernel_id: ClassVar[int] = KERNEL_IDS["js"]
 
     def f(self, log_t):
-        first = torch.exp(log_t) * (_LOG2 - F.softplus(-log_t))
+        first = torch.exp(log_t) * (_LOG2 - softplus_exact(-log_t))
         first = torch.where(torch.isneginf(log_t), torch.zeros_like(first), first)
-        return 0.5 * (first + _LOG2 - F.softplus(log_t))
-
-    def f_prime(self, log_t):
-        return 0.5 * (_LOG2 - F.softplus(-log_t))
+        return 0.5 * (first + _LOG2 - softplus_exact(log_t))
 
 
 @dataclass(frozen=True)
 class ChiSquared(Divergence):
     """χ²(p‖π) = Σ (p − π)²/π. f(t) = (1 − t)²/t, f′(t) = 1 − 1/t².
 
-    (1 − t)²/t = t − 2 + 1/t = 4 sinh²(log t / 2): no t² is formed, so it stays finite in fp32 at |log t| = 80.
+    (1 − t)²/t = t − 2 + 1/t = 4 sinh²(log t / 2): no t² is formed (finite in fp32 up to |log t| ≈ 89).
     """
 
     name: ClassVar[str] = "chi2"
-    kernel_id: ClassVar[int] = 4
-
-    @property
-    def exp_rate(self) -> float:
-        return -2.0
+    kernel_id: ClassVar[int] = KERNEL_IDS["chi2"]
 
     def f(self, log_t):
         return 4.0 * torch.sinh(0.5 * log_t) ** 2
-
-    def f_prime(self, log_t):
-        return -torch.expm1(-2.0 * log_t)
 
 
 @dataclass(frozen=True)
@@ -167,17 +134,10 @@ class ReverseChiSquared(Divergence):
     """χ²(π‖p) = Σ (π − p)²/p. f(t) = (t − 1)², f′(t) = 2(t − 1)."""
 
     name: ClassVar[str] = "rchi2"
-    kernel_id: ClassVar[int] = 5
-
-    @property
-    def exp_rate(self) -> float:
-        return 1.0
+    kernel_id: ClassVar[int] = KERNEL_IDS["rchi2"]
 
     def f(self, log_t):
         return torch.expm1(log_t) ** 2
-
-    def f_prime(self, log_t):
-        return 2.0 * torch.expm1(log_t)
 
 
 @dataclass(frozen=True)
@@ -185,17 +145,10 @@ class Hellinger(Divergence):
     """Squared Hellinger. f(t) = (√t − 1)², f′(t) = 1 − 1/√t."""
 
     name: ClassVar[str] = "hellinger"
-    kernel_id: ClassVar[int] = 6
-
-    @property
-    def exp_rate(self) -> float:
-        return -0.5
+    kernel_id: ClassVar[int] = KERNEL_IDS["hellinger"]
 
     def f(self, log_t):
         return torch.expm1(0.5 * log_t) ** 2
-
-    def f_prime(self, log_t):
-        return -torch.expm1(-0.5 * log_t)
 
 
 @dataclass(frozen=True)
@@ -208,7 +161,7 @@ class AlphaDivergence(Divergence):
 
     alpha: float
     name: ClassVar[str] = "alpha"
-    kernel_id: ClassVar[int] = 7
+    kernel_id: ClassVar[int] = KERNEL_IDS["alpha"]
 
     def __post_init__(self):
         a = float(self.alpha)
@@ -223,28 +176,12 @@ class AlphaDivergence(Divergence):
     def alpha_value(self) -> float:
         return float(self.alpha)
 
-    @property
-    def exp_rate(self) -> float:
-        return float(self.alpha) - 1.0
-
     def f(self, log_t):
         a = self.alpha
-        return _expm1_over(a * log_t, a * (a - 1.0)) - _expm1_over(log_t, a - 1.0)
-
-    def f_prime(self, log_t):
-        a = self.alpha
-        return _expm1_over((a - 1.0) * log_t, a - 1.0)
+        return expm1_over(a * log_t, a * (a - 1.0)) - expm1_over(log_t, a - 1.0)
 
     def __str__(self) -> str:
         return f"alpha({self.alpha:g})"
-
-
-def _expm1_over(y: torch.Tensor, c: float) -> torch.Tensor:
-    """expm1(y)/c, finite wherever the quotient fits: expm1(y) alone overflows fp32 for y > 88.7 even when
-    expm1(y)/c does not, so for y > 80 it is computed as sign(c)·exp(y − log|c|) − 1/c."""
-    big = y > 80.0
-    scaled = math.copysign(1.0, c) * torch.exp(torch.where(big, y, torch.zeros_like(y)) - math.log(abs(c))) - 1.0 / c
-    return torch.where(big, scaled, torch.expm1(y) / c)
 
 
 _REGISTRY: dict[str, type[Divergence]] = {

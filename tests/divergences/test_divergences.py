@@ -7,12 +7,17 @@ e^x for very negative x, so differentiating the package's own log-space forms is
 
 from __future__ import annotations
 
+import ast
 import math
+from pathlib import Path
 
+import mpmath
 import pytest
 import torch
 
+import fdpg_scale.kernels
 from fdpg_scale.core.divergences import DIVERGENCE_NAMES, Divergence, get_divergence
+from fdpg_scale.kernels.f_prime import FPRIME_NAMES, KERNEL_IDS
 from tests.helpers import assert_close
 
 F64 = torch.float64
@@ -115,8 +120,8 @@ def test_f_prime_nondecreasing_convexity(d):
     assert second.min().item() >= -1e-9, f"{d}: f not convex (second difference {second.min().item()})"
 
 
-# alpha's f / f′ as written in fdpg_scale/divergences.py divide *after* an expm1 that overflows first:
-# inf in float32 on a window where the quotient itself fits. The fix is in the engineer's report.
+# alpha's f / f′ divide an expm1 that alone overflows float32 on a window where the quotient fits
+# (kernels/f_prime.py's expm1_over handles it): this test covers that window for α = 2, 3.
 def _range_cases():
     for d in DIVERGENCES:
         for fn in ("f", "f_prime"):
@@ -178,6 +183,61 @@ def test_alpha_limits_are_kl_and_rkl(eps):
     gap_far = (far.f_prime(log_t) - rkl.f_prime(log_t) + 1).abs().max().item()
     gap_near = (near1.f_prime(log_t) - rkl.f_prime(log_t) + 1).abs().max().item()
     assert 30 < gap_far / gap_near < 130, (gap_far, gap_near)
+
+
+def test_kernel_ids_come_from_the_kernels_table():
+    """One registry: the kernels own the ids (and f′); the math layer reads them, never the reverse."""
+    assert DIVERGENCE_NAMES == FPRIME_NAMES
+    for name in DIVERGENCE_NAMES:
+        d = get_divergence(name, alpha=0.5 if name == "alpha" else None)
+        assert d.kernel_id == KERNEL_IDS[name] and d.fprime_spec.name == name, name
+    for f in Path(fdpg_scale.kernels.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            for name in names:
+                assert not name.startswith("fdpg_scale") or name.startswith("fdpg_scale.kernels"), \
+                    f"kernels/{f.name} imports {name}: the kernels import nothing from the layers above"
+
+
+@pytest.mark.parametrize("d", DIVERGENCES, ids=IDS)
+def test_f_prime_matches_60_digit_textbook_over_float64_range(d):
+    """d.f_prime in float64 (the kernels' torch forms, no clamp) against the textbook f′(t) in mpmath, for
+    |log t| up to 700 (t itself up to e^±700): the stable forms lose nothing at large |log t|."""
+    mpmath.mp.dps = 60
+    mags = torch.logspace(-12, math.log10(700), 300, dtype=F64)
+    log_t = torch.cat([torch.zeros(1, dtype=F64), mags, -mags])
+    got = d.f_prime(log_t)
+    want = []
+    for v in log_t.tolist():
+        t = mpmath.exp(mpmath.mpf(v))
+        fp = {"kl": lambda: -1 / t, "rkl": lambda: mpmath.log(t) + 1, "tv": lambda: mpmath.sign(t - 1) / 2,
+              "js": lambda: mpmath.log(2 * t / (1 + t)) / 2, "chi2": lambda: 1 - 1 / t ** 2,
+              "rchi2": lambda: 2 * (t - 1), "hellinger": lambda: 1 - 1 / mpmath.sqrt(t),
+              "alpha": lambda: (t ** (d.alpha_value - 1) - 1) / (d.alpha_value - 1)}[d.name]()
+        want.append(math.copysign(math.inf, fp) if abs(fp) > 1.7e308 else float(fp))
+    want = torch.tensor(want, dtype=F64)
+    # rtol: exp of a float64 argument up to ~2100 (3·700 for alpha(3)) rounded once: 2100·1.1e-16.
+    assert_close(got, want, rtol=1e-12, atol=1e-15, name=f"{d} f′ vs mpmath")
+
+
+@pytest.mark.parametrize("d", DIVERGENCES, ids=IDS)
+def test_f_prime_at_infinity_is_the_limit(d):
+    """log t = +inf (a sample outside the support): f′(∞) = kl 0, tv ½, js ½ log 2, chi2 1, hellinger 1,
+    alpha(α < 1) 1/(1 − α); +inf for rkl, rchi2, alpha(α > 1). fprime_spec.limit_at_infinity says the same."""
+    limits = {"kl": 0.0, "tv": 0.5, "js": 0.5 * math.log(2), "chi2": 1.0, "hellinger": 1.0}
+    if d.name == "alpha":
+        limit = 1 / (1 - d.alpha_value) if d.alpha_value < 1 else math.inf
+    else:
+        limit = limits.get(d.name, math.inf)
+    for dtype in (torch.float32, F64):
+        got = d.f_prime(torch.tensor([math.inf], dtype=dtype)).item()
+        assert got == pytest.approx(limit, rel=1e-7), (d, dtype, got)
+    spec_limit = d.fprime_spec.limit_at_infinity
+    assert (spec_limit is None) == math.isinf(limit) and (spec_limit is None or spec_limit == pytest.approx(limit))
+    # ... and it is approached: f′ at log t = 60 is within e^-30 of it (the slowest: hellinger, e^{−lt/2}).
+    if not math.isinf(limit):
+        assert d.f_prime(torch.tensor([60.0], dtype=F64)).item() == pytest.approx(limit, abs=1e-12)
 
 
 def test_kernel_ids_distinct_and_alpha_value():

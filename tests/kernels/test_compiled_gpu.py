@@ -22,7 +22,9 @@ from fdpg_scale.kernels import FDivWeights, fdiv_weights, linear_token_logprobs,
 from fdpg_scale.kernels._triton_utils import is_interpreted
 from fdpg_scale.kernels.linear_logprobs import _linear_fwd_kernel
 from tests.helpers import TOLERANCES, assert_close
-from tests.kernels.test_fdiv_weights import assert_matches_naive, layout, make_batch, naive64
+from tests.kernels.test_fdiv_exact import (DIVERGENCES as EXACT_DIVERGENCES, UNBOUNDED, assert_f32_result,
+                                           log_t_grid, textbook_f_prime)
+from tests.kernels.test_fdiv_weights import OUTSIDE_R, assert_matches_naive, layout, make_batch, naive64
 from tests.kernels.test_reference import (IGNORE, banned_token_case, make_linear_case, naive_linear_logprobs,
                                           naive_token_logprobs)
 from tests.kernels.test_token_logprobs import make_case as make_token_case
@@ -115,10 +117,31 @@ DIVERGENCES = ([get_divergence(n) for n in DIVERGENCE_NAMES if n != "alpha"]
 @pytest.mark.parametrize("d", DIVERGENCES, ids=str)
 @pytest.mark.parametrize("lay", ["sequence", "token", "mixed"])
 def test_fdiv_weights_compiled(d, lay):
+    """Row 1 lies outside the support (exact limit, or the OUTSIDE_R penalty for rkl/rchi2/alpha(2))."""
     data = make_batch()
     args = {k: on_gpu(v) for k, v in layout(data, lay).items()}
     out = fdiv_weights(args["logp_pi"], args["logp_q"], args["log_target"], data["log_z"].to(DEVICE), d,
-                       mask=args["mask"], log_scores=args["log_scores"], baseline=0.25, impl="triton")
+                       mask=args["mask"], log_scores=args["log_scores"], baseline=0.25,
+                       outside_support_reward=OUTSIDE_R, impl="triton")
     assert out.weight.device.type == DEVICE.type
     on_cpu = FDivWeights(**{f: getattr(out, f).cpu() for f in FDivWeights.__dataclass_fields__})
     assert_matches_naive(on_cpu, naive64(data, d, baseline=0.25), f"{d}/{lay}/cuda")
+
+
+@pytest.mark.parametrize("d", EXACT_DIVERGENCES, ids=str)
+def test_fdiv_exact_f_prime_compiled(d):
+    """No clamp on the GPU either: r = −f′(log t) for |log t| ≤ 1e4 against 60-digit arithmetic, the GPU's
+    exp/log included (fp32 tl.exp lowers to ex2.approx: a relative error ≈ |x|·2^-24 more than the
+    interpreter's, inside the same 1e-5 for |x| ≤ 89)."""
+    lt = log_t_grid()
+    out = fdiv_weights(lt.to(DEVICE), lt.to(DEVICE), torch.zeros_like(lt, device=DEVICE), 0.0, d, impl="triton")
+    assert torch.equal(out.log_t.cpu(), lt)
+    exact = [-textbook_f_prime(d, v) for v in lt.tolist()]
+    assert_f32_result(out.pseudo_reward.cpu(), exact, rtol=1e-5, atol=1e-6, name=f"{d}/cuda r")
+    # Outside the support: the exact limit, or the chosen penalty.
+    x = torch.tensor([-3.0, -3.0], device=DEVICE)
+    target = torch.tensor([float("-inf"), -3.0], device=DEVICE)
+    out = fdiv_weights(x, x, target, 0.0, d, outside_support_reward=-20.0, impl="triton")
+    limit = d.fprime_spec.limit_at_infinity
+    want = -20.0 if str(d) in UNBOUNDED else torch.tensor(-limit, dtype=torch.float32).item()
+    assert out.pseudo_reward[0].item() == want and out.log_t[0].item() == float("inf")

@@ -5,7 +5,10 @@ float32, is *exact*: log t then agrees bit for bit between the kernel, the refer
 remaining tolerances measure only the f′/exp evaluation (a summation-order difference cannot hide in them).
 Batches have an odd B = 37 and T = 53 with blocks of 16, so the kernel runs partial programs and a partial
 last T block; row 0 is fully masked, row 1 is outside the target's support (log P = −inf), rows 2/3 have
-log-ratios log π − log q ≈ ±64 and rows 4/5 have log t ≈ ±60 (beyond chi2's bound, so clamped).
+log-ratios log π − log q ≈ ±64 and rows 4/5 have log t ≈ ±60 (where chi2's f′ = 1 − e^{−2 log t} is beyond
+float32: r = −inf honestly, while the weight stays finite through log space). Nothing is clamped; the exact
+f′ over |log t| ≤ 1e4 and the outside-support rules are tested against 60-digit arithmetic in
+test_fdiv_exact.py.
 
 Measured precision of the kernel's own helpers (test_expm1_softplus_precision, fp32 x ∈ [−88, 88], the
 interpreter): expm1 relative error ≤ 2.6e-7 (2.2 ulp; torch.expm1 in fp32: 8.9e-8), softplus absolute
@@ -15,6 +18,7 @@ error ≤ 5.4e-7 (≈ 2 ulp of the result).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import subprocess
 import sys
@@ -26,7 +30,7 @@ import triton.language as tl
 
 from fdpg_scale.core.divergences import DIVERGENCE_NAMES, Divergence, get_divergence
 from fdpg_scale.kernels import FDivWeights, fdiv_weights
-from fdpg_scale.kernels.fdiv_reference import LOG_T_BOUND, check_fdiv_inputs, fdiv_weights_torch
+from fdpg_scale.kernels.fdiv_reference import check_fdiv_inputs, fdiv_weights_torch
 from fdpg_scale.kernels.fdiv_weights import _expm1, _softplus, fdiv_weights_triton
 from tests.helpers import assert_close
 
@@ -42,17 +46,9 @@ FIELDS = ("weight", "pseudo_reward", "importance_ratio", "log_t")
 DIVERGENCES = ([get_divergence(n) for n in DIVERGENCE_NAMES if n != "alpha"]
                + [get_divergence("alpha", alpha=a) for a in (-0.5, 0.5, 2.0, 3.0)])
 IDS = [str(d) for d in DIVERGENCES]
-# |κ|: f′ grows like e^{κ·log t}; the kernel clamps |log t| to 80/max(1, |κ|) (written out again here).
-KAPPA = {"kl": 1.0, "rkl": 0.0, "tv": 0.0, "js": 0.0, "chi2": 2.0, "rchi2": 1.0, "hellinger": 0.5}
-
-
-def kappa(d: Divergence) -> float:
-    return abs(d.alpha_value - 1.0) if d.name == "alpha" else KAPPA[d.name]
-
-
-def bound32(d: Divergence) -> float:
-    """The clamp bound as the float32 outputs hold it (80/1.5 is not a float32)."""
-    return torch.tensor(LOG_T_BOUND / max(1.0, kappa(d)), dtype=torch.float32).item()
+OUTSIDE_R = -5.0
+"""outside_support_reward passed everywhere: used by rkl, rchi2, alpha(2), alpha(3) for row 1 (log P = −inf)."""
+F32_MAX = float(torch.finfo(torch.float32).max)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -113,9 +109,10 @@ def naive64(batch_data, d: Divergence, baseline=0.0, clip=None) -> dict[str, tor
 
     log_pi, log_q = s(batch_data["pi"]), s(batch_data["q"])
     log_p = s(batch_data["a"]) + batch_data["log_scores"].to(F64)
-    bound = bound32(d)
-    log_t = (log_pi - (log_p - batch_data["log_z"].to(F64))).clamp(-bound, bound)
-    r = -d.f_prime(log_t)
+    outside = torch.isneginf(log_p)
+    log_t = torch.where(outside, torch.inf, log_pi - (log_p - batch_data["log_z"].to(F64)))
+    limit = d.fprime_spec.limit_at_infinity
+    r = torch.where(outside, -limit if limit is not None else OUTSIDE_R, -d.f_prime(log_t))
     if clip is not None:
         r = r.clamp(-clip, clip)
     ratio = torch.exp(log_pi - log_q)
@@ -125,10 +122,17 @@ def naive64(batch_data, d: Divergence, baseline=0.0, clip=None) -> dict[str, tor
 
 
 def assert_matches_naive(out: FDivWeights, ref: dict, what: str) -> None:
-    """log t exact; f′ and exp to float32 evaluation error; weight also allows B − r's cancellation."""
+    """log t exact; f′ and exp to float32 evaluation error; weight also allows B − r's cancellation.
+
+    Where the float64 value is beyond float32 the output must be the same-signed inf; NaN never.
+    """
     for f in FIELDS:
         t = getattr(out, f)
         assert t.dtype == torch.float32 and t.shape == ref[f].shape and not t.requires_grad, (what, f)
+        assert not torch.isnan(t).any(), f"{what}: NaN {f} at rows {torch.nonzero(torch.isnan(t)).flatten().tolist()}"
+        beyond = ref[f].abs() > F32_MAX * (1 + 1e-5)
+        assert torch.equal(t[beyond].to(F64), ref[f][beyond].sign() * torch.inf), (what, f, t[beyond])
+    ref = {k: torch.where(v.abs() > F32_MAX * (1 + 1e-5), v.sign() * torch.inf, v) for k, v in ref.items()}
     assert_close(out.log_t, ref["log_t"], rtol=0, atol=0, name=f"{what} log_t")
     # rtol: exp of an fp32-rounded argument of size ≤ 80 (α·log t, −2·log t): ≤ 80·2^−24 ≈ 5e-6.
     assert_close(out.pseudo_reward, ref["pseudo_reward"], rtol=1e-5, atol=1e-6, name=f"{what} pseudo_reward")
@@ -136,13 +140,14 @@ def assert_matches_naive(out: FDivWeights, ref: dict, what: str) -> None:
     r, ratio = ref["pseudo_reward"].abs(), ref["importance_ratio"]
     tol = 2e-6 * ref["weight"].abs() + ratio * (1e-5 * r + 1e-6 * ref["baseline"].abs() + 1e-6)
     err = (out.weight.to(F64) - ref["weight"]).abs()
-    bad = ~(err <= tol)
+    bad = ~(err <= tol) & ~(out.weight.to(F64) == ref["weight"])     # equal infs are a match
     assert not bad.any(), (f"{what} weight: {int(bad.sum())} off; worst row {int((err / tol).argmax())}: "
                            f"{out.weight[bad][0].item()!r} vs {ref['weight'][bad][0].item()!r}")
 
 
 def run(impl, args, d, block=BLOCK, **kw) -> FDivWeights:
     """impl 'torch' / 'triton' (small blocks: loops over T and partial programs) / 'api' (public defaults)."""
+    kw.setdefault("outside_support_reward", OUTSIDE_R)
     if impl == "api":
         return fdiv_weights(args["logp_pi"], args["logp_q"], args["log_target"], kw.pop("log_z"), d,
                             mask=args["mask"], log_scores=args["log_scores"], impl="triton", **kw)
@@ -164,11 +169,11 @@ def test_matches_reference_and_float64(d, lay):
     ref = naive64(data, d, baseline=0.25)
     outs = {impl: run(impl, args, d, log_z=data["log_z"], baseline=0.25) for impl in ("torch", "triton", "api")}
     for impl, out in outs.items():
-        assert_matches_naive(out, ref, f"{d}/{lay}/{impl}")
-        assert all(torch.isfinite(getattr(out, f)).all() for f in FIELDS), f"{impl}: non-finite output"
+        assert_matches_naive(out, ref, f"{d}/{lay}/{impl}")     # incl. ±inf exactly where float64 is beyond float32
     assert torch.equal(outs["triton"].log_t, outs["torch"].log_t)
-    # log t hit the bound where the rows were built to exceed it (row 1: log P = −inf).
-    assert outs["triton"].log_t[1].item() == bound32(d)
+    # Unclamped: row 1 (log P = −inf) reports log t = +inf, rows 4/5 their exact ±60-odd.
+    assert outs["triton"].log_t[1].item() == float("inf")
+    assert outs["triton"].log_t[4].item() > 55 and outs["triton"].log_t[5].item() < -55
 
 
 @pytest.mark.parametrize("d", [get_divergence(n) for n in ("kl", "tv", "js", "hellinger")]
@@ -236,7 +241,7 @@ def test_every_output_written(batch, tokens):
     args = layout(data, "token")
     ref = torch.stack([getattr(run("torch", args, "rkl", log_z=data["log_z"]), f) for f in FIELDS])
     got = torch.stack([getattr(run("triton", args, "rkl", log_z=data["log_z"]), f) for f in FIELDS])
-    assert torch.isfinite(got).all() and torch.isfinite(ref).all()
+    assert not torch.isnan(got).any() and not torch.isnan(ref).any()     # +inf: log t of the P = 0 row
     assert_close(got, ref, rtol=1e-6, atol=1e-6, name=f"B={batch} T={tokens}")
 
 
@@ -245,23 +250,21 @@ def test_every_output_written(batch, tokens):
 # ------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("d", DIVERGENCES, ids=IDS)
-def test_zero_probability_samples_are_finite(d):
-    """log P = −inf -> log t = +bound and log π = −inf -> −bound: f′ finite in float32 for every divergence."""
-    bound = bound32(d)
-    logp_pi = torch.tensor([-3.0, -3.0, float("-inf"), -3.0])
-    logp_q = torch.tensor([-3.0, -63.0, -3.0, 57.0])          # ratios 1, e^60, 0, e^−60
-    log_target = torch.tensor([float("-inf"), float("-inf"), -4.0, -4.0])
+def test_zero_policy_probability_gives_zero_or_exact_weight(d):
+    """log π = −inf (a sample π cannot produce, ρ = 0): log t = −inf and r may be ±inf, yet the weight is the
+    limit of ρ·(B + f′) as π → 0: 0, except kl's −p/q (ρ·f′ = −π/q · p/π) and the divergences whose
+    ρ·f′ ∝ π^(1+κ) with 1 + κ < 0 (chi2, alpha(−0.5)): −inf. Rows 1-2: P = 0 as well, or ordinary."""
+    logp_pi = torch.tensor([float("-inf"), float("-inf"), -3.0])
+    logp_q = torch.tensor([-3.0, -3.0, -3.0])
+    log_target = torch.tensor([-4.0, float("-inf"), -4.0])
+    want0 = {"kl": -math.exp(-4.0 + 3.0), "chi2": float("-inf"), "alpha(-0.5)": float("-inf")}.get(str(d), 0.0)
     for impl in ("torch", "triton"):
-        out = fdiv_weights(logp_pi, logp_q, log_target, 0.0, d, baseline=0.1, impl=impl)
-        assert out.log_t.tolist()[:3] == [bound, bound, -bound], (impl, out.log_t)
-        want_r = -d.f_prime(out.log_t.to(F64))
-        assert_close(out.pseudo_reward, want_r, rtol=1e-5, atol=1e-6, name=f"{d}/{impl} r at ±bound")
-        for f in ("pseudo_reward", "importance_ratio", "log_t"):
-            assert torch.isfinite(getattr(out, f)).all(), (impl, f, getattr(out, f))
-        # Row 0 (ratio 1) and row 2 (ratio 0) are finite for every divergence; row 1 multiplies the maximal
-        # penalty by e^60, which overflows float32 for the divergences whose f′ grows exponentially.
-        assert torch.isfinite(out.weight[[0, 2, 3]]).all(), (impl, out.weight)
-        assert out.weight[2].item() == 0.0
+        out = fdiv_weights(logp_pi, logp_q, log_target, 0.0, d, baseline=0.1, outside_support_reward=OUTSIDE_R,
+                           impl=impl)
+        assert out.log_t[0].item() == float("-inf") and out.importance_ratio[0].item() == 0.0
+        assert out.weight[0].item() == pytest.approx(want0, rel=1e-6), (impl, out.weight)
+        assert out.weight[1].item() == 0.0 and out.log_t[1].item() == float("inf"), (impl, out)
+        assert not torch.isnan(out.weight).any() and not torch.isnan(out.pseudo_reward).any(), (impl, out)
 
 
 def test_overflowing_ratio_uses_log_space():
@@ -428,12 +431,12 @@ def signature(dt, mask):
                 BASE_ptr="*fp32", W_ptr="*fp32", R_ptr="*fp32", RATIO_ptr="*fp32", LOGT_ptr="*fp32")
     ints = dict.fromkeys(["B", "T", "stride_pi", "stride_q", "stride_p", "stride_mask", "stride_scores",
                           "stride_logz", "stride_base"], "i32")
-    return {**ptrs, **ints, "alpha_m1": "fp32", "clip": "fp32", "bound": "fp32"}
+    return {**ptrs, **ints, "kappa": "fp32", "c0": "fp32", "c1": "fp32", "outside_r": "fp32", "clip": "fp32"}
 
 n = 0
 for div in range(8):
     for tok, dt, mask in [(True, "*bf16", "*u8"), (False, "*fp32", "*fp32")]:
-        cx = dict(DIVERGENCE=div, PI_TOK=tok, Q_TOK=tok, P_TOK=tok, HAS_MASK=tok, HAS_SCORES=tok,
+        cx = dict(DIVERGENCE=div, EXP_FORM=div == 0 or div >= 4, PI_TOK=tok, Q_TOK=tok, P_TOK=tok, HAS_MASK=tok, HAS_SCORES=tok,
                   HAS_CLIP=not tok, BLOCK_B=16, BLOCK_T=128)
         sig = {**signature(dt, mask), **dict.fromkeys(cx, "constexpr")}
         compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=cx),
