@@ -4,7 +4,8 @@
 Every ``import`` and ``from ... import`` under fdpg_scale/ and kernels/ is read from the source (module level
 and inside functions alike; only ``if TYPE_CHECKING:`` blocks are skipped, they never run). A module may
 import its own package and anything in a lower layer; two packages of one layer (targets and models,
-distributed and toy) do not import each other. kernels/ imports nothing from fdpg_scale but itself.
+distributed and toy) do not import each other. kernels/ imports nothing from fdpg_scale but itself, and
+neither DeepSpeed nor transformers.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ LAYERS = {"kernels": 0, "errors": 1, "core": 2, "divergences": 2, "targets": 3, 
           "distributed": 4, "toy": 4, "training": 5, "apps": 6, "cli": 6}
 #: The two top-level shims are thin re-exports of their public paths: they sit in the layer they re-export.
 PACKAGE_OF = {"divergences": "core", "cli": "apps"}
+#: Libraries the kernels must not import: the ZeRO-3 handling of the lm_head lives with the distributed code,
+#: and the kernels work on plain tensors, not on models.
+KERNELS_MUST_NOT_IMPORT = ("deepspeed", "transformers")
 
 
 def _module_name(path: Path) -> str:
@@ -83,6 +87,8 @@ def layering_violations() -> list[str]:
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
         for line, name in _imports(tree, module, path.name == "__init__.py"):
             there = _package(name)
+            if here == "kernels" and name.split(".")[0] in KERNELS_MUST_NOT_IMPORT:
+                out.append(f"{path.relative_to(ROOT)}:{line} imports {name} (the kernels use plain tensors only)")
             if there is None or there == here:
                 continue
             if there not in LAYERS:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 __all__ = ["load_run", "results_table", "plot_alignment_vs_diversity", "plot_divergence_per_step", "write_report"]
 
+#: Resolution of the report's PNG plots.
+FIGURE_DPI = 110
 TABLE_COLUMNS = (("alignment", "alignment E[φ]"), ("kl_p_pi", "KL(p‖π)"), ("kl_pi_a", "KL(π‖a)"),
                  ("distinct_1", "Distinct-1"), ("distinct_2", "Distinct-2"), ("self_bleu_3", "Self-BLEU-3"))
 
@@ -63,7 +65,7 @@ def plot_alignment_vs_diversity(runs: list[dict], path: str | Path, *, title: st
     fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=FIGURE_DPI)
     plt.close(fig)
     return path
 
@@ -91,7 +93,7 @@ def plot_divergence_per_step(runs: list[dict], path: str | Path, *, title: str, 
     ax.legend()
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=FIGURE_DPI)
     plt.close(fig)
     return path
 

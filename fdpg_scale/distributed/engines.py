@@ -42,7 +42,7 @@ from fdpg_scale.kernels import linear_token_logprobs
 from fdpg_scale.kernels.reference import IGNORE_INDEX
 
 __all__ = ["FusedHeadLM", "build_policy", "build_frozen", "sequence_logprobs", "train_step",
-           "copy_policy_into_proposal", "position_ids_from_mask", "gathered_state_dict", "check_ds_config"]
+           "copy_policy_into_proposal", "position_ids_from_mask", "check_ds_config"]
 
 class FusedHeadLM(nn.Module):
     """A causal LM whose forward gives per-token log-probs through the fused head (see module docstring).
@@ -269,17 +269,3 @@ def copy_policy_into_proposal(policy_engine, proposal_engine) -> None:
             if p.ds_status != ZeroParamStatus.AVAILABLE:
                 raise RuntimeError(f"parameter {name} is gathered in the proposal but not in the policy")
             q.data.copy_(p.data)
-
-
-def gathered_state_dict(engine) -> dict[str, torch.Tensor]:
-    """Full fp32 CPU copies of every parameter of the HF model, keyed by HF names (collective: all ranks call).
-
-    For tests and small models only: it materialises the whole model on every rank, one tensor at a time.
-    """
-    import deepspeed
-
-    out = {}
-    for name, p in engine.module.hf_model.named_parameters():
-        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-            out[name] = p.detach().to(torch.float32, copy=True).cpu()
-    return out

@@ -28,6 +28,9 @@ import torch
 __all__ = ["LaunchInfo", "resolve_launch", "expand_hostlist", "init_distributed", "device", "get_rank",
            "get_world_size", "is_rank0", "barrier", "all_reduce_floats", "all_gather_rows"]
 
+#: Under SLURM without MASTER_PORT, the rendezvous port is chosen from the job id in [BASE, BASE + COUNT).
+_SLURM_PORT_BASE, _SLURM_PORT_COUNT = 20000, 20000
+
 
 @dataclass(frozen=True)
 class LaunchInfo:
@@ -123,7 +126,8 @@ def resolve_launch(env: Mapping[str, str]) -> LaunchInfo:
         if "MASTER_PORT" in env:
             port = _int(env, "MASTER_PORT")
         elif "SLURM_JOB_ID" in env:
-            port = 20000 + _int(env, "SLURM_JOB_ID") % 20000  # one port per job: jobs sharing nodes differ
+            # One port per job, so that two jobs sharing a node do not collide.
+            port = _SLURM_PORT_BASE + _int(env, "SLURM_JOB_ID") % _SLURM_PORT_COUNT
         else:
             raise ValueError("SLURM_PROCID is set but neither MASTER_PORT nor SLURM_JOB_ID is")
         info = LaunchInfo(rank=_int(env, "SLURM_PROCID"), world_size=_int(env, "SLURM_NTASKS"),

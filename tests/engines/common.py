@@ -51,3 +51,15 @@ def rows(b: dict[str, torch.Tensor], start: int, stop: int) -> dict[str, torch.T
 def weighted_loss(token_logprobs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """-(w · Σ_t log p).mean(): the shape of the f-DPG loss."""
     return -(weights * token_logprobs.sum(1)).mean()
+
+
+def gathered_state_dict(engine) -> dict[str, torch.Tensor]:
+    """Full fp32 CPU copies of every parameter of an engine's HF model, keyed by HF names (collective: all ranks
+    call). Materialises the whole model on every rank, one tensor at a time: for the tests' tiny models."""
+    import deepspeed
+
+    out = {}
+    for name, p in engine.module.hf_model.named_parameters():
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+            out[name] = p.detach().to(torch.float32, copy=True).cpu()
+    return out

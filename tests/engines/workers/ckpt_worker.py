@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 from fdpg_scale.distributed import checkpoint, engines  # noqa: E402
 from fdpg_scale.distributed.launch import init_distributed  # noqa: E402
-from tests.engines.common import batch, ds_config, weighted_loss  # noqa: E402
+from tests.engines.common import batch, ds_config, gathered_state_dict, weighted_loss  # noqa: E402
 
 mode, out_dir, model_dir = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 init_distributed()
@@ -36,7 +36,7 @@ if mode == "save":
     step(0)
     checkpoint.save_checkpoint(out_dir / "run", 1, policy=policy, trainer_state={"step": 1, "log_z": 0.25},
                                fingerprint=fp, keep=2)
-    torch.save({"params": engines.gathered_state_dict(policy), "rand": torch.rand(2)}, out_dir / "saved.pt")
+    torch.save({"params": gathered_state_dict(policy), "rand": torch.rand(2)}, out_dir / "saved.pt")
     step(1)
 
     def hang(*args, **kwargs):
@@ -49,5 +49,5 @@ if mode == "save":
 elif mode == "load":
     ck = checkpoint.find_latest(out_dir / "run")
     state = checkpoint.load_checkpoint(ck, policy=policy, fingerprint=fp)
-    torch.save({"ckpt": str(ck), "state": state, "params": engines.gathered_state_dict(policy),
+    torch.save({"ckpt": str(ck), "state": state, "params": gathered_state_dict(policy),
                 "rand": torch.rand(2)}, out_dir / "loaded.pt")

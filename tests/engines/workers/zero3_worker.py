@@ -15,7 +15,7 @@ from deepspeed.utils import safe_get_full_grad  # noqa: E402
 from fdpg_scale.distributed import checkpoint, engines, generation  # noqa: E402
 from fdpg_scale.distributed.launch import all_gather_rows, all_reduce_floats, init_distributed  # noqa: E402
 from tests.engines.common import (ADAM_EPS, GLOBAL_BATCH, LR, TRAIN_STEPS, WARMUP, WEIGHT_DECAY,  # noqa: E402
-                                  batch, ds_config, rows, weighted_loss)
+                                  batch, ds_config, gathered_state_dict, rows, weighted_loss)
 
 out_dir, gpt2_dir, llama_dir = map(Path, sys.argv[1:4])
 info = init_distributed()
@@ -70,14 +70,14 @@ def train(steps):
 
 
 res["losses"], res["boundaries"] = train(range(TRAIN_STEPS))
-res["params"] = engines.gathered_state_dict(policy)
+res["params"] = gathered_state_dict(policy)
 res["lr"] = policy.get_lr()
 
 # 3. q ← π: shard copy, then compare gathered weights and scores.
-before = engines.gathered_state_dict(proposal)
+before = gathered_state_dict(proposal)
 engines.copy_policy_into_proposal(policy, proposal)
 res["proposal_before"] = before
-res["proposal_after"] = engines.gathered_state_dict(proposal)
+res["proposal_after"] = gathered_state_dict(proposal)
 b = my_rows(batch(99, vocab), 2, 0)
 with torch.no_grad():
     res["score_policy"] = engines.sequence_logprobs(policy, b["input_ids"], b["attention_mask"], b["loss_mask"])
@@ -126,7 +126,7 @@ state = {"step": TRAIN_STEPS, "log_z": torch.tensor(-1.25, dtype=torch.float64),
          "proposal_version": 3}
 ck = checkpoint.save_checkpoint(out_dir / "run", TRAIN_STEPS, policy=policy, proposal=proposal,
                                 trainer_state=state, fingerprint=fp, keep=2)
-res["saved_params"] = engines.gathered_state_dict(policy)
+res["saved_params"] = gathered_state_dict(policy)
 res["rand_after_save"] = torch.rand(3)
 res["cont_losses"], _ = train(range(TRAIN_STEPS, TRAIN_STEPS + 2))
 with torch.no_grad():  # disturb the proposal so that loading it is visible
@@ -136,7 +136,7 @@ loaded = checkpoint.load_checkpoint(checkpoint.find_latest(out_dir / "run"), pol
                                     fingerprint=fp)
 res["rand_after_load"] = torch.rand(3)
 res["loaded_state"] = loaded
-res["loaded_proposal"] = engines.gathered_state_dict(proposal)
+res["loaded_proposal"] = gathered_state_dict(proposal)
 res["resumed_losses"], _ = train(range(TRAIN_STEPS, TRAIN_STEPS + 2))
 res["ckpt"] = str(ck)
 
