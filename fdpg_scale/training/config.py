@@ -46,6 +46,13 @@ class DivergenceConfig:
     """α of the ``alpha`` divergence (α ∉ {0, 1}); must be unset for the others."""
     clip: float | None = None
     """Clamp pseudo-rewards to [−clip, clip] (off by default; when on, logged as a metric)."""
+    outside_support_reward: float | None = None
+    """The pseudo-reward r of a sample outside the target's support (P(x) = 0: a pointwise constraint with
+    b(x) = 0) for the divergences whose f′ → +∞ there: rkl, rchi2 and alpha with α > 1. Their D_f(π‖p) is
+    infinite as soon as π puts mass where p has none, so no finite r is exact: this is a chosen penalty
+    (e.g. -20; the sample's weight is ρ·(B − r)). null: not chosen, and a pointwise target with one of these
+    divergences stops at start-up. kl, tv, js, chi2, hellinger and alpha with α < 1 have a finite f′ there
+    and always use its exact limit; they do not read this key."""
 
     def __post_init__(self):
         # Imported here, not at the top: the divergences need torch, and the CLI reads configs (plan, --help
@@ -59,6 +66,16 @@ class DivergenceConfig:
             raise ConfigError(f"divergence.alpha: {err}") from None
         if self.clip is not None and not self.clip > 0:
             raise ConfigError(f"divergence.clip must be > 0 when set, got {self.clip}")
+        if self.outside_support_reward is not None and not math.isfinite(self.outside_support_reward):
+            raise ConfigError(f"divergence.outside_support_reward must be a finite float or null, "
+                              f"got {self.outside_support_reward}")
+
+    def unbounded_outside_support(self) -> bool:
+        """True when f′ → +∞ at P = 0 (rkl, rchi2, alpha with α > 1): such samples need
+        ``outside_support_reward``."""
+        from fdpg_scale.core.divergences import get_divergence   # torch: only once a config is checked
+
+        return get_divergence(self.name, alpha=self.alpha).fprime_spec.limit_at_infinity is None
 
 
 @dataclass(kw_only=True)
@@ -199,6 +216,14 @@ class RunConfig:
     seed: int = 0
     output_dir: str = "runs/default"
     """Where metrics.jsonl, TensorBoard events and checkpoints go; a rerun with the same directory resumes."""
+
+    def __post_init__(self):
+        if (self.target.kind == "pointwise" and self.divergence.outside_support_reward is None
+                and self.divergence.unbounded_outside_support()):
+            raise ConfigError(f"divergence.outside_support_reward is required with divergence "
+                              f"{self.divergence.name!r} and a pointwise target: its f′ is +∞ on samples with "
+                              f"b(x) = 0, so their pseudo-reward is a penalty you choose (e.g. "
+                              f"divergence.outside_support_reward=-20)")
 
 
 # --------------------------------------------------------------------------------------------- loading
