@@ -69,7 +69,8 @@ def sample_and_score(model, tokenizer, task: Task, *, n: int, max_new_tokens: in
             produced = out.shape[1] - width
             gen = torch.full((p_ids.shape[0], max_new_tokens), tokenizer.pad_token_id, dtype=torch.long)
             gen[:, :produced] = out[:, width:]
-            mask = first_eos_mask(gen, tokenizer.eos_token_id, within=torch.arange(max_new_tokens) < produced)
+            produced_mask = (torch.arange(max_new_tokens) < produced).expand_as(gen)
+            mask = first_eos_mask(gen, tokenizer.eos_token_id, within=produced_mask)
             ids.append(gen)
             masks.append(mask)
             logps.append(sequence_logprob(model, p_ids, p_mask, gen, mask))
