@@ -159,8 +159,8 @@ def _sample(model, tokenizer, seed: int, max_new_tokens: int) -> str:
         torch.manual_seed(seed)
         x = torch.tensor([[tokenizer.bos_token_id]])
         out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=True,
-                             temperature=SAMPLE_TEMPERATURE, top_k=SAMPLE_TOP_K, top_p=1.0, max_new_tokens=max_new_tokens,
-                             pad_token_id=tokenizer.pad_token_id)
+                             temperature=SAMPLE_TEMPERATURE, top_k=SAMPLE_TOP_K, top_p=1.0,
+                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
     return tokenizer.decode(out[0, 1:], skip_special_tokens=True)
 
 
