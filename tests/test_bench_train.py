@@ -18,12 +18,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(420)
 def test_bench_train_quick(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_train.py"), "--quick", "--out", str(out),
                            "--workdir", str(tmp_path / "work")], cwd=REPO, capture_output=True, text=True,
-                          timeout=170)
+                          timeout=400)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     res = json.loads(out.read_text())
 
@@ -41,15 +41,23 @@ def test_bench_train_quick(tmp_path):
     assert w1["params"] == 4 * n          # fp32 shards, one rank holds everything
     assert w1["optimizer"] >= 3 * 4 * n   # fp32 master partition + exp_avg + exp_avg_sq (+ step scalars)
     assert w1["optimizer"] <= 3 * 4 * n + 1024
-    for r in mem.values():
-        assert r["verdict"] in ("PASS", "FAIL") and r["ratio_to_ideal"] > 0
-    assert mem[1]["ratio_to_ideal"] == 1.0
+    for world, r in mem.items():
+        # Each summary recomputed from the row's own raw per-rank bytes and world 1's.
+        assert r["max_rank_bytes"] == max(x["params"] + x["optimizer"] for x in r["per_rank"])
+        ideal = mem[1]["max_rank_bytes"] / world
+        assert r["ratio_to_ideal"] == pytest.approx(r["max_rank_bytes"] / ideal)
+        assert r["verdict"] == ("PASS" if r["max_rank_bytes"] <= 1.1 * ideal else "FAIL")
     assert sum(r["params"] for r in mem[2]["per_rank"]) >= 4 * n  # the shards cover the model (plus padding)
+    # ZeRO-3 really partitions: at world 2 each rank holds about half (a count of tensor bytes, not a timing;
+    # measured 1.000 of the ideal on this model).
+    assert mem[2]["ratio_to_ideal"] <= 1.1, mem[2]
 
     head = res["head"]
     assert head["vocab"] == res["settings"]["head_vocab"]
     assert head["logprob_max_abs_diff"] < 1e-4  # fused and materialised paths compute the same log π
     for path in ("fused", "naive"):
-        assert head[path]["min_s"] > 0 and head[path]["peak_mb"] >= 0
-    assert head["time_ratio_fused_over_naive"] > 0 and head["mem_ratio_fused_over_naive"] >= 0
+        assert head[path]["min_s"] == min(head[path]["times"]) > 0
+        assert head[path]["peak_mb"] >= head[path]["peak_fwd_bwd_mb"] > 0, head[path]   # the step includes fwd+bwd
+    assert head["time_ratio_fused_over_naive"] == pytest.approx(head["fused"]["min_s"] / head["naive"]["min_s"])
+    assert head["mem_ratio_fused_over_naive"] == pytest.approx(head["fused"]["peak_mb"] / head["naive"]["peak_mb"])
     assert "Throughput" in proc.stdout and "PASS" in proc.stdout
