@@ -1,6 +1,6 @@
 """The f-DPG estimator's loss and state: baseline, running log Z (global and per context), proposal schedule.
 
-Math (Go et al. 2023, Theorem 1; DESIGN.md §1). Target p = P/Z, policy π_θ, proposal q, t = π/p:
+Math (Go et al. 2023, Theorem 1; docs/method.md §3–§6). Target p = P/Z, policy π_θ, proposal q, t = π/p:
 
     D_f(π‖p) = Σ_x p(x) f(π(x)/p(x))
     ∇_θ D_f  = Σ_x p f′(π/p) ∇π/p = Σ_x π f′(t) ∇log π = E_{x∼q}[(π/q) f′(t) ∇log π]
@@ -30,8 +30,9 @@ global, each rank computes exactly the terms one process would; only the summati
 is the same to float64 rounding for any number of ranks. Until the first sample with P > 0, S = 0 and
 log Ẑ = −inf: there is no estimate yet (reported as such, never as a number).
 
-Proposal update (``ProposalSchedule``): every ``interval`` steps, replace q by π when an importance-sampled
-estimate (samples from q) says π is closer to p than q is, under KL(p‖·) or TV. Self-normalised with
+Proposal update (``ProposalSchedule``): at a multiple of ``interval`` steps, once at least ``min_samples``
+samples have accumulated since the last decision, replace q by π when an importance-sampled estimate over
+all of them (samples from q) says π is closer to p than q is, under KL(p‖·) or TV. Self-normalised with
 ŵ_i = softmax_i(log P_i − log q_i) (p/q up to 1/n; log Z cancels) and, for TV, ρ̂_i = softmax_i(log π_i −
 log q_i):
 
@@ -49,6 +50,7 @@ import math
 import torch
 
 from fdpg_scale.core.collectives import Collective, LocalCollective
+from fdpg_scale.core.logspace import log_sum_exp_groups
 
 __all__ = ["fdpg_loss", "MovingAverageBaseline", "LogZEstimator", "PerContextLogZ", "ProposalSchedule",
            "proposal_estimates", "PROPOSAL_METRICS"]
@@ -147,26 +149,6 @@ class MovingAverageBaseline:
 
 
 # ----------------------------------------------------------------------------------------------- log Z
-def _batch_log_sums(log_w: torch.Tensor, groups: torch.Tensor, num_groups: int,
-                    collective: Collective) -> tuple[torch.Tensor, torch.Tensor]:
-    """Global (all ranks) per-group log Σ exp(log_w) and sample counts: float64 [C] each.
-
-    The max is reduced first so that every rank exponentiates relative to the same global shift.
-    """
-    lw = log_w.detach().to(torch.float64).cpu()
-    g = groups.detach().cpu()
-    local_max = torch.full((num_groups,), -math.inf, dtype=torch.float64).scatter_reduce(
-        0, g, lw, "amax", include_self=True)
-    m = collective.all_reduce_max(local_max)
-    shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m))   # all −inf: exp(−inf − 0) = 0, no NaN
-    terms = torch.exp(lw - shift[g])
-    local = torch.zeros(2, num_groups, dtype=torch.float64)
-    local[0].index_add_(0, g, terms)
-    local[1].index_add_(0, g, torch.ones_like(terms))
-    total = collective.all_reduce_sum(local)
-    return torch.log(total[0]) + shift, total[1]
-
-
 class PerContextLogZ:
     """Running log Z(c), c = 0 … C−1 (conditional targets: one partition function per context).
 
@@ -220,7 +202,9 @@ class PerContextLogZ:
         if bool(bad.any()):
             i = int(torch.nonzero(bad)[0])
             raise ValueError(f"log_w[{i}] = {float(log_w[i])}: a log-weight log P − log q must be finite or −inf")
-        batch_log_sum, batch_count = _batch_log_sums(log_w, context_ids, self.num_contexts, self.collective)
+        # The max is all-reduced first: every rank exponentiates relative to the same global shift.
+        batch_log_sum, batch_count = log_sum_exp_groups(log_w, context_ids, self.num_contexts,
+                                                        collective=self.collective)
         # Every sample counts, zeros included: n grows by the batch size even when no sample has P > 0
         # (logaddexp(S, −inf) = S). Counting only batches with a hit would estimate Z / P(hit).
         self.log_sum = torch.logaddexp(self.log_sum, batch_log_sum)
@@ -313,8 +297,8 @@ class ProposalSchedule:
     would sample* (warped like q: same temperature), log q, log P and the context ids. At a multiple of
     ``interval`` optimizer steps (``due``), and only once ``min_samples`` samples have been observed since the
     last decision, ``decide`` compares the importance-sampled D(π, p) with D(q, p) over *all* those samples,
-    then clears them. One batch of 32 decided wrongly 24% of the time on the enumerable toy; accumulating
-    (disco checks on 256 samples every 16 steps) is what makes the decision reliable.
+    then clears them (docs/method.md §6: out-of-sample and enough evidence; disco checks on 256 samples every
+    16 steps).
 
     The log π of a sample is that of the policy at the step that drew it (before that step's update): no extra
     forward pass. The π copied into q on a replacement is the current one, which has only moved further along

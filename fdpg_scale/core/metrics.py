@@ -10,6 +10,10 @@ so e^α = π/q and e^β = p/q. Every metric is E_q[h(α, β, …)] for a per-sam
     KL(p‖π)   h = e^β (β − α)                                 "kl_p_pi"
     KL(π‖p)   h = e^α (α − β)                                 "kl_pi_p"
     TV(π, p)  h = ½ |e^α − e^β|                               "tv"
+              (unbiased, so on a small batch it can leave [0, 1]: a few large π/q or p/q make the sample
+              mean of ½|π/q − p/q| exceed 1 although its expectation cannot; "tv_bounded" beside it is the
+              self-normalised ½ Σ_i |π̂_i − p̂_i|, π̂ = softmax(α), p̂ = softmax(β̃) within each context: a TV
+              between two distributions on the sampled points, so always in [0, 1], consistent, biased O(1/N))
     JS(π, p)  h = ½ e^α (log 2 − softplus(β − α)) + ½ e^β (log 2 − softplus(α − β))     "js"
               (= ½ KL(π‖m) + ½ KL(p‖m), m = (π + p)/2; log(2π/(π+p)) = log 2 − softplus(β − α))
     KL(π‖a)   h = e^α (log π − log a)                         "kl_pi_a"
@@ -116,8 +120,8 @@ def importance_sampled_metrics(*, logp_pi: torch.Tensor, logp_q: torch.Tensor, l
     (−inf allowed); log_z: None (self-normalised: the batch's own log Ẑ, per context if context_ids), a
     float, or [N] per-sample log Z(c(i)) (Z-normalised); features: name -> [N] φ(x_i); context_ids: [N] ints.
 
-    Returns floats: kl_p_pi, kl_pi_p, tv, js, kl_pi_a, phi_mean/<name>, log_z_is, ess, ess_fraction, and
-    for each estimate X (except ess) its standard error X_se (phi_mean_se/<name> for features). "log_z_is" is
+    Returns floats: kl_p_pi, kl_pi_p, tv, tv_bounded, js, kl_pi_a, phi_mean/<name>, log_z_is, ess, ess_fraction, and
+    for each estimate X (except ess and tv_bounded) its standard error X_se (phi_mean_se/<name> for features). "log_z_is" is
     the batch's importance-sampled estimate (mean over contexts of log Ẑ(c) with contexts), never the
     ``log_z`` passed in.
     """
@@ -148,6 +152,7 @@ def importance_sampled_metrics(*, logp_pi: torch.Tensor, logp_q: torch.Tensor, l
             if not bool(torch.isfinite(lz).all()):
                 raise ValueError("log_z must be finite")
             out[name], out[f"{name}_se"] = _plain_mean(h(alpha, beta_raw - lz, None))
+    out["tv_bounded"] = _tv_self_normalised(alpha, beta_raw, inverse, n_groups, counts)
     out["kl_pi_a"], out["kl_pi_a_se"] = _plain_mean(_exp_times(alpha, lp - la))
     for fname, values in (features or {}).items():
         phi = _as_vector(values, n, f"features[{fname!r}]")
@@ -170,6 +175,23 @@ def importance_sampled_metrics(*, logp_pi: torch.Tensor, logp_q: torch.Tensor, l
     out["ess_fraction_se"] = float(psi.std(unbiased=True) / math.sqrt(n)) if n > 1 and bool(
         torch.isfinite(psi).all()) else math.nan
     return out
+
+
+def _tv_self_normalised(alpha: torch.Tensor, beta_raw: torch.Tensor, inverse: torch.Tensor, n_groups: int,
+                        counts: torch.Tensor) -> float:
+    """½ Σ_i |π̂_i − p̂_i| per context (softmax of α and of β̃ within it), averaged with weights N_c/N over the
+    contexts that have a sample with P > 0; in [0, 1] by construction (module docstring)."""
+    log_pi_sums, _ = log_sum_exp_groups(alpha, inverse, n_groups)
+    log_p_sums, _ = log_sum_exp_groups(beta_raw, inverse, n_groups)
+    supported = torch.isfinite(log_p_sums)
+    if not bool(supported.any()):
+        return math.nan
+    pi_hat = torch.exp(alpha - log_pi_sums[inverse])
+    p_hat = torch.where(supported[inverse], torch.exp(beta_raw - torch.where(supported, log_p_sums, 0.0)[inverse]),
+                        torch.zeros_like(beta_raw))
+    per_group = torch.zeros(n_groups, dtype=torch.float64).index_add(0, inverse, 0.5 * (pi_hat - p_hat).abs())
+    weights = torch.where(supported, counts, torch.zeros_like(counts))
+    return float((per_group * weights).sum() / weights.sum())
 
 
 def _plain_mean(h: torch.Tensor) -> tuple[float, float]:

@@ -153,7 +153,16 @@ def test_exact_divergence_alpha_and_helpers():
         expected = ((pi / p) ** a * p - a * pi - (1 - a) * p).sum() / (a * (a - 1))
         got = exact_divergence(get_divergence("alpha", alpha=a), log_pi, log_p)
         assert math.isclose(float(got), float(expected), rel_tol=1e-10)
-    assert float(exact_kl(log_pi, log_p)) == float(exact_divergence("kl", log_pi, log_p))
+    # KL(p‖π) against the textbook sum over probabilities (not the log-space helper it is built on).
+    assert math.isclose(float(exact_kl(log_pi, log_p)), float((p * (p / pi).log()).sum()), rel_tol=1e-12)
+    p_point = p * (torch.arange(30) % 3 == 0)                         # p = 0 off a third of the support
+    log_p_point = normalise(p_point.log())
+    p_point = log_p_point.exp()
+    on = p_point > 0
+    assert math.isclose(float(exact_kl(log_pi, log_p_point)),              # 0·log 0 = 0 off the support
+                        float((p_point[on] * (p_point[on] / pi[on]).log()).sum()), rel_tol=1e-12)
+    pi_hole = normalise(torch.where(torch.arange(30) == 0, -math.inf, log_pi))
+    assert float(exact_kl(pi_hole, log_p_point)) == math.inf               # π = 0 where p > 0
 
 
 def test_bad_input_is_named():
