@@ -3,8 +3,13 @@
 Imports nothing: every layer may raise them, and the CLI catches them without loading torch.
 """
 
-__all__ = ["ConfigError"]
+__all__ = ["ConfigError", "ScorerError"]
 
 
 class ConfigError(ValueError):
     """A config value is missing, unknown, of the wrong type or inconsistent; the message names the key."""
+
+
+class ScorerError(ValueError):
+    """A scorer of the target returned something that is not one finite number per sample (wrong shape, wrong
+    type, NaN or inf) while a run scored its samples; the message names the scorer, the sample and the problem."""

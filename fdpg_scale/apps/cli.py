@@ -18,7 +18,7 @@ import argparse
 import importlib
 import sys
 
-from fdpg_scale.errors import ConfigError
+from fdpg_scale.errors import ConfigError, ScorerError
 
 __all__ = ["main"]
 
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"fdpg-scale: config error: {err}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, FileExistsError, CheckpointMismatchError, ConstraintNeverSatisfied) as err:
+    except (FileNotFoundError, FileExistsError, CheckpointMismatchError, ConstraintNeverSatisfied, ScorerError) as err:
         # Errors about the user's files or task: one line, no traceback.
         print(f"fdpg-scale: {err}", file=sys.stderr)
         return 2
