@@ -22,7 +22,8 @@ import yaml
 from fdpg_scale.core.divergences import DIVERGENCE_NAMES, get_divergence
 from fdpg_scale.errors import ConfigError
 
-__all__ = ["ConfigError", "RunConfig", "ScorerConfig", "TargetConfig", "load_config", "apply_overrides", "config_to_dict"]
+__all__ = ["ConfigError", "RunConfig", "ScorerConfig", "TargetConfig", "load_config", "apply_overrides",
+           "config_to_dict"]
 
 
 @dataclass(kw_only=True)
@@ -65,7 +66,8 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 @dataclass(kw_only=True)
 class ScorerConfig:
-    """One entry of ``target.scorers``: a scorer and how it enters P = a · Π b_i · exp(Σ r_j/β_j + Σ λ_k φ_k)."""
+    """One entry of ``target.scorers``: a scorer and how it enters the target
+    P = a · Π b_i · exp(Σ r_j/β_j + Σ λ_k φ_k)."""
 
     scorer: str
     """A built-in scorer (``contains``, ``count``, ``parses_as_python``), ``hf-classifier`` (a local Hugging Face
