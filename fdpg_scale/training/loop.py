@@ -25,7 +25,7 @@ import yaml
 
 from fdpg_scale.distributed import checkpoint as ckpt
 from fdpg_scale.training.config import RunConfig, config_to_dict
-from fdpg_scale.distributed.launch import all_gather_rows, barrier, init_distributed, is_rank0
+from fdpg_scale.distributed.launch import all_gather_rows, barrier, device, init_distributed, is_rank0
 from fdpg_scale.core.divergences import get_divergence
 from fdpg_scale.distributed.engines import build_frozen, build_policy, copy_policy_into_proposal, sequence_logprobs, train_step
 from fdpg_scale.core.estimator import fdpg_loss
@@ -37,7 +37,8 @@ from fdpg_scale.training.prompts import load_prompts
 from fdpg_scale.training.rollout import collect_chunks
 from fdpg_scale.training.run_setup import deepspeed_config, prepare_model_dir, prepare_output_dir
 from fdpg_scale.training.run_log import RunLogger
-from fdpg_scale.training.target_fitting import fit_distributional_task
+from fdpg_scale.training.alignment import alignment_columns, feature_rows, features_of
+from fdpg_scale.training.target_fitting import describe_fit, fit_distributional_task
 from fdpg_scale.targets.tasks import build_task
 from fdpg_scale.training.timing import PhaseTimer
 from fdpg_scale.training.state import TrainerState
@@ -57,13 +58,13 @@ def train(cfg: RunConfig) -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    task = build_task(cfg.target, tokenizer, device=device())  # before the engines: a bad scorer fails fast
     ds_config = deepspeed_config(cfg, world_size=world, accumulation=accumulation)
     policy = build_policy(model_dir, ds_config, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                           warmup_steps=cfg.train.warmup_steps, lr_schedule=cfg.train.lr_schedule,
                           total_steps=cfg.train.steps)
     base = build_frozen(model_dir, ds_config)
     proposal = None if cfg.train.on_policy else build_frozen(model_dir, ds_config)
-    task = build_task(cfg.target, tokenizer)
     prompts = None if cfg.target.prompts_file is None else load_prompts(cfg.target.prompts_file, tokenizer)
     divergence = get_divergence(cfg.divergence.name, alpha=cfg.divergence.alpha)
     settings = SamplingSettings(temperature=cfg.sampling.temperature, top_k=cfg.sampling.top_k,
@@ -84,8 +85,7 @@ def train(cfg: RunConfig) -> None:
                                                 world=world, micro_batch=cfg.train.micro_batch,
                                                 n_samples=cfg.target.fit_samples)
             state.lambdas = fit.lambdas.tolist()
-            fit_note = (f"λ = {state.lambdas} fitted on {cfg.target.fit_samples} samples: E_p[φ] ≈ "
-                        f"{fit.moments.tolist()} (target {cfg.target.moment}), ESS {fit.ess:.1f}")
+            fit_note = describe_fit(task, fit, cfg.target.fit_samples)
         else:
             task = task.with_lambdas(state.lambdas)
             fit_note = f"λ = {state.lambdas} (from the checkpoint)"
@@ -159,7 +159,7 @@ def _after_step(cfg: RunConfig, state: TrainerState, policy, proposal, chunks, w
         "logp_pi": torch.cat([lp for lp, _ in weighed]), "logq": torch.cat([c.logq for c in chunks]),
         "logp_base": torch.cat([c.logp_base.sum(-1) for c in chunks]),
         "log_target": torch.cat([c.log_target for c in chunks]),
-        "feature": torch.cat([c.feature for c in chunks]),
+        **feature_rows(chunks),
         "pseudo_reward": torch.cat([w.pseudo_reward for _, w in weighed]),
         "importance_ratio": torch.cat([w.importance_ratio for _, w in weighed]),
         "weight": torch.cat([w.weight for _, w in weighed]),
@@ -182,16 +182,14 @@ def _after_step(cfg: RunConfig, state: TrainerState, policy, proposal, chunks, w
             state.proposal_version += 1
     metrics = importance_sampled_metrics(logp_pi=batch["logp_pi"], logp_q=batch["logq"], logp_a=batch["logp_base"],
                                          log_target=batch["log_target"], log_z=log_z,
-                                         features={"alignment": batch["feature"]},
+                                         features=features_of(batch),
                                          context_ids=batch["context_ids"] if conditional else None)
-    metrics["alignment"] = metrics.pop("phi_mean/alignment")
-    metrics["alignment_se"] = metrics.pop("phi_mean_se/alignment")
+    metrics = alignment_columns(metrics, batch)
     tokens = float(batch["tokens"].sum())
     return {
         "loss": float((batch["weight"] * batch["logp_pi"]).mean()), "log_z": float(state.log_z.value.mean()),
         "baseline": baseline_used, "pseudo_reward_mean": float(batch["pseudo_reward"].mean()),
         "weight_abs_max": float(batch["weight"].abs().max()),
-        "q_alignment_rate": float(batch["feature"].mean()),
         **metrics,
         "proposal_version": state.proposal_version, "proposal_replaced": int(replaced),
         "lr": policy.get_lr()[0], "tokens": tokens, "tokens_per_s": tokens / timer.total, "time/step": timer.total,
