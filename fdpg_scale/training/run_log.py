@@ -100,7 +100,7 @@ _SUMMARY_KEYS = ("loss", "log_z", "kl_p_pi", "kl_pi_a", "alignment", "ess", "pro
 def _summary_line(record: dict) -> str:
     parts = [f"step {record['step']}"]
     # A target of several scorers has one alignment/<name> column per scorer instead of "alignment".
-    keys = [k for k in _SUMMARY_KEYS if k != "alignment"] + [k for k in record if k.split("/")[0] == "alignment"]
+    keys = [*_SUMMARY_KEYS, *[k for k in record if k.startswith("alignment/")]]
     for key in keys:
         if key in record and isinstance(record[key], (int, float)):
             parts.append(f"{key} {record[key]:.4g}")
