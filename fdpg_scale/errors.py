@@ -4,7 +4,7 @@ Imports nothing: every layer may raise them, and the CLI catches them without lo
 own module is imported only when the command runs).
 """
 
-__all__ = ["ConfigError", "CheckpointMismatchError", "ConstraintNeverSatisfied"]
+__all__ = ["ConfigError", "CheckpointMismatchError", "ConstraintNeverSatisfied", "ScorerError"]
 
 
 class ConfigError(ValueError):
@@ -17,3 +17,8 @@ class CheckpointMismatchError(ValueError):
 
 class ConstraintNeverSatisfied(ValueError):
     """No base sample has a positive target score: Z cannot be estimated (the task is unreachable as posed)."""
+
+
+class ScorerError(ValueError):
+    """A scorer of the target returned something that is not one finite number per sample (wrong shape, wrong
+    type, NaN or inf) while a run scored its samples; the message names the scorer, the sample and the problem."""

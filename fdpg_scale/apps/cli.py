@@ -28,7 +28,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from fdpg_scale.errors import CheckpointMismatchError, ConfigError, ConstraintNeverSatisfied
+from fdpg_scale.errors import CheckpointMismatchError, ConfigError, ConstraintNeverSatisfied, ScorerError
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
@@ -208,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"fdpg-scale: config error: {err}", file=sys.stderr)
         return USAGE_ERROR
-    except (FileNotFoundError, FileExistsError, CheckpointMismatchError, ConstraintNeverSatisfied) as err:
+    except (FileNotFoundError, FileExistsError, CheckpointMismatchError, ConstraintNeverSatisfied,
+            ScorerError) as err:
         # Errors about the user's files or task: one line, no traceback.
         print(f"fdpg-scale: {err}", file=sys.stderr)
         return USAGE_ERROR

@@ -4,7 +4,8 @@
 policy π and ``n`` from the base model a (temperature 1, no truncation: the models themselves) and reports:
 
 - ``alignment`` = E_π[φ] (φ = b for a pointwise task, r for a reward, the feature for a distributional one),
-  a plain sample mean over π's samples;
+  a plain sample mean over π's samples; a target of several scorers gets one ``alignment/<name>`` (and
+  ``alignment_se/<name>``) per scorer instead;
 - ``kl_pi_a`` = KL(π‖a) = E_π[log π − log a];
 - ``kl_p_pi`` = KL(p‖π), by importance sampling from the base: p/a = s(x)/Z with s the target's score
   (p ≪ a always holds, which is why a and not π is the proposal here), Z = E_a[s] estimated on the same draws
@@ -33,6 +34,7 @@ from fdpg_scale.targets.samples import Samples
 from fdpg_scale.targets.tasks import Task, build_task
 from fdpg_scale.training.config import RunConfig, load_config
 from fdpg_scale.training.prompts import PromptSet, load_prompts
+from fdpg_scale.training.alignment import column
 
 __all__ = ["evaluate_run", "sample_and_score", "run"]
 
@@ -51,7 +53,8 @@ def sample_and_score(model, tokenizer, task: Task, *, n: int, max_new_tokens: in
 
     Unconditional: every draw continues BOS. Conditional (``prompts``): draw i continues prompt i mod C, so
     every context gets n/C draws. Returns {"samples": Samples, "logp": [n] log model(x|c), "log_scores": [n],
-    "feature": [n], "prompt_ids", "prompt_mask" (the left-padded contexts, to rescore with another model)}.
+    "features": {scorer name: [n]}, "prompt_ids", "prompt_mask" (the left-padded contexts, to rescore with
+    another model)}.
     """
     context_ids = torch.arange(n) % (1 if prompts is None else len(prompts))
     rows = [[tokenizer.bos_token_id] if prompts is None else list(prompts.token_ids[c]) for c in context_ids.tolist()]
@@ -81,7 +84,8 @@ def sample_and_score(model, tokenizer, task: Task, *, n: int, max_new_tokens: in
     samples = Samples(token_ids=token_ids, mask=mask, texts=texts, context_ids=context_ids,
                       contexts=None if prompts is None else [prompts.texts[c] for c in context_ids.tolist()])
     return {"samples": samples, "logp": torch.cat(logps), "log_scores": task.target.log_scores(samples),
-            "feature": task.feature(samples).to(torch.float64), "prompt_ids": prompt_ids, "prompt_mask": prompt_mask}
+            "features": {k: v.to(torch.float64) for k, v in task.features(samples).items()},
+            "prompt_ids": prompt_ids, "prompt_mask": prompt_mask}
 
 
 @torch.no_grad()
@@ -117,9 +121,13 @@ def _row(policy: dict, base: dict, *, log_z: torch.Tensor, pi_on_base: torch.Ten
     w = torch.where(supported, torch.exp(base["log_scores"].to(torch.float64) - lz), torch.zeros_like(lz))  # p/a
     log_p = base["logp"] + base["log_scores"].to(torch.float64) - lz
     kl_terms = torch.where(w > 0, w * (log_p - pi_on_base), torch.zeros_like(w))[supported]
+    features = policy["features"]
+    alignment = {}
+    for name, values in features.items():
+        alignment[column("alignment", name, len(features))] = float(values.mean())
+        alignment[column("alignment_se", name, len(features))] = float(values.std() / math.sqrt(len(seqs)))
     return {
-        "alignment": float(policy["feature"].mean()),
-        "alignment_se": float(policy["feature"].std() / math.sqrt(len(seqs))),
+        **alignment,
         "kl_p_pi": float(kl_terms.mean()), "kl_p_pi_se": float(kl_terms.std() / math.sqrt(len(kl_terms))),
         "kl_pi_a": float((policy["logp"] - policy["logp_base"]).mean()),
         **diversity_metrics(seqs, distinct=(1, 2), bleu_n=(3,), max_hypotheses=SELF_BLEU_HYPOTHESES),
@@ -142,7 +150,7 @@ def evaluate_run(output_dir: str | Path, *, n: int = 256, seed: int = 1234) -> d
     hf_dir = output_dir / "eval" / ckpt.name
     if not (hf_dir / "config.json").is_file():
         export_checkpoint(ckpt, hf_dir)
-    task = build_task(cfg.target)
+    task = build_task(cfg.target)  # on the CPU, like the models below
     if task.moment is not None:
         state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
         task = task.with_lambdas(state["lambdas"])
@@ -182,7 +190,8 @@ def evaluate_run(output_dir: str | Path, *, n: int = 256, seed: int = 1234) -> d
 def run(args) -> int:
     """``fdpg-scale eval OUTPUT_DIR [--samples N] [--seed S]`` (arguments parsed by ``fdpg_scale.apps.cli``)."""
     r = evaluate_run(args.output_dir, n=args.samples, seed=args.seed)
-    keys = ("alignment", "kl_p_pi", "kl_pi_a", "distinct_1", "distinct_2", "self_bleu_3")
+    keys = (*[k for k in r["policy"] if k.startswith("alignment") and not k.startswith("alignment_se")],
+            "kl_p_pi", "kl_pi_a", "distinct_1", "distinct_2", "self_bleu_3")
     print("| model | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
     for name in ("base", "policy"):
         print(f"| {name} | " + " | ".join(f"{r[name][k]:.4f}" for k in keys) + " |")

@@ -1,13 +1,22 @@
-"""Alignment tasks named in configs: a target P(x) = a(x)·(scorers) plus the feature that measures alignment.
+"""Alignment tasks named in configs: a target P(x) = a(x) · Π b_i(x) · exp(Σ r_j(x)/β_j + Σ λ_k φ_k(x)) and the
+quantities whose means under π report alignment, one per scorer.
 
-``target.scorer`` names one of ``SCORERS``; ``target.kind`` says how it enters the target:
+A scorer is a function of a batch of decoded samples giving one number per sample. A config names it as
 
-- ``pointwise``: the scorer is a boolean constraint b(x); P = a·b; alignment = E_π[b];
-- ``reward``: the scorer is a number r(x); P = a·exp(r/β); alignment = E_π[r];
-- ``distributional``: the scorer is a feature φ(x); P = a·exp(λφ) with λ fitted so that E_p[φ] =
-  ``target.moment`` (``fdpg_scale.training.target_fitting``); alignment = E_π[φ].
+- a built-in of ``SCORERS`` (``contains``, ``count``, ``parses_as_python``);
+- ``hf-classifier``: a local Hugging Face sequence classifier (``fdpg_scale.targets.hf_classifier``);
+- ``package.module:function``: your own function of the texts (``fdpg_scale.targets.user_scorers``);
 
-Each scorer reads the decoded texts of ``Samples``; its arguments come from ``target.scorer_args``.
+with its keyword arguments in ``scorer_args``. Its *kind* says how it enters the target:
+
+- ``pointwise``: a constraint b(x) = [score(x) > 0]: P ∝ a·b; alignment = E_π[b];
+- ``reward``: a reward r(x): P ∝ a·exp(r/β); alignment = E_π[r];
+- ``feature`` (``target.kind: distributional`` in the one-scorer form): a feature φ(x): P ∝ a·exp(λφ), with
+  the λ of all features fitted jointly so that E_p[φ_k] = moment_k (``fdpg_scale.training.target_fitting``);
+  alignment = E_π[φ].
+
+One scorer: ``target.kind`` / ``target.scorer`` / ``target.scorer_args`` (and ``moment`` / ``beta``); its
+alignment column is ``alignment``. Several: a list ``target.scorers``, one column ``alignment/<name>`` each.
 """
 
 from __future__ import annotations
@@ -15,18 +24,19 @@ from __future__ import annotations
 import ast
 import inspect
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from fdpg_scale.errors import ConfigError
 from fdpg_scale.targets.samples import Samples
 from fdpg_scale.targets.energy import BooleanScorer, EnergyTarget, ExponentialScorer, RewardScorer
+from fdpg_scale.targets.user_scorers import FunctionScorer, checked_values
 
 if TYPE_CHECKING:  # annotation only: targets sit below training and never import it at run time
     from fdpg_scale.training.config import TargetConfig
 
-__all__ = ["Task", "build_task", "SCORERS"]
+__all__ = ["Task", "Column", "build_task", "SCORERS"]
 
 
 def contains(samples: Samples, *, substring: str) -> torch.Tensor:
@@ -57,49 +67,167 @@ def _parses(text: str) -> bool:
 SCORERS: dict[str, Callable[..., torch.Tensor]] = {"contains": contains, "count": count,
                                                    "parses_as_python": parses_as_python}
 
+HF_CLASSIFIER = "hf-classifier"
+KINDS = ("pointwise", "reward", "feature")
+
+
+class _LastBatch:
+    """A scorer's values, computed once per batch: the target's log-scores and the alignment features read the
+    same values (one classifier forward per batch, not two). Samples are immutable, so identity is enough."""
+
+    def __init__(self, fn: Callable[[Samples], torch.Tensor]):
+        self.fn = fn
+        self._last: tuple[Samples, torch.Tensor] | None = None
+
+    def __call__(self, samples: Samples) -> torch.Tensor:
+        if self._last is None or self._last[0] is not samples:
+            self._last = (samples, self.fn(samples))
+        return self._last[1]
+
+
+@dataclass(frozen=True, eq=False)
+class Column:
+    """One scorer of a task: its name (its metrics column), its kind and its values."""
+
+    name: str
+    kind: str
+    """``pointwise``, ``reward`` or ``feature``."""
+    values: Callable[[Samples], torch.Tensor]
+    """Samples -> float32 [B]: the scorer's number for each sample."""
+    beta: float = 1.0
+    """reward: β of exp(r/β)."""
+    moment: float | None = None
+    """feature: the target E_p[φ]."""
+
+    def alignment(self, samples: Samples) -> torch.Tensor:
+        """float32 [B]: what E_π of reports this scorer's alignment: b(x) ∈ {0, 1}, r(x) or φ(x)."""
+        v = self.values(samples)
+        return (v > 0).to(torch.float32) if self.kind == "pointwise" else v
+
 
 @dataclass(frozen=True)
 class Task:
-    """A target and the feature whose mean under π reports alignment."""
+    """A target and, per scorer, the quantity whose mean under π reports alignment."""
 
     target: EnergyTarget
-    feature: Callable[[Samples], torch.Tensor]
-    """Samples → [B] float32: b(x) for a pointwise task, r(x) for a reward task, φ(x) for a distributional one."""
-    moment: float | None = None
-    """distributional: the target E_p[φ]; λ is then to be fitted (``needs_fit``)."""
+    columns: tuple[Column, ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The scorers' names, in config order."""
+        return tuple(c.name for c in self.columns)
+
+    def features(self, samples: Samples) -> dict[str, torch.Tensor]:
+        """name -> float32 [B] for every scorer (``Column.alignment``)."""
+        return {c.name: c.alignment(samples) for c in self.columns}
+
+    def feature(self, samples: Samples) -> torch.Tensor:
+        """float32 [B]: the one scorer's alignment quantity (a task of one scorer only)."""
+        if len(self.columns) != 1:
+            raise ValueError(f"Task.feature: this task has {len(self.columns)} scorers {list(self.names)}; "
+                             f"use Task.features")
+        return self.columns[0].alignment(samples)
+
+    @property
+    def feature_columns(self) -> tuple[Column, ...]:
+        """The ``feature`` scorers, in the order of λ."""
+        return tuple(c for c in self.columns if c.kind == "feature")
+
+    @property
+    def moments(self) -> tuple[float, ...]:
+        """The target E_p[φ_k] of each feature, in the order of λ (empty: nothing to fit)."""
+        return tuple(c.moment for c in self.feature_columns)
+
+    @property
+    def moment(self) -> float | list[float] | None:
+        """None when there is no λ to fit; else the target moment (a float for one feature, a list for several)."""
+        m = self.moments
+        return None if not m else m[0] if len(m) == 1 else list(m)
 
     @property
     def exponential(self) -> ExponentialScorer | None:
-        """The distributional task's scorer exp(λφ) (None for the other kinds)."""
-        scorer = self.target.scorers[0]
-        return scorer if isinstance(scorer, ExponentialScorer) else None
+        """The factor exp(λ·φ) of the features (None without features)."""
+        found = [s for s in self.target.scorers if isinstance(s, ExponentialScorer)]
+        return found[0] if found else None
 
     def with_lambdas(self, lambdas) -> "Task":
-        """The same distributional task with λ set (λ: K floats)."""
-        return Task(target=EnergyTarget([self.exponential.with_lambdas(lambdas)]), feature=self.feature,
-                    moment=self.moment)
+        """The same task with λ set (λ: one float per feature)."""
+        new = self.exponential.with_lambdas(lambdas)
+        scorers = [new if isinstance(s, ExponentialScorer) else s for s in self.target.scorers]
+        return Task(target=EnergyTarget(scorers), columns=self.columns)
 
 
-def build_task(cfg: TargetConfig, tokenizer=None) -> Task:
-    """The task described by the ``target`` section of a run config."""
-    if cfg.scorer not in SCORERS:
-        raise ConfigError(f"target.scorer {cfg.scorer!r} is unknown; valid: {', '.join(SCORERS)}")
-    fn = SCORERS[cfg.scorer]
-    wanted = {name for name, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY}
-    given = set(cfg.scorer_args)
-    if given != wanted:
-        raise ConfigError(f"target.scorer_args for {cfg.scorer!r} must be exactly {sorted(wanted)}, got "
-                          f"{sorted(given)}")
-    args = dict(cfg.scorer_args)
+@dataclass(frozen=True)
+class _Entry:
+    scorer: str
+    kind: str
+    scorer_args: dict[str, Any]
+    name: str | None
+    beta: float
+    moment: float | None
+    where: str
+    """The config key of this scorer, for errors."""
 
-    def feature(samples: Samples) -> torch.Tensor:
-        return fn(samples, **args)
 
-    if cfg.kind == "pointwise":
-        scorer = BooleanScorer(lambda s: feature(s) > 0, name=cfg.scorer)
-    elif cfg.kind == "reward":
-        scorer = RewardScorer(feature, beta=cfg.beta, name=cfg.scorer)
-    else:  # distributional: λ = 0 until fitted
-        scorer = ExponentialScorer({cfg.scorer: feature}, name=cfg.scorer)
-    return Task(target=EnergyTarget([scorer]), feature=feature,
-                moment=cfg.moment if cfg.kind == "distributional" else None)
+def _entries(cfg: TargetConfig) -> list[_Entry]:
+    if cfg.scorers:
+        return [_Entry(e.scorer, e.kind, dict(e.scorer_args), e.name, e.beta, e.moment, f"target.scorers[{i}]")
+                for i, e in enumerate(cfg.scorers)]
+    kind = "feature" if cfg.kind == "distributional" else cfg.kind
+    return [_Entry(cfg.scorer, kind, dict(cfg.scorer_args), None, cfg.beta, cfg.moment, "target")]
+
+
+def _default_name(spec: str) -> str:
+    return spec.split(":")[-1]
+
+
+def _values(e: _Entry, *, conditional: bool, device) -> Callable[[Samples], torch.Tensor]:
+    """The entry's scorer as Samples -> float32 [B] (imports / loads it; one-line ConfigError if it cannot)."""
+    if e.scorer in SCORERS:
+        fn = SCORERS[e.scorer]
+        wanted = {name for name, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY}
+        if set(e.scorer_args) != wanted:
+            raise ConfigError(f"{e.where}.scorer_args for {e.scorer!r} must be exactly {sorted(wanted)}, got "
+                              f"{sorted(e.scorer_args)}")
+        args = e.scorer_args
+        return lambda samples: checked_values(fn(samples, **args), samples, repr(e.scorer))
+    if e.scorer == HF_CLASSIFIER:
+        if e.kind == "pointwise" and e.scorer_args.get("threshold") is None:
+            raise ConfigError(f"{e.where}.scorer_args: hf-classifier as a pointwise constraint needs a threshold "
+                              f"(b(x) = [score > threshold]; a probability alone is always > 0)")
+        from fdpg_scale.targets.hf_classifier import build_hf_classifier  # imports transformers
+
+        return build_hf_classifier(e.scorer_args, where=f"{e.where}.scorer", device=device)
+    if ":" in e.scorer:
+        return FunctionScorer.from_spec(e.scorer, e.scorer_args, where=f"{e.where}.scorer", conditional=conditional)
+    raise ConfigError(f"{e.where}.scorer {e.scorer!r} is unknown; valid: a built-in ({', '.join(SCORERS)}), "
+                      f"{HF_CLASSIFIER!r} or 'package.module:function'")
+
+
+def build_task(cfg: TargetConfig, tokenizer=None, *, device: str | torch.device = "cpu") -> Task:
+    """The task described by the ``target`` section of a run config.
+
+    device: where model-based scorers (``hf-classifier``) run: the rank's device. Every scorer is imported or
+    loaded here, once; a wrong path, a missing function or bad arguments is a one-line ConfigError.
+    """
+    entries = _entries(cfg)
+    names = [e.name or _default_name(e.scorer) for e in entries]
+    for e, name in zip(entries, names):
+        if e.kind not in KINDS:
+            raise ConfigError(f"{e.where}.kind must be one of {', '.join(KINDS)}; got {e.kind!r}")
+        if names.count(name) > 1:
+            raise ConfigError(f"target.scorers: two scorers are named {name!r}; give each a distinct 'name'")
+    conditional = cfg.prompts_file is not None
+    columns = tuple(Column(name=name, kind=e.kind, values=_LastBatch(_values(e, conditional=conditional,
+                                                                              device=device)),
+                           beta=e.beta, moment=e.moment) for e, name in zip(entries, names))
+    scorers: list = []
+    for c in columns:
+        if c.kind == "pointwise":
+            scorers.append(BooleanScorer(lambda s, c=c: c.values(s) > 0, name=c.name))
+        elif c.kind == "reward":
+            scorers.append(RewardScorer(c.values, beta=c.beta, name=c.name))
+    features = {c.name: c.values for c in columns if c.kind == "feature"}
+    if features:  # λ = 0 until fitted
+        scorers.append(ExponentialScorer(features, name="λ·φ"))
+    return Task(target=EnergyTarget(scorers), columns=columns)

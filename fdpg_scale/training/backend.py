@@ -73,7 +73,7 @@ class ZeroBackend:
     @staticmethod
     def _draws(chunk: ScoredChunk) -> Draws:
         return Draws(logq=chunk.logq, log_target=chunk.log_target, log_base=chunk.logp_base.sum(-1),
-                     context_ids=chunk.context_ids, features={"alignment": chunk.feature},
+                     context_ids=chunk.context_ids, features=chunk.features,
                      extras={"tokens": chunk.rollout.gen_mask.sum(-1).float()}, payload=chunk)
 
     def policy_logprobs(self, draws: Draws) -> torch.Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,7 +21,8 @@ import yaml
 
 from fdpg_scale.errors import ConfigError
 
-__all__ = ["ConfigError", "RunConfig", "load_config", "apply_overrides", "config_to_dict"]
+__all__ = ["ConfigError", "RunConfig", "ScorerConfig", "TargetConfig", "load_config", "apply_overrides",
+           "config_to_dict"]
 
 
 @dataclass(kw_only=True)
@@ -78,14 +80,56 @@ class DivergenceConfig:
         return get_divergence(self.name, alpha=self.alpha).fprime_spec.limit_at_infinity is None
 
 
+_SCORER_KINDS = ("pointwise", "reward", "feature")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+@dataclass(kw_only=True)
+class ScorerConfig:
+    """One entry of ``target.scorers``: a scorer and how it enters the target
+    P = a · Π b_i · exp(Σ r_j/β_j + Σ λ_k φ_k)."""
+
+    scorer: str
+    """A built-in scorer (``contains``, ``count``, ``parses_as_python``), ``hf-classifier`` (a local Hugging Face
+    sequence classifier; its path and label go in ``scorer_args``) or ``package.module:function``."""
+    kind: str = "pointwise"
+    """``pointwise`` (a constraint b(x) = [score > 0]), ``reward`` (a reward r(x), factor exp(r/β)) or ``feature``
+    (a feature φ(x), factor exp(λφ) with λ fitted jointly so that E_p[φ] = ``moment``)."""
+    scorer_args: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the scorer, checked against its signature."""
+    name: str | None = None
+    """Its column in metrics.jsonl and eval.json (``alignment/<name>``); default: the built-in's name, the
+    function's name, or ``hf-classifier``. Two entries with the same name are an error: name them."""
+    beta: float = 1.0
+    """reward: temperature β of exp(r/β)."""
+    moment: float | None = None
+    """feature: the target mean E_p[φ] (required for a feature)."""
+
+    def __post_init__(self):
+        _choice("target.scorers[].kind", self.kind, _SCORER_KINDS)
+        where = f"target.scorers entry {self.scorer!r}"
+        if self.kind == "feature" and self.moment is None:
+            raise ConfigError(f"{where}: moment is required when kind is 'feature'")
+        if self.kind != "feature" and self.moment is not None:
+            raise ConfigError(f"{where}: moment is only for kind 'feature', not {self.kind!r}")
+        if not (self.beta > 0 and math.isfinite(self.beta)):
+            raise ConfigError(f"{where}: beta must be a finite number > 0, got {self.beta}")
+        if self.name is not None and not _NAME_RE.match(self.name):
+            raise ConfigError(f"{where}: name {self.name!r} must be letters, digits, '_', '.' or '-'")
+
+
 @dataclass(kw_only=True)
 class TargetConfig:
     kind: str = "pointwise"
     """``pointwise`` (P = a·b), ``distributional`` (P = a·exp(λ·φ), λ fitted) or ``reward`` (P = a·exp(r/β))."""
     scorer: str = "contains"
-    """Name of a scorer in ``fdpg_scale.targets.tasks`` (e.g. ``contains``)."""
+    """A built-in scorer (``contains``, ``count``, ``parses_as_python``), ``hf-classifier`` (a local Hugging Face
+    sequence classifier) or ``package.module:function`` (your own function of the decoded texts)."""
     scorer_args: dict[str, Any] = field(default_factory=dict)
-    """Keyword arguments of the scorer, e.g. ``{substring: "def"}``."""
+    """Keyword arguments of the scorer, e.g. ``{substring: "def"}``; checked against its signature."""
+    scorers: list[ScorerConfig] = field(default_factory=list)
+    """Several scorers in one target (each with its kind, args, β or moment), instead of ``kind``/``scorer``/
+    ``scorer_args``/``moment``/``beta``: P = a · Π b_i · exp(Σ r_j/β_j + Σ λ_k φ_k), λ fitted jointly."""
     moment: float | None = None
     """distributional: the target mean of the feature φ (E_p[φ] = moment)."""
     fit_samples: int = 256
@@ -102,11 +146,20 @@ class TargetConfig:
             raise ConfigError("target.moment is required when target.kind is 'distributional'")
         if not self.beta > 0:
             raise ConfigError(f"target.beta must be > 0, got {self.beta}")
-        if self.kind == "distributional" and self.prompts_file is not None:
-            raise ConfigError("target.prompts_file (a conditional target) with target.kind 'distributional' is not "
-                              "supported: λ is fitted for one unconditional target")
         if self.fit_samples < 1:
             raise ConfigError(f"target.fit_samples must be ≥ 1, got {self.fit_samples}")
+        if self.scorers:
+            defaults = {f.name: f.default for f in dataclasses.fields(self) if f.default is not dataclasses.MISSING}
+            clash = [k for k in ("kind", "scorer", "moment", "beta") if getattr(self, k) != defaults[k]]
+            clash += ["scorer_args"] if self.scorer_args else []
+            if clash:
+                raise ConfigError(f"target.scorers replaces target.{', target.'.join(clash)}: set "
+                                  f"{'/'.join(clash)} inside each entry of target.scorers instead")
+            self.scorers = [s if isinstance(s, ScorerConfig) else ScorerConfig(**s) for s in self.scorers]
+        fitted = any(s.kind == "feature" for s in self.scorers) or self.kind == "distributional"
+        if fitted and self.prompts_file is not None:
+            raise ConfigError("target.prompts_file (a conditional target) with a distributional target (a feature "
+                              "whose λ is fitted) is not supported: λ is fitted for one unconditional target")
 
 
 @dataclass(kw_only=True)
@@ -356,6 +409,13 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"config key {key!r} must be a mapping, got {value!r}")
         return dict(value)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key {key!r} must be a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        if dataclasses.is_dataclass(item):
+            return [_build(item, v, f"{key}[{i}].") for i, v in enumerate(value)]
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if hint is bool:
         if isinstance(value, bool):
             return value

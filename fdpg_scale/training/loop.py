@@ -19,7 +19,7 @@ import yaml
 
 from fdpg_scale.distributed import checkpoint as ckpt
 from fdpg_scale.training.config import RunConfig, config_to_dict
-from fdpg_scale.distributed.launch import barrier, init_distributed, is_rank0
+from fdpg_scale.distributed.launch import barrier, device, init_distributed, is_rank0
 from fdpg_scale.core.divergences import get_divergence
 from fdpg_scale.core.metrics import importance_sampled_metrics
 from fdpg_scale.core.step import StepResult, StepSettings, fdpg_step, no_estimate
@@ -30,7 +30,8 @@ from fdpg_scale.training.prompts import load_prompts
 from fdpg_scale.training.backend import ZeroBackend
 from fdpg_scale.training.run_setup import deepspeed_config, prepare_model_dir, prepare_output_dir
 from fdpg_scale.training.run_log import RunLogger
-from fdpg_scale.training.target_fitting import fit_distributional_task
+from fdpg_scale.training.alignment import alignment_columns, features_of
+from fdpg_scale.training.target_fitting import describe_fit, fit_distributional_task
 from fdpg_scale.targets.tasks import build_task
 from fdpg_scale.training.state import TrainerState
 
@@ -49,13 +50,13 @@ def train(cfg: RunConfig) -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    task = build_task(cfg.target, tokenizer, device=device())  # before the engines: a bad scorer fails fast
     ds_config = deepspeed_config(cfg, world_size=world, accumulation=accumulation)
     policy = build_policy(model_dir, ds_config, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                           warmup_steps=cfg.train.warmup_steps, lr_schedule=cfg.train.lr_schedule,
                           total_steps=cfg.train.steps)
     base = build_frozen(model_dir, ds_config)
     proposal = None if cfg.train.on_policy else build_frozen(model_dir, ds_config)
-    task = build_task(cfg.target, tokenizer)
     prompts = None if cfg.target.prompts_file is None else load_prompts(cfg.target.prompts_file, tokenizer)
     divergence = get_divergence(cfg.divergence.name, alpha=cfg.divergence.alpha)
     settings = SamplingSettings(temperature=cfg.sampling.temperature, top_k=cfg.sampling.top_k,
@@ -76,8 +77,7 @@ def train(cfg: RunConfig) -> None:
                                                 world=world, micro_batch=cfg.train.micro_batch,
                                                 n_samples=cfg.target.fit_samples)
             state.lambdas = fit.lambdas.tolist()
-            fit_note = (f"λ = {state.lambdas} fitted on {cfg.target.fit_samples} samples: E_p[φ] ≈ "
-                        f"{fit.moments.tolist()} (target {cfg.target.moment}), ESS {fit.ess:.1f}")
+            fit_note = describe_fit(task, fit, cfg.target.fit_samples)
         else:
             task = task.with_lambdas(state.lambdas)
             fit_note = f"λ = {state.lambdas} (from the checkpoint)"
@@ -126,10 +126,9 @@ def _step_metrics(state: TrainerState, result: StepResult, backend: ZeroBackend,
     conditional = state.log_z.num_contexts > 1
     metrics = importance_sampled_metrics(logp_pi=batch["logp_pi"], logp_q=batch["logq"], logp_a=batch["log_base"],
                                          log_target=batch["log_target"], log_z=batch["log_z"].double(),
-                                         features={"alignment": batch["feature/alignment"]},
+                                         features=features_of(batch),
                                          context_ids=batch["context_ids"] if conditional else None)
-    metrics["alignment"] = metrics.pop("phi_mean/alignment")
-    metrics["alignment_se"] = metrics.pop("phi_mean_se/alignment")
+    metrics = alignment_columns(metrics, batch)           # one column per scorer (docs: "Your own target")
     schedule = state.proposal_schedule
     tokens = float(batch["extra/tokens"].sum())
     timer = backend.timer
@@ -137,7 +136,6 @@ def _step_metrics(state: TrainerState, result: StepResult, backend: ZeroBackend,
         "loss": result.loss, "log_z": no_estimate(float(state.log_z.value.mean())),
         "baseline": result.baseline_used, "pseudo_reward_mean": float(batch["pseudo_reward"].mean()),
         "weight_abs_max": float(batch["weight"].abs().max()),
-        "q_alignment_rate": float(batch["feature/alignment"].mean()),
         **metrics,
         "proposal_version": state.proposal_version, "proposal_replaced": int(result.replaced),
         "proposal_evidence": 0 if schedule is None else schedule.pending,

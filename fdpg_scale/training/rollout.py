@@ -40,8 +40,9 @@ class ScoredChunk:
     """[B, T] per-token log a(x_t | x_<t) of the base model, 0 off ``gen_mask``."""
     log_scores: torch.Tensor
     """[B] Σ of the target's scorers' log-scores (−inf where a pointwise constraint fails)."""
-    feature: torch.Tensor
-    """[B] the task's alignment feature φ(x) (b(x) for a pointwise constraint, r(x) for a reward)."""
+    features: dict[str, torch.Tensor]
+    """scorer name -> [B] the quantity whose mean under π reports that scorer's alignment (b(x) for a
+    pointwise constraint, r(x) for a reward, φ(x) for a feature): ``Task.features``."""
 
     @property
     def context_ids(self) -> torch.Tensor:
@@ -96,5 +97,5 @@ def collect_chunks(*, sampler, base, task, tokenizer, settings: SamplingSettings
         with timer.phase("scoring"), torch.no_grad():
             logp_base = sequence_logprobs(base, rollout.input_ids, rollout.attention_mask, rollout.gen_mask).cpu()
             chunks.append(ScoredChunk(rollout=rollout, samples=samples, logp_base=logp_base,
-                                      log_scores=task.target.log_scores(samples), feature=task.feature(samples)))
+                                      log_scores=task.target.log_scores(samples), features=task.features(samples)))
     return chunks

@@ -99,7 +99,9 @@ _SUMMARY_KEYS = ("loss", "log_z", "kl_p_pi", "kl_pi_a", "alignment", "ess", "pro
 
 def _summary_line(record: dict) -> str:
     parts = [f"step {record['step']}"]
-    for key in _SUMMARY_KEYS:
+    # A target of several scorers has one alignment/<name> column per scorer instead of "alignment".
+    keys = [*_SUMMARY_KEYS, *[k for k in record if k.startswith("alignment/")]]
+    for key in keys:
         if key in record and isinstance(record[key], (int, float)):
             parts.append(f"{key} {record[key]:.4g}")
     return " | ".join(parts)

@@ -1,9 +1,11 @@
-"""Fit λ of a distributional target P(x) = a(x)·exp(λ·φ(x)) before training starts.
+"""Fit λ of a distributional target P(x) = a(x)·c(x)·exp(λ·φ(x)) before training starts (φ = the K features).
 
 Draws ``target.fit_samples`` sequences (over all ranks) from the initial proposal, scores them with the base
-model, gathers φ, log a and log q on every rank, and solves the SNIS moment-matching problem of
-``fdpg_scale.targets.energy.fit_lambdas`` (E_p[φ] = μ̄). Every rank fits on the same gathered batch, so every rank
-gets the same λ. The draws use their own seed stream, independent of the training batches.
+model and the target, gathers φ [N, K], log a·c and log q on every rank, and solves the SNIS moment-matching
+problem of ``fdpg_scale.targets.energy.fit_lambdas`` (E_p[φ_k] = μ̄_k for every k at once). c(x) is the product
+of the target's other factors (constraints b, rewards exp(r/β)): λ is fitted for the whole target, so that the
+moments hold under p itself. Every rank fits on the same gathered batch, so every rank gets the same λ. The
+draws use their own seed stream, independent of the training batches.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from fdpg_scale.targets.energy import LambdaFit, fit_lambdas
 from fdpg_scale.targets.tasks import Task
 from fdpg_scale.training.timing import PhaseTimer
 
-__all__ = ["fit_distributional_task"]
+__all__ = ["fit_distributional_task", "fit_task", "describe_fit"]
 
 
 def fit_distributional_task(task: Task, *, sampler, base, tokenizer, settings: SamplingSettings, mode: str,
@@ -34,8 +36,31 @@ def fit_distributional_task(task: Task, *, sampler, base, tokenizer, settings: S
     chunks = collect_chunks(sampler=sampler, base=base, task=task, tokenizer=tokenizer, settings=settings, mode=mode,
                             run_seed=run_seed, step=0, rank=rank, world=world, accumulation=per_rank,
                             micro_batch=micro_batch, timer=PhaseTimer(), stream=FIT_STREAM)
-    batch = all_gather_rows({"phi": torch.cat([c.feature for c in chunks]),
+    names = [c.name for c in task.feature_columns]
+    batch = all_gather_rows({"phi": torch.stack([torch.cat([c.features[n] for c in chunks]) for n in names], -1),
                              "log_a": torch.cat([c.logp_base.sum(-1) for c in chunks]),
+                             "log_scores": torch.cat([c.log_scores for c in chunks]),
                              "log_q": torch.cat([c.logq for c in chunks])})
-    fit = fit_lambdas(batch["phi"].to(torch.float64)[:, None], [task.moment], batch["log_a"], batch["log_q"])
+    return fit_task(task, batch["phi"], batch["log_a"], batch["log_scores"], batch["log_q"])
+
+
+def fit_task(task: Task, phi: torch.Tensor, log_a: torch.Tensor, log_scores: torch.Tensor,
+             log_q: torch.Tensor) -> tuple[Task, LambdaFit]:
+    """The task with λ fitted so that E_p[φ_k] = ``task.moments[k]`` for every feature k, from draws x_i ∼ q.
+
+    phi: [N, K] φ(x_i) (K = the task's features, in order); log_a: [N] log a(x_i); log_scores: [N] the target's
+    log-scores of x_i at the task's current λ (all its factors); log_q: [N] log q(x_i).
+    """
+    phi = phi.to(torch.float64)
+    # log c(x) = the target's other factors: the log-scores without the current λ·φ.
+    log_c = log_scores.to(torch.float64) - phi @ task.exponential.lambdas
+    fit = fit_lambdas(phi, list(task.moments), log_a.to(torch.float64) + log_c, log_q)
     return task.with_lambdas(fit.lambdas), fit
+
+
+def describe_fit(task: Task, fit: LambdaFit, n_samples: int) -> str:
+    """One line for the run log: λ, the fitted moments against their targets, the fit error and the ESS."""
+    names = [c.name for c in task.feature_columns]
+    target = task.moment
+    return (f"λ = {fit.lambdas.tolist()} fitted on {n_samples} samples for {names}: E_p[φ] ≈ "
+            f"{fit.moments.tolist()} (target {target}), max|μ̂ − μ̄| = {fit.error:.2e}, ESS {fit.ess:.1f}")
