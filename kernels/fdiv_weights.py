@@ -187,9 +187,10 @@ def _fdiv_fwd_kernel(
     log_ratio = log_pi - log_q
     ratio = tl.exp(log_ratio)
     coeff = base - reward
-    # Plain product; log space only where ρ or r overflowed (reasons in kernels/fdiv_reference.py).
-    # ρ = inf or below float32's normal range (2^-126) with a finite coefficient: log space. A zero coefficient
-    # gives 0 (the true ρ is finite, only unrepresentable); a NaN ρ stays NaN through the plain product.
+    # Plain product; log space only where ρ left float32's normal range or r overflowed (reasons in
+    # kernels/fdiv_reference.py). ρ = inf or below 2^-126 (0, a subnormal, or flushed on a GPU) with a finite
+    # coefficient: log space. A zero coefficient gives 0 (the true ρ is finite, only unrepresentable); a NaN ρ
+    # stays NaN through the plain product.
     zero = coeff == 0.0
     sign = tl.where(coeff > 0.0, 1.0, -1.0)
     log_space = sign * tl.exp(log_ratio + tl.log(tl.where(zero, 1.0, tl.abs(coeff))))

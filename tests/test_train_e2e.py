@@ -139,12 +139,13 @@ def test_distributional_target_fits_lambda_once_and_reward_target_trains(tmp_pat
 
 
 def test_training_raises_alignment_measured_by_eval(tmp_path):
-    """The product's own loop learns: `fdpg-scale train` (1 rank, the tiny base, a pointwise constraint it meets
-    (a sample contains "e": configs/smoke.yaml's target), then `fdpg-scale eval` on fresh samples finds the policy's alignment above the
-    base's by several standard errors. Flipping the loss's sign, or a biased log Z stalling TV, fails here."""
+    """The product's own loop learns: `fdpg-scale train` (1 rank, the tiny base, reverse KL toward
+    configs/smoke.yaml's pointwise constraint, "contains e", which the base meets about 70% of the time), then
+    `fdpg-scale eval` on fresh samples finds the policy's alignment above the base's by several standard errors.
+    Flipping the loss's sign fails here."""
     out = tmp_path / "learn"
-    run_train(tmp_path, out, "train.steps=24", "train.global_batch=16", "train.micro_batch=8", "train.lr=3e-3",
-              "train.save_every=24", "divergence.name=kl")
+    run_train(tmp_path, out, "train.steps=24", "train.global_batch=16", "train.micro_batch=8", "train.lr=1e-2",
+              "train.save_every=24", "divergence.name=rkl")      # mode-seeking: a large, quick gain
     proc = subprocess.run([sys.executable, "-m", "fdpg_scale.cli", "eval", str(out), "--samples", "384"],
                           cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -92,6 +92,10 @@ def train(cfg: RunConfig) -> None:
                 + (f"resumed at step {state.step} from {latest}" if latest else "fresh start"))
     if task.moment is not None:
         log.message(fit_note)
+    if cfg.divergence.outside_support_reward is not None and cfg.divergence.unbounded_outside_support():
+        log.message(f"samples with P(x) = 0 get the chosen pseudo-reward r = {cfg.divergence.outside_support_reward} "
+                    f"(divergence.outside_support_reward: {divergence}'s f′ is +∞ there); their share is logged "
+                    f"as outside_support_fraction")
 
     backend = ZeroBackend(policy=policy, proposal=proposal, base=base, task=task, tokenizer=tokenizer,
                           settings=settings, mode=cfg.sampling.generation_mode, run_seed=cfg.seed, rank=rank,
@@ -136,6 +140,7 @@ def _step_metrics(state: TrainerState, result: StepResult, backend: ZeroBackend,
         "loss": result.loss, "log_z": no_estimate(float(state.log_z.value.mean())),
         "baseline": result.baseline_used, "pseudo_reward_mean": float(batch["pseudo_reward"].mean()),
         "weight_abs_max": float(batch["weight"].abs().max()),
+        "outside_support_fraction": float(torch.isneginf(batch["log_target"]).double().mean()),
         **metrics,
         "proposal_version": state.proposal_version, "proposal_replaced": int(result.replaced),
         "proposal_evidence": 0 if schedule is None else schedule.pending,

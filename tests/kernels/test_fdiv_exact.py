@@ -241,9 +241,10 @@ def test_outside_support_reward_bad_value(value, exc, match):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_no_nan_from_finite_inputs(impl):
     """Random finite log-probs up to ±1e4 (any log t, any ρ), baselines of both signs, every divergence,
-    plus P = 0 rows: weight and pseudo-reward are never NaN."""
+    plus P = 0 rows: weight and pseudo-reward are never NaN. (400 rows through the interpreter, which runs
+    each 16-row program in Python: 2000 took 113 s there; the torch path takes all 2000.)"""
     g = torch.Generator().manual_seed(2)
-    n = 2000
+    n = 2000 if impl == "torch" else 400
     scale = 10.0 ** torch.randint(0, 5, (3, n), generator=g).float()
     logp_pi, logp_q, log_target = (torch.rand(3, n, generator=g) * 2 - 1) * scale
     log_target[::17] = float("-inf")
