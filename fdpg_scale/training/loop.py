@@ -34,7 +34,7 @@ from fdpg_scale.kernels import fdiv_weights
 from fdpg_scale.core.metrics import importance_sampled_metrics
 from fdpg_scale.training.preemption import PreemptionSignal
 from fdpg_scale.training.prompts import load_prompts
-from fdpg_scale.training.rollout import collect_chunks
+from fdpg_scale.training.rollout import collect_chunks, describe_logq_source, logq_mismatch_metrics
 from fdpg_scale.training.run_setup import deepspeed_config, prepare_model_dir, prepare_output_dir
 from fdpg_scale.training.run_log import RunLogger
 from fdpg_scale.training.target_fitting import fit_distributional_task
@@ -60,7 +60,7 @@ def train(cfg: RunConfig) -> None:
     ds_config = deepspeed_config(cfg, world_size=world, accumulation=accumulation)
     policy = build_policy(model_dir, ds_config, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                           warmup_steps=cfg.train.warmup_steps, lr_schedule=cfg.train.lr_schedule,
-                          total_steps=cfg.train.steps)
+                          total_steps=cfg.train.steps, gradient_checkpointing=cfg.train.gradient_checkpointing)
     base = build_frozen(model_dir, ds_config)
     proposal = None if cfg.train.on_policy else build_frozen(model_dir, ds_config)
     task = build_task(cfg.target, tokenizer)
@@ -100,6 +100,7 @@ def train(cfg: RunConfig) -> None:
                 + (f"resumed at step {state.step} from {latest}" if latest else "fresh start"))
     if task.moment is not None:
         log.message(fit_note)
+    log.message(describe_logq_source(settings, cfg.sampling.rescore_logq))
 
     sampler = policy if proposal is None else proposal
     for step in range(state.step, cfg.train.steps):
@@ -107,7 +108,8 @@ def train(cfg: RunConfig) -> None:
         chunks = collect_chunks(sampler=sampler, base=base, task=task, tokenizer=tokenizer, settings=settings,
                                 mode=cfg.sampling.generation_mode, run_seed=cfg.seed, step=step, rank=rank,
                                 world=world, accumulation=accumulation, micro_batch=cfg.train.micro_batch,
-                                timer=timer, prompts=prompts)
+                                timer=timer, prompts=prompts, sampling_batch=cfg.sampling.batch,
+                                rescore_logq=cfg.sampling.rescore_logq)
         skipped = state.log_z.update(torch.cat([c.log_target - c.logq for c in chunks]),
                                      torch.cat([c.context_ids for c in chunks])).all()
         if skipped:  # no sample of the global batch has P(x) > 0: nothing to learn from, log Z unchanged
@@ -192,7 +194,7 @@ def _after_step(cfg: RunConfig, state: TrainerState, policy, proposal, chunks, w
         "baseline": baseline_used, "pseudo_reward_mean": float(batch["pseudo_reward"].mean()),
         "weight_abs_max": float(batch["weight"].abs().max()),
         "q_alignment_rate": float(batch["feature"].mean()),
-        **metrics,
+        **metrics, **logq_mismatch_metrics(chunks),
         "proposal_version": state.proposal_version, "proposal_replaced": int(replaced),
         "lr": policy.get_lr()[0], "tokens": tokens, "tokens_per_s": tokens / timer.total, "time/step": timer.total,
         **timer.as_metrics(),
