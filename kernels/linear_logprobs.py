@@ -331,7 +331,7 @@ class LinearLogprobsTriton(torch.autograd.Function):
 
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                           bias: torch.Tensor | None = None, temperature: float = 1.0,
-                          impl: str = "auto") -> torch.Tensor:
+                          impl: str = "auto", check_targets: bool | None = None) -> torch.Tensor:
     """log softmax((hidden·weightᵀ + bias) / T)[target] per token, without materialising [..., V].
 
     hidden [..., H], weight [V, H] (the lm_head), bias [V] | None, targets [...] int64 -> float32 [...];
@@ -340,12 +340,19 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         torch.log_softmax((hidden @ weight.T + bias).float() / T, -1).gather(-1, targets[..., None])[..., 0]
     impl: "auto" (Triton on CUDA tensors, the chunked torch reference elsewhere), "triton" (on CPU tensors
     only through the Triton interpreter, TRITON_INTERPRET=1 at import), "torch" (kernels/reference.py).
+    check_targets: check that every target is in [0, V) or -100 (ValueError otherwise). None (default): on
+    CPU tensors only, where it costs no sync; on a GPU it would stall the host once per call (every micro-
+    step of training), so there it is a debugging option (True), and an out-of-range target is the
+    caller's bug.
     """
     impl = resolve_impl(impl, hidden)
     if impl == "torch":
+        if check_targets:
+            check_linear_inputs(hidden, weight, targets, bias, temperature, check_targets=True)
         return linear_token_logprobs_torch(hidden, weight, targets, bias=bias, temperature=temperature)
     check_triton_device(_linear_fwd_kernel, "hidden", hidden)
-    targets, temperature = check_linear_inputs(hidden, weight, targets, bias, temperature)
+    targets, temperature = check_linear_inputs(hidden, weight, targets, bias, temperature,
+                                               check_targets=check_targets)
     lead = hidden.shape[:-1]
     params = LinearLogprobsParams(temperature=temperature)
     out = LinearLogprobsTriton.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias,

@@ -76,7 +76,7 @@ def _check_temperature(temperature: float) -> float:
 
 
 def _check_targets(targets: torch.Tensor, lead_shape: torch.Size, vocab: int, lead_name: str,
-                   ignore_index: int) -> torch.Tensor:
+                   ignore_index: int, check_values: bool | None = None) -> torch.Tensor:
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
     if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
@@ -84,8 +84,12 @@ def _check_targets(targets: torch.Tensor, lead_shape: torch.Size, vocab: int, le
     if targets.shape != lead_shape:
         raise ValueError(f"targets shape {tuple(targets.shape)} must equal the leading shape of {lead_name} "
                          f"{tuple(lead_shape)}")
-    if targets.numel() > 0:
-        # One host sync per call: an out-of-range index would otherwise read out of bounds in the kernel.
+    if check_values is None:
+        # Reading the values is free on the host but a device-to-host sync on an accelerator, once per call
+        # on the training hot path: there it is only done when the caller asks (check_targets=True).
+        check_values = targets.device.type == "cpu"
+    if check_values and targets.numel() > 0:
+        # An out-of-range index would otherwise read out of bounds in the kernel.
         bad = ((targets < 0) & (targets != ignore_index)) | (targets >= vocab)
         if bool(bad.any()):
             first = targets[bad].flatten()[0].item()
@@ -95,14 +99,19 @@ def _check_targets(targets: torch.Tensor, lead_shape: torch.Size, vocab: int, le
 
 
 def check_token_inputs(logits: torch.Tensor, targets: torch.Tensor, temperature: float,
-                       ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, float]:
-    """Validate token_logprobs' inputs; returns (targets as int64, temperature as float)."""
+                       ignore_index: int = IGNORE_INDEX, check_targets: bool | None = None
+                       ) -> tuple[torch.Tensor, float]:
+    """Validate token_logprobs' inputs; returns (targets as int64, temperature as float).
+
+    check_targets: also check every target value is in [0, V) or ignore_index; None (default) does so for CPU
+    tensors only, since on an accelerator reading the values is a host sync."""
     _check_float("logits", logits)
     if logits.dim() < 1:
         raise ValueError(f"logits must have shape [..., V], got {tuple(logits.shape)}")
     if logits.shape[-1] == 0:
         raise ValueError(f"logits must have a non-empty vocabulary dimension, got {tuple(logits.shape)}")
-    t = _check_targets(targets, logits.shape[:-1], logits.shape[-1], "logits [..., V]", ignore_index)
+    t = _check_targets(targets, logits.shape[:-1], logits.shape[-1], "logits [..., V]", ignore_index,
+                       check_targets)
     if targets.device != logits.device:
         raise ValueError(f"targets is on {targets.device} but logits is on {logits.device}")
     return t, _check_temperature(temperature)
@@ -110,8 +119,11 @@ def check_token_inputs(logits: torch.Tensor, targets: torch.Tensor, temperature:
 
 def check_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                         bias: torch.Tensor | None, temperature: float,
-                        ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, float]:
-    """Validate linear_token_logprobs' inputs; returns (targets as int64, temperature as float)."""
+                        ignore_index: int = IGNORE_INDEX, check_targets: bool | None = None
+                        ) -> tuple[torch.Tensor, float]:
+    """Validate linear_token_logprobs' inputs; returns (targets as int64, temperature as float).
+
+    check_targets: as for ``check_token_inputs`` (value check on CPU tensors only by default: no host sync)."""
     _check_float("hidden", hidden)
     _check_float("weight", weight)
     if hidden.dim() < 1:
@@ -135,7 +147,8 @@ def check_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
             raise TypeError(f"bias dtype {bias.dtype} must equal weight dtype {weight.dtype}")
         if bias.device != weight.device:
             raise ValueError(f"bias is on {bias.device} but weight is on {weight.device}")
-    t = _check_targets(targets, hidden.shape[:-1], weight.shape[0], "hidden [..., H]", ignore_index)
+    t = _check_targets(targets, hidden.shape[:-1], weight.shape[0], "hidden [..., H]", ignore_index,
+                       check_targets)
     if targets.device != hidden.device:
         raise ValueError(f"targets is on {targets.device} but hidden is on {hidden.device}")
     return t, _check_temperature(temperature)

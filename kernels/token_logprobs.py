@@ -161,7 +161,7 @@ class TokenLogprobsTriton(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------------------
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
-                   impl: str = "auto") -> torch.Tensor:
+                   impl: str = "auto", check_targets: bool | None = None) -> torch.Tensor:
     """log softmax(logits / T)[target] per token.
 
     logits [..., V] (any float dtype), targets [...] int64 -> float32 [...]; targets == -100 give 0 and
@@ -169,12 +169,17 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: 
         torch.log_softmax(logits.float() / T, -1).gather(-1, targets[..., None]).squeeze(-1)
     impl: "auto" (Triton on CUDA tensors, the chunked torch reference elsewhere), "triton" (on CPU tensors
     only through the Triton interpreter, TRITON_INTERPRET=1 at import), "torch" (kernels/reference.py).
+    check_targets: check that every target is in [0, V) or -100 (ValueError otherwise). None (default): on
+    CPU tensors only, where it costs no sync; on a GPU it would stall the host once per call, so there it is
+    a debugging option (True), and an out-of-range target is the caller's bug.
     """
     impl = resolve_impl(impl, logits)
     if impl == "torch":
+        if check_targets:
+            check_token_inputs(logits, targets, temperature, check_targets=True)
         return token_logprobs_torch(logits, targets, temperature=temperature)
     check_triton_device(_token_fwd_kernel, "logits", logits)
-    targets, temperature = check_token_inputs(logits, targets, temperature)
+    targets, temperature = check_token_inputs(logits, targets, temperature, check_targets=check_targets)
     lead = logits.shape[:-1]
     z = logits.reshape(-1, logits.shape[-1])
     if z.shape[1] > 1 and z.stride(1) != 1:

@@ -66,3 +66,13 @@ def test_global_batch_must_split_over_micro_batches_and_ranks():
     assert cfg.train.accumulation_steps(1) == 4 and cfg.train.accumulation_steps(2) == 2
     with pytest.raises(ConfigError, match="train.global_batch=8 is not a multiple"):
         cfg.train.accumulation_steps(3)
+
+
+def test_sampling_batch_is_a_multiple_of_the_micro_batch_that_splits_the_rank_share():
+    cfg = load_config(ROOT / "configs/smoke.yaml", ["train.micro_batch=2", "sampling.batch=4"])
+    assert cfg.sampling_batch(1) == cfg.sampling_batch(2) == 4  # 8 or 4 sequences per rank, 2 or 1 calls
+    with pytest.raises(ConfigError, match="sampling.batch=4 does not divide the 2 sequences each of the 4 ranks"):
+        cfg.sampling_batch(4)
+    with pytest.raises(ConfigError, match="sampling.batch=3 must be a multiple of train.micro_batch=2"):
+        load_config(ROOT / "configs/smoke.yaml", ["train.micro_batch=2", "sampling.batch=3"])
+    assert load_config(ROOT / "configs/smoke.yaml").sampling_batch(2) == 4  # default: the micro-batch

@@ -8,7 +8,7 @@ import torch
 
 from fdpg_scale.training.config import load_config
 from fdpg_scale.apps.cli import main as cli_main
-from fdpg_scale.apps.plan import count_parameters, load_architecture, plan_memory, resolve_architecture_file
+from fdpg_scale.apps.plan import GIB, PHASES, count_parameters, load_architecture, plan_memory, resolve_architecture_file
 from fdpg_scale.training.run_setup import deepspeed_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,33 +56,87 @@ def test_parameter_count_matches_built_model(name):
     assert abs(built / NOMINAL[name] - 1) < 0.03, f"{name}: {built:,} is not the advertised size"
 
 
+def _plan(name, world=8, overrides=(), **kw):
+    cfg = load_config(f"configs/{name}.yaml", list(overrides))
+    arch = load_architecture(resolve_architecture_file(cfg, f"configs/{name}.yaml", None))
+    ds = deepspeed_config(cfg, world_size=world, accumulation=cfg.train.accumulation_steps(world))
+    return cfg, arch, plan_memory(cfg, arch, nodes=1, gpus_per_node=world, prompt_tokens=kw.pop("prompt_tokens", 64),
+                                  ds_config=ds, **kw)
+
+
 def test_plan_arithmetic_and_sharding():
-    cfg = load_config("configs/gpt2-124m.yaml")
-    arch = load_architecture(resolve_architecture_file(cfg, "configs/gpt2-124m.yaml", None))
+    cfg, arch, one = _plan("gpt2-124m", 1, ["sampling.batch=8"], prompt_tokens=32)
+    _, _, four = _plan("gpt2-124m", 4, ["sampling.batch=8"], prompt_tokens=32)
     P = count_parameters(arch)
-    plans = {}
-    for world in (1, 4):
-        ds = deepspeed_config(cfg, world_size=world, accumulation=cfg.train.accumulation_steps(world))
-        plans[world] = plan_memory(cfg, arch, nodes=1, gpus_per_node=world, prompt_tokens=32, ds_config=ds)
-    one, four = plans[1].gpu, plans[4].gpu
-    assert one["parameters (policy)"] == 2 * P and one["optimizer states (policy)"] == 12 * P
-    assert four["parameters (policy)"] == 2 * -(-P // 4)
-    # unsharded parts do not shrink with the world; the KV cache follows the sequences each rank generates
-    assert four["gathered for generation (gathered)"] == one["gathered for generation (gathered)"] == 2 * P
-    assert four["activations (training)"] == one["activations (training)"]
+    assert one.gpu["parameters (policy)"] == 2 * P and one.gpu["optimizer states (policy)"] == 12 * P
+    assert one.gpu["gradients (policy)"] == 4 * P  # bf16 parameters, gradients accumulated in fp32
+    assert four.gpu["parameters (policy)"] == 2 * -(-P // 4)
+    # unsharded parts do not shrink with the world; the KV cache follows the sequences of one generate call
+    assert four.gpu["gathered for generation (gathered)"] == one.gpu["gathered for generation (gathered)"] == 2 * P
+    assert four.gpu["activations (training)"] == one.gpu["activations (training)"]
     s = 32 + cfg.sampling.max_new_tokens
-    assert one["KV cache (generation)"] == 2 * arch.layers * arch.hidden * s * cfg.train.global_batch * 2
-    assert four["KV cache (generation)"] * 4 == one["KV cache (generation)"]
+    assert one.gpu["KV cache (generation, 8 sequences)"] == four.gpu["KV cache (generation, 8 sequences)"] \
+        == 2 * arch.layers * arch.hidden * s * 8 * 2
+    assert one.gpu["fused head backward (dW fp32 + cast, dh)"] == arch.vocab * arch.hidden * 6 \
+        + cfg.train.micro_batch * s * arch.hidden * 4
+    # the peak is the resident parts plus the largest phase, not the sum of every phase
+    assert one.gpu_total == one.phase_total("resident") + max(one.phase_total(p) for p in PHASES)
+    assert one.gpu_total < sum(one.gpu.values())
+
+
+def test_optimizer_step_transients_and_grad_accum_dtype():
+    _, arch, plan = _plan("llama-7b", 8, ["deepspeed.config=configs/deepspeed/zero3_bf16.json"])
+    shard = -(-count_parameters(arch) // 8)
+    # fp32 gradients: one fp32 flat copy of the sub-group (1e9 ≥ shard) + AdamW's fp32 temporary
+    assert plan.gpu["optimizer-step transients"] == shard * 8
+    assert 4 * GIB < plan.gpu["optimizer-step transients"] < 8 * GIB  # the +4–8 GB a 7B step adds on 8 GPUs
+    bf16_accum = {k: v for k, v in json.loads(Path("configs/deepspeed/zero3_bf16.json").read_text()).items()
+                  if k != "data_types"}
+    cfg, arch, _ = _plan("llama-7b", 8)
+    lean = plan_memory(cfg, arch, nodes=1, gpus_per_node=8, prompt_tokens=64, ds_config=bf16_accum)
+    assert lean.gpu["optimizer-step transients"] == shard * 10 and lean.gpu["gradients (policy)"] == shard * 2
+
+
+def test_bf16_jsons_accumulate_in_fp32_and_offload_uses_deepspeed_cpu_adam():
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    from fdpg_scale.distributed.engines import client_adamw_class
+
+    for path in sorted(Path("configs/deepspeed").glob("*.json")):
+        raw = json.loads(path.read_text())
+        if raw["bf16"]["enabled"]:
+            assert raw["data_types"]["grad_accum_dtype"] == "fp32", path
+        offloaded = raw["zero_optimization"].get("offload_optimizer", {}).get("device") == "cpu"
+        assert client_adamw_class(raw) is (DeepSpeedCPUAdam if offloaded else torch.optim.AdamW), path
+        assert "zero_force_ds_cpu_optimizer" not in raw, path  # DeepSpeed itself refuses a slow host optimizer
+
+
+# Fastest first: no offload beats moving states over PCIe; gathered generation (one gather per rollout) beats
+# sharded (an all-gather of the model for every token).
+SPEED_ORDER = [(json_name, mode) for mode in ("gathered", "sharded")
+               for json_name in ("zero3_bf16", "zero3_bf16_offload_optimizer", "zero3_bf16_offload_all")]
+
+
+@pytest.mark.parametrize("name", SIZES)
+def test_size_config_is_the_fastest_that_fits_8x80gb(name):
+    cfg = load_config(f"configs/{name}.yaml")
+    chosen = (Path(cfg.deepspeed.config).stem, cfg.sampling.generation_mode)
+    assert chosen in SPEED_ORDER
+    for option in SPEED_ORDER[:SPEED_ORDER.index(chosen) + 1]:
+        _, _, plan = _plan(name, 8, [f"deepspeed.config=configs/deepspeed/{option[0]}.json",
+                                     f"sampling.generation_mode={option[1]}"], gpu_memory_gib=80, reserve_gib=4)
+        assert plan.fits is (option == chosen), (name, option, plan.gpu_total / GIB)
+    # generate calls larger than the micro-batch, valid on the 8 and the 16 GPUs the configs mention
+    assert cfg.sampling_batch(8) == cfg.sampling_batch(16) == cfg.sampling.batch >= cfg.train.micro_batch
 
 
 def test_offload_moves_states_to_host():
-    cfg = load_config("configs/llama-7b.yaml")
-    arch = load_architecture(resolve_architecture_file(cfg, "configs/llama-7b.yaml", None))
-    ds = deepspeed_config(cfg, world_size=8, accumulation=cfg.train.accumulation_steps(8))
-    plan = plan_memory(cfg, arch, nodes=1, gpus_per_node=8, prompt_tokens=64, ds_config=ds, gpu_memory_gib=80,
-                       reserve_gib=4)
+    _, _, plan = _plan("llama-7b", 8, ["deepspeed.config=configs/deepspeed/zero3_bf16_offload_all.json"],
+                       gpu_memory_gib=80, reserve_gib=4)
+    shard = -(-plan.parameters // 8)
     assert plan.gpu["optimizer states (policy)"] == 0 and plan.gpu["parameters (policy)"] == 0
-    assert plan.host["optimizer states + fp32 master (policy)"] == 8 * 12 * -(-plan.parameters // 8)
+    assert plan.gpu["gradients (policy)"] == 0 and plan.gpu["optimizer-step transients"] == 0
+    assert plan.host["optimizer states + fp32 master + gradients (policy)"] == 8 * (12 + 4) * shard
 
 
 def main(argv):
@@ -95,6 +149,8 @@ def test_cli_fit_verdict_and_errors(capsys, tmp_path):
                  "h100-80gb"]) == 0
     out = capsys.readouterr().out
     assert "6,738,415,616 parameters" in out and "fits: yes" in out and "KV cache" in out
+    for part in ("optimizer-step transients", "live-parameter cache", "fused head backward", "peak = resident + "):
+        assert part in out
     # without offload and gathered generation, a 7B model does not fit a 24 GiB card
     assert main(["--config", "configs/llama-7b.yaml", "--nodes", "1", "--gpus-per-node", "2", "--gpu-memory-gib",
                  "24", "deepspeed.config=configs/deepspeed/zero3_bf16.json", "sampling.generation_mode=gathered"]) == 1

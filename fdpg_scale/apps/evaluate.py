@@ -30,10 +30,11 @@ from fdpg_scale.distributed.generation import pad_prompts
 from fdpg_scale.errors import ConstraintNeverSatisfied
 from fdpg_scale.kernels.reference import IGNORE_INDEX
 from fdpg_scale.kernels import token_logprobs
+from fdpg_scale.models.tokens import padding_id
+from fdpg_scale.training.prompts import PromptSet, load_prompts
 from fdpg_scale.targets.samples import Samples
 from fdpg_scale.targets.tasks import Task, build_task
 from fdpg_scale.training.config import RunConfig, load_config
-from fdpg_scale.training.prompts import PromptSet, load_prompts
 from fdpg_scale.training.alignment import column
 
 __all__ = ["evaluate_run", "sample_and_score", "run"]
@@ -57,8 +58,9 @@ def sample_and_score(model, tokenizer, task: Task, *, n: int, max_new_tokens: in
     another model)}.
     """
     context_ids = torch.arange(n) % (1 if prompts is None else len(prompts))
+    pad = padding_id(tokenizer)
     rows = [[tokenizer.bos_token_id] if prompts is None else list(prompts.token_ids[c]) for c in context_ids.tolist()]
-    prompt_ids, prompt_mask = pad_prompts(rows, bos_id=tokenizer.bos_token_id, pad_id=tokenizer.pad_token_id)
+    prompt_ids, prompt_mask = pad_prompts(rows, bos_id=tokenizer.bos_token_id, pad_id=pad)
     width = prompt_ids.shape[1]
     ids, masks, logps = [], [], []
     rng_state = torch.random.get_rng_state()
@@ -68,9 +70,9 @@ def sample_and_score(model, tokenizer, task: Task, *, n: int, max_new_tokens: in
             p_ids, p_mask = prompt_ids[start:start + batch_size], prompt_mask[start:start + batch_size]
             out = model.generate(p_ids, attention_mask=p_mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                                  max_new_tokens=max_new_tokens, min_new_tokens=0,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
             produced = out.shape[1] - width
-            gen = torch.full((p_ids.shape[0], max_new_tokens), tokenizer.pad_token_id, dtype=torch.long)
+            gen = torch.full((p_ids.shape[0], max_new_tokens), pad, dtype=torch.long)
             gen[:, :produced] = out[:, width:]
             produced_mask = (torch.arange(max_new_tokens) < produced).expand_as(gen)
             mask = first_eos_mask(gen, tokenizer.eos_token_id, within=produced_mask)
@@ -80,7 +82,7 @@ def sample_and_score(model, tokenizer, task: Task, *, n: int, max_new_tokens: in
     finally:
         torch.random.set_rng_state(rng_state)
     token_ids, mask = torch.cat(ids), torch.cat(masks)
-    texts = tokenizer.batch_decode(token_ids.masked_fill(~mask, tokenizer.pad_token_id), skip_special_tokens=True)
+    texts = tokenizer.batch_decode(token_ids.masked_fill(~mask, pad), skip_special_tokens=True)
     samples = Samples(token_ids=token_ids, mask=mask, texts=texts, context_ids=context_ids,
                       contexts=None if prompts is None else [prompts.texts[c] for c in context_ids.tolist()])
     return {"samples": samples, "logp": torch.cat(logps), "log_scores": task.target.log_scores(samples),

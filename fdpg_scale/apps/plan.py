@@ -5,25 +5,38 @@ directory), else ``configs/models/<name>/config.json`` shipped with the project,
 or, without it, the config file's stem (``configs/llama-7b.yaml`` → ``configs/models/llama-7b``).
 
 The parts, per GPU, with P parameters, W = nodes × gpus_per_node ranks, ZeRO-3 partitioning everything
-over W, b = bytes of ``model.dtype`` (bf16: 2, fp32: 4):
+over W (shard = ⌈P/W⌉), b = bytes of ``model.dtype`` (bf16: 2, fp32: 4), g = bytes of the gradient
+accumulation dtype (the DeepSpeed JSON's ``data_types.grad_accum_dtype``, else the model's dtype).
+Resident all along:
 
-- policy parameters        P·b / W            (0 on the GPU with ``offload_param``)
-- policy gradients         P·b / W
-- policy optimizer states  P·(8 + 4·[bf16]) / W   (AdamW m and v in fp32, plus the fp32 master copy when the
-                                                   parameters are bf16; 0 on the GPU with ``offload_optimizer``)
-- proposal parameters      P·b / W            (a frozen snapshot of the policy; none when ``train.on_policy``)
-- base parameters          P·b / W            (the original LM a(x) of the target)
-- gathered model           P·b                (``sampling.generation_mode: gathered``: one whole copy during
-                                               generation; ``sharded`` gathers one layer at a time: the
-                                               largest layer's parameters)
-- activations (training)   L·m·s·h·(34 + 5·n·s/h)·b/2   per micro-batch m, sequence s, hidden h, n heads,
-                           L layers, no activation checkpointing (Korthikanti et al. 2022, eq. 2, written
-                           for 2-byte activations); the lm_head's [m, s, V] logits are never materialised
-                           (the fused ``linear_token_logprobs``), so they are not counted
-- KV cache (generation)    2·L·n_kv·d_head·s·r·b    for the r = global_batch / W sequences a rank generates
+- policy parameters        shard·b            (0 on the GPU with ``offload_param``)
+- policy gradients         shard·g            (ZeRO-3's flat gradient partition; host memory with
+                                               ``offload_optimizer``)
+- policy optimizer states  shard·(8 + 4·[bf16])   (AdamW m and v in fp32, plus the fp32 master copy when the
+                                                   parameters are bf16; host memory with ``offload_optimizer``)
+- proposal parameters      shard·b            (a frozen snapshot of the policy; none when ``train.on_policy``)
+- base parameters          shard·b            (the original LM a(x) of the target)
+- gradient reduce bucket   reduce_bucket_size·g
+
+Then one phase at a time, so the peak is the resident parts plus the largest phase:
+
+- generation: the gathered model P·b (``sampling.generation_mode: gathered``; ``sharded`` gathers about one
+  layer at a time: the largest layer's parameters); the KV cache 2·L·n_kv·d_head·s·B·b for the
+  B = ``sampling.batch`` sequences of one generate call; the fp32 [B, V] logits of a step, ×4 (generate's
+  fp32 copy, the warped scores, the probabilities, the recorded log-probs);
+- training (scoring, forward and backward of a micro-batch): ZeRO-3's live-parameter cache,
+  min(stage3_max_live_parameters, P)·b plus the prefetch bucket stage3_prefetch_bucket_size·b; the
+  activations L·m·s·h·(34 + 5·n·s/h)·b/2 per micro-batch m, sequence s, hidden h, n heads, L layers
+  (Korthikanti et al. 2022, eq. 2, written for 2-byte activations), or with ``train.gradient_checkpointing``
+  the block inputs L·m·s·h·b plus one block's activations; the fused head's backward buffers: dW in fp32
+  and its cast to the weight's dtype, V·H·(4 + b), plus dh, m·s·H·4. The lm_head's [m, s, V] logits are never
+  materialised (``linear_token_logprobs``), so they are not counted;
+- optimizer step (not offloaded): ZeRO-3 flattens the gradients of one sub-group (min(shard,
+  sub_group_size) elements) into an fp32 copy (4 B, plus a 2 B flatten before the cast when g = 2) and
+  torch AdamW keeps one fp32 temporary (its denominator), 4 B more per element.
 
 The sequence length s is ``--prompt-tokens`` + ``sampling.max_new_tokens``. A plan is an estimate: the
-allocator's fragmentation, the CUDA context and the communication buckets are covered by ``--reserve-gib``.
+allocator's fragmentation, the CUDA context and NCCL's buffers are covered by ``--reserve-gib``.
 Offloaded parts are listed as host memory per node.
 """
 
@@ -36,7 +49,7 @@ from pathlib import Path
 
 from fdpg_scale.training.config import ConfigError, RunConfig, load_config
 
-__all__ = ["Architecture", "MemoryPlan", "load_architecture", "count_parameters", "plan_memory", "run"]
+__all__ = ["Architecture", "MemoryPlan", "PHASES", "load_architecture", "count_parameters", "plan_memory", "run"]
 
 GIB = 1024 ** 3
 _DTYPE_BYTES = {"fp32": 4, "bf16": 2}
@@ -108,26 +121,51 @@ def count_parameters(arch: Architecture) -> int:
     return embed + arch.layers * layer_parameters(arch) + final_norm + head
 
 
+PHASES = ("generation", "training", "optimizer step")
+"""The phases of a step that never overlap in time; everything else is resident."""
+
+
 @dataclass(frozen=True)
 class MemoryPlan:
-    """Bytes per GPU of each part (``gpu``), bytes per node in host memory (``host``), and the verdict."""
+    """Bytes per GPU of each part (``gpu``; ``phase`` says which are resident and which belong to one phase
+    of the step), bytes per node in host memory (``host``), and the verdict."""
     parameters: int
     world_size: int
     seq_len: int
     gpu: dict[str, int]
+    phase: dict[str, str]
+    """Part name → ``resident`` or one of ``PHASES``."""
     host: dict[str, int]
     gpu_memory_gib: float | None
     reserve_gib: float
 
+    def phase_total(self, phase: str) -> int:
+        return sum(v for k, v in self.gpu.items() if self.phase[k] == phase)
+
+    @property
+    def peak_phase(self) -> str:
+        return max(PHASES, key=self.phase_total)
+
     @property
     def gpu_total(self) -> int:
-        return sum(self.gpu.values())
+        """The peak: the resident parts plus the largest phase."""
+        return self.phase_total("resident") + self.phase_total(self.peak_phase)
 
     @property
     def fits(self) -> bool | None:
         if self.gpu_memory_gib is None:
             return None
         return self.gpu_total + self.reserve_gib * GIB <= self.gpu_memory_gib * GIB
+
+
+def grad_accum_bytes(cfg: RunConfig, ds_config: dict) -> int:
+    """Bytes per element of ZeRO-3's gradient partitions: ``data_types.grad_accum_dtype``, else model.dtype."""
+    name = ds_config.get("data_types", {}).get("grad_accum_dtype")
+    known = {None: _DTYPE_BYTES[cfg.model.dtype], "fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2}
+    if name not in known:
+        raise ConfigError(f"deepspeed.config data_types.grad_accum_dtype {name!r} is not one the planner knows "
+                          f"(fp32, bf16)")
+    return known[name]
 
 
 def plan_memory(cfg: RunConfig, arch: Architecture, *, nodes: int, gpus_per_node: int, prompt_tokens: int,
@@ -138,9 +176,10 @@ def plan_memory(cfg: RunConfig, arch: Architecture, *, nodes: int, gpus_per_node
     if prompt_tokens < 0:
         raise ConfigError(f"--prompt-tokens must be ≥ 0, got {prompt_tokens}")
     world = nodes * gpus_per_node
-    cfg.train.accumulation_steps(world)  # the same check the trainer makes: raises if the batch does not split
+    sampling_batch = cfg.sampling_batch(world)  # the trainer's checks: the batch splits over the world
     P = count_parameters(arch)
     b = _DTYPE_BYTES[cfg.model.dtype]
+    g = grad_accum_bytes(cfg, ds_config)
     zero = ds_config.get("zero_optimization", {})
     offload_opt = zero.get("offload_optimizer", {}).get("device", "none") in ("cpu", "nvme")
     offload_par = zero.get("offload_param", {}).get("device", "none") in ("cpu", "nvme")
@@ -148,26 +187,40 @@ def plan_memory(cfg: RunConfig, arch: Architecture, *, nodes: int, gpus_per_node
     opt_bytes = shard * (_ADAM_MOMENT_BYTES + (_FP32_MASTER_BYTES if b == 2 else 0))
     s = prompt_tokens + cfg.sampling.max_new_tokens
     m = cfg.train.micro_batch
-    per_rank_sequences = cfg.train.global_batch // world
+    h, L = arch.hidden, arch.layers
     frozen_copies = 1 if cfg.train.on_policy else 2  # base a, plus the proposal q unless it is π_θ itself
-    act = arch.layers * m * s * arch.hidden * (_ACT_LINEAR + _ACT_ATTENTION * arch.heads * s / arch.hidden) * b / 2
+    per_block = m * s * h * (_ACT_LINEAR + _ACT_ATTENTION * arch.heads * s / h) * b / 2
+    if cfg.train.gradient_checkpointing:  # block inputs kept, one block's activations recomputed at a time
+        act = L * m * s * h * b + per_block
+    else:
+        act = L * per_block
     gathered = P * b if cfg.sampling.generation_mode == "gathered" else layer_parameters(arch) * b
-    gpu = {
-        "parameters (policy)": 0 if offload_par else shard * b,
-        "gradients (policy)": shard * b,
-        "optimizer states (policy)": 0 if offload_opt else opt_bytes,
-        "parameters (proposal)": 0 if (offload_par or cfg.train.on_policy) else shard * b,
-        "parameters (base)": 0 if offload_par else shard * b,
-        f"gathered for generation ({cfg.sampling.generation_mode})": gathered,
-        "activations (training)": int(act),
-        "KV cache (generation)": 2 * arch.layers * arch.kv_heads * arch.head_dim * s * per_rank_sequences * b,
+    live = min(int(zero.get("stage3_max_live_parameters", 10 ** 9)), P) + int(
+        zero.get("stage3_prefetch_bucket_size", 5 * 10 ** 7))
+    sub_group = min(shard, int(zero.get("sub_group_size", 10 ** 9)))
+    parts = {
+        "parameters (policy)": ("resident", 0 if offload_par else shard * b),
+        "gradients (policy)": ("resident", 0 if offload_opt else shard * g),
+        "optimizer states (policy)": ("resident", 0 if offload_opt else opt_bytes),
+        "parameters (proposal)": ("resident", 0 if (offload_par or cfg.train.on_policy) else shard * b),
+        "parameters (base)": ("resident", 0 if offload_par else shard * b),
+        "gradient reduce bucket": ("resident", int(zero.get("reduce_bucket_size", 5 * 10 ** 8)) * g),
+        f"gathered for generation ({cfg.sampling.generation_mode})": ("generation", gathered),
+        f"KV cache (generation, {sampling_batch} sequences)": (
+            "generation", 2 * L * arch.kv_heads * arch.head_dim * s * sampling_batch * b),
+        "logits (generation, fp32)": ("generation", 4 * sampling_batch * arch.vocab * 4),
+        "live-parameter cache (ZeRO-3)": ("training", live * b),
+        "activations (training)": ("training", int(act)),
+        "fused head backward (dW fp32 + cast, dh)": ("training", arch.vocab * h * (4 + b) + m * s * h * 4),
+        "optimizer-step transients": ("optimizer step", 0 if offload_opt else sub_group * (4 + (2 if g == 2 else 0) + 4)),
     }
     host = {}
     if offload_par:
         host["parameters (policy, proposal, base)"] = gpus_per_node * shard * b * (1 + frozen_copies)
     if offload_opt:
-        host["optimizer states + fp32 master (policy)"] = gpus_per_node * opt_bytes
-    return MemoryPlan(parameters=P, world_size=world, seq_len=s, gpu=gpu, host=host,
+        host["optimizer states + fp32 master + gradients (policy)"] = gpus_per_node * (opt_bytes + shard * g)
+    return MemoryPlan(parameters=P, world_size=world, seq_len=s, gpu={k: v for k, (_, v) in parts.items()},
+                      phase={k: ph for k, (ph, _) in parts.items()}, host=host,
                       gpu_memory_gib=gpu_memory_gib, reserve_gib=reserve_gib)
 
 
@@ -186,15 +239,19 @@ def resolve_architecture_file(cfg: RunConfig, config_path: str | Path, arch_name
 
 
 def format_plan(plan: MemoryPlan, arch: Architecture, *, nodes: int, gpus_per_node: int) -> str:
-    """The report ``fdpg-scale plan`` prints."""
+    """The report ``fdpg-scale plan`` prints: the resident parts, then each phase, then the peak."""
     lines = [f"architecture: {arch.source} ({arch.family}, {plan.parameters:,} parameters)",
              f"world: {nodes} node(s) × {gpus_per_node} GPU(s) = {plan.world_size} ranks; "
              f"sequence length {plan.seq_len}",
              "per GPU:"]
-    width = max(len(k) for k in (*plan.gpu, *plan.host)) + 2
-    for key, value in plan.gpu.items():
-        lines.append(f"  {key:<{width}} {value / GIB:9.3f} GiB")
-    lines.append(f"  {'total':<{width}} {plan.gpu_total / GIB:9.3f} GiB")
+    width = max(len(k) for k in (*plan.gpu, *plan.host)) + 4
+    for phase in ("resident", *PHASES):
+        lines.append(f"  {phase}{' (peak phase)' if phase == plan.peak_phase else ''}:")
+        for key, value in plan.gpu.items():
+            if plan.phase[key] == phase:
+                lines.append(f"    {key:<{width - 2}} {value / GIB:9.3f} GiB")
+        lines.append(f"    {'= ' + phase:<{width - 2}} {plan.phase_total(phase) / GIB:9.3f} GiB")
+    lines.append(f"  {'peak = resident + ' + plan.peak_phase:<{width}} {plan.gpu_total / GIB:9.3f} GiB")
     if plan.host:
         lines.append("host memory per node (offloaded):")
         for key, value in plan.host.items():

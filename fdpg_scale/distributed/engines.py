@@ -2,8 +2,8 @@
 
 Three engines, all ZeRO-3 (every rank holds 1/world of every parameter, from load time on):
 
-- the policy π_θ (``build_policy``): trainable, torch AdamW as a client optimizer unless the DeepSpeed config
-  names its own, LR warm-up then constant/cosine;
+- the policy π_θ (``build_policy``): trainable, an AdamW client optimizer (torch's; DeepSpeedCPUAdam when the
+  optimizer is offloaded) unless the DeepSpeed config names its own, LR warm-up then constant/cosine;
 - the proposal q and the base model a (``build_frozen``): no optimizer, ``requires_grad`` off.
 
 Each engine wraps an unmodified transformers causal LM in ``FusedHeadLM``, whose forward returns per-token
@@ -42,7 +42,8 @@ from fdpg_scale.kernels import linear_token_logprobs
 from fdpg_scale.kernels.reference import IGNORE_INDEX
 
 __all__ = ["FusedHeadLM", "build_policy", "build_frozen", "sequence_logprobs", "train_step",
-           "copy_policy_into_proposal", "position_ids_from_mask", "check_ds_config"]
+           "copy_policy_into_proposal", "position_ids_from_mask", "check_ds_config", "client_adamw_class",
+           "without_dropout"]
 
 class FusedHeadLM(nn.Module):
     """A causal LM whose forward gives per-token log-probs through the fused head (see module docstring).
@@ -69,11 +70,11 @@ class FusedHeadLM(nn.Module):
                 deepspeed.zero.register_external_parameter(self, p)
 
     def train(self, mode: bool = True) -> "FusedHeadLM":
-        """Dropout stays off even in training: log π must be one deterministic function of θ, the same when
-        q samples, when π is scored and when the ratios π/q and π/p are formed."""
-        super().train(mode)
-        self.hf_model.eval()
-        return self
+        """The HF model follows the mode (its gradient checkpointing only runs when ``training`` is set);
+        dropout is off anyway, its probabilities are 0 in the model's config (``_load_zero3``): log π must be
+        one deterministic function of θ, the same when q samples, when π is scored and when the ratios π/q
+        and π/p are formed."""
+        return super().train(mode)
 
     @property
     def lm_head(self) -> nn.Module:
@@ -132,21 +133,37 @@ def _param_dtype(ds_config: Mapping) -> torch.dtype:
     return torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
 
 
-def _load_zero3(model_dir: str | Path, ds_config: dict, *, trainable: bool) -> FusedHeadLM:
+def without_dropout(config) -> list[str]:
+    """Set every dropout probability of a transformers config to 0 in place (GPT-2: ``attn_pdrop``,
+    ``resid_pdrop``, ``embd_pdrop``, ``summary_first_dropout``; Llama: ``attention_dropout``...); -> the keys set."""
+    keys = [k for k, v in vars(config).items()
+            if isinstance(v, float) and (k.endswith("pdrop") or k.endswith("dropout") or k.endswith("dropout_prob"))]
+    for k in keys:
+        setattr(config, k, 0.0)
+    return keys
+
+
+def _load_zero3(model_dir: str | Path, ds_config: dict, *, trainable: bool,
+                gradient_checkpointing: bool = False) -> FusedHeadLM:
     """from_pretrained under HfDeepSpeedConfig: zero.Init partitions each tensor as it is loaded."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"model_dir {model_dir} is not a Hugging Face model directory (no config.json)")
     keepalive = HfDeepSpeedConfig(ds_config)
-    hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=_param_dtype(ds_config))
+    config = AutoConfig.from_pretrained(model_dir)
+    without_dropout(config)  # see FusedHeadLM.train: no dropout anywhere, whatever the module's mode
+    hf_model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=_param_dtype(ds_config))
     hf_model.config.use_cache = True
-    hf_model.eval()  # see FusedHeadLM.train: no dropout anywhere
+    hf_model.eval()
+    if gradient_checkpointing:
+        # Non-reentrant: the recomputation re-runs each block's forward, whose ZeRO-3 hooks gather again.
+        hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not trainable:
         hf_model.requires_grad_(False)
-    return FusedHeadLM(hf_model, trainable=trainable, keepalive=keepalive)
+    return FusedHeadLM(hf_model, trainable=trainable, keepalive=keepalive).train(trainable)
 
 
 def _lr_lambda(schedule: str, warmup_steps: int, total_steps: int | None):
@@ -154,18 +171,34 @@ def _lr_lambda(schedule: str, warmup_steps: int, total_steps: int | None):
     return functools.partial(lr_factor, warmup_steps=warmup_steps, schedule=schedule, total_steps=total_steps)
 
 
+def client_adamw_class(ds_config: Mapping) -> type:
+    """The AdamW the policy's client optimizer is built from: DeepSpeed's multi-threaded, vectorised
+    ``DeepSpeedCPUAdam`` (decoupled weight decay, ``adamw_mode`` on by default) when the DeepSpeed config
+    offloads the optimizer to the host (torch's AdamW would step the whole model there on one thread), else
+    ``torch.optim.AdamW`` on the device."""
+    device = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    if device in ("cpu", "nvme"):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam
+    return torch.optim.AdamW
+
+
 def build_policy(model_dir: str | Path, ds_config: Mapping, *, lr: float, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, warmup_steps: int = 0,
-                 lr_schedule: str = "constant", total_steps: int | None = None):
+                 lr_schedule: str = "constant", total_steps: int | None = None, gradient_checkpointing: bool = False):
     """The trainable policy π_θ as a ZeRO-3 DeepSpeed engine around ``FusedHeadLM``.
 
     ds_config: DeepSpeed JSON as a dict with explicit values (batch sizes and ``gradient_accumulation_steps``
-    filled in by the caller; ``zero_optimization.stage`` 3). Unless it has an ``optimizer`` section, a torch
-    AdamW (weight decay on matrices only) is the client optimizer (needs ``zero_allow_untested_optimizer``);
+    filled in by the caller; ``zero_optimization.stage`` 3). Unless it has an ``optimizer`` section, an AdamW
+    (weight decay on matrices only; ``client_adamw_class``: DeepSpeedCPUAdam when the optimizer is offloaded)
+    is the client optimizer (needs ``zero_allow_untested_optimizer``);
     unless it has a ``scheduler`` section, the LR warms up linearly over ``warmup_steps`` optimizer steps
     (factor (s+1)/warmup_steps at step s), then stays constant (``lr_schedule="constant"``) or follows a cosine
     to 0 at ``total_steps`` (``fdpg_scale.core.lr_schedule``).
-    Returns the engine; ``engine.module`` is the FusedHeadLM, ``engine.module.hf_model`` the HF model.
+    gradient_checkpointing: recompute each block's activations in the backward (transformers' own
+    checkpointing, active while the engine is in train mode). Returns the engine; ``engine.module`` is the
+    FusedHeadLM, ``engine.module.hf_model`` the HF model.
     """
     import deepspeed
 
@@ -176,7 +209,7 @@ def build_policy(model_dir: str | Path, ds_config: Mapping, *, lr: float, weight
         raise ValueError(f"lr_schedule='cosine' needs total_steps > warmup_steps={warmup_steps}, got {total_steps}")
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
-    module = _load_zero3(model_dir, cfg, trainable=True)
+    module = _load_zero3(model_dir, cfg, trainable=True, gradient_checkpointing=gradient_checkpointing)
     optimizer = scheduler = None
     if "optimizer" not in cfg:
         if not cfg.get("zero_allow_untested_optimizer"):
@@ -186,8 +219,8 @@ def build_policy(model_dir: str | Path, ds_config: Mapping, *, lr: float, weight
         # ZeRO-3 parameters report their full shape in ds_shape (p.shape is the freed placeholder).
         decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) >= 2]
         no_decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) < 2]
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas, eps=eps)
+        optimizer = client_adamw_class(cfg)([{"params": decay, "weight_decay": weight_decay},
+                                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas, eps=eps)
     if "scheduler" not in cfg:
         if optimizer is None:
             raise ValueError("ds_config names an optimizer but no scheduler: add a \"scheduler\" section (the "

@@ -6,6 +6,8 @@ Two modes:
   per-module hooks off for the duration (else every module's post-forward hook would free what was just
   gathered, and the next token would gather it again: the recipe of TRL's ``unwrap_model_for_generation``),
   generate with plain transformers, put the hooks back, re-partition. For models that fit one device.
+  ``sample_batches`` draws several batches (each with its own seed) inside one such gather: one gather per
+  rank per training step, however many ``generate`` calls the step's share needs.
 - ``"sharded"``: leave the parameters partitioned; each module gathers its weights as it runs, and
   ``synced_gpus=True`` keeps a rank whose sequences all ended joining the other ranks' all-gathers until every
   rank is done (otherwise the collectives deadlock).
@@ -33,7 +35,7 @@ import torch
 
 from fdpg_scale.core.sequences import first_eos_mask
 
-__all__ = ["SamplingSettings", "Rollout", "sample", "pad_prompts"]
+__all__ = ["SamplingSettings", "Rollout", "sample", "sample_batches", "pad_prompts"]
 
 MODES = ("gathered", "sharded")
 
@@ -71,6 +73,12 @@ class Rollout:
     logprobs: torch.Tensor
     """float32: log q(x_t | x_<t) of each generated token under the warped distribution; 0 off gen_mask."""
     prompt_len: int
+
+    def rows(self, start: int, stop: int) -> "Rollout":
+        """Rows ``start:stop`` of every tensor: a micro-batch of a larger rollout (same prompt_len)."""
+        sl = slice(start, stop)
+        return Rollout(input_ids=self.input_ids[sl], attention_mask=self.attention_mask[sl],
+                       gen_mask=self.gen_mask[sl], logprobs=self.logprobs[sl], prompt_len=self.prompt_len)
 
 
 def pad_prompts(prompts: list[list[int]], *, bos_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,18 +188,55 @@ def sample(engine, prompts: list[list[int]], settings: SamplingSettings, *, seed
     prompts: this rank's prompts, token-id lists (``[]`` = BOS only); all ranks call together (collective).
     seed: the draw is a function of (seed, model, prompts, settings) only — not of the rank — so give each
     rank's call its own seed when ranks must draw different sequences; the caller's global RNG state is left
-    untouched. mode: ``"gathered"`` or ``"sharded"`` (module docstring).
+    untouched. mode: ``"gathered"`` or ``"sharded"`` (module docstring). pad_id: any valid token id (padded
+    slots are masked out; a tokenizer without a pad token can pass its EOS id).
     """
-    from transformers import GenerationConfig, LogitsProcessorList
-    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
-                                                        TopPLogitsWarper)
+    (rollout,) = sample_batches(engine, [prompts], settings, seeds=[seed], bos_id=bos_id, eos_id=eos_id,
+                                pad_id=pad_id, mode=mode)
+    return rollout
+
+
+def sample_batches(engine, batches: list[list[list[int]]], settings: SamplingSettings, *, seeds: list[int],
+                   bos_id: int, eos_id: int, pad_id: int, mode: str = "gathered") -> list[Rollout]:
+    """Several ``sample`` calls, one per batch of prompts, inside ONE rollout: in ``gathered`` mode the model is
+    gathered once for all of them (not once per batch). -> one Rollout per batch, batch i drawn with seeds[i]
+    exactly as ``sample(engine, batches[i], settings, seed=seeds[i], ...)`` would draw it.
+
+    Collective: every rank calls it with the same number of batches (sharded mode's ``synced_gpus`` joins
+    each generate call of every rank).
+    """
+    from transformers import GenerationConfig
 
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if not isinstance(settings, SamplingSettings):
         raise TypeError(f"settings must be a SamplingSettings, got {type(settings).__name__}")
+    if len(seeds) != len(batches):
+        raise ValueError(f"seeds has {len(seeds)} entries for {len(batches)} batches of prompts")
     model = engine.module.hf_model
-    dev = engine.device
+    saved_defaults, was_training = model.generation_config, model.training
+    model.generation_config = GenerationConfig(bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id)
+    # Eval mode while sampling: transformers turns the KV cache off in a training model with gradient
+    # checkpointing. (Dropout is 0 in every engine's config, so the mode changes nothing else.)
+    model.eval()
+    gather = _gathered_without_hooks(engine) if mode == "gathered" else contextlib.nullcontext()
+    try:
+        with torch.no_grad(), gather, _quiet_all_ones_mask_warning():
+            return [_generate(model, engine.device, prompts, settings, seed=seed, bos_id=bos_id, eos_id=eos_id,
+                              pad_id=pad_id, synced_gpus=(mode == "sharded"))
+                    for prompts, seed in zip(batches, seeds)]
+    finally:
+        model.generation_config = saved_defaults
+        model.train(was_training)
+
+
+def _generate(model, dev: torch.device, prompts: list[list[int]], settings: SamplingSettings, *, seed: int,
+              bos_id: int, eos_id: int, pad_id: int, synced_gpus: bool) -> Rollout:
+    """One ``generate`` call on a model whose parameters are usable as they are (gathered, or hooked)."""
+    from transformers import GenerationConfig, LogitsProcessorList
+    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
+
     input_ids, attention_mask = pad_prompts(prompts, bos_id=bos_id, pad_id=pad_id)
     prompt_len = input_ids.shape[1]
 
@@ -210,16 +255,10 @@ def sample(engine, prompts: list[list[int]], settings: SamplingSettings, *, seed
                                   max_new_tokens=settings.max_new_tokens, min_new_tokens=0,
                                   repetition_penalty=1.0, bos_token_id=bos_id, eos_token_id=eos_id,
                                   pad_token_id=pad_id, use_cache=True)
-    saved_defaults = model.generation_config
-    model.generation_config = GenerationConfig(bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id)
-    gather = _gathered_without_hooks(engine) if mode == "gathered" else contextlib.nullcontext()
-    try:
-        with torch.no_grad(), _seeded(seed, dev), gather, _quiet_all_ones_mask_warning():
-            out = model.generate(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev),
-                                 generation_config=gen_config, logits_processor=LogitsProcessorList(processors),
-                                 synced_gpus=(mode == "sharded"))
-    finally:
-        model.generation_config = saved_defaults
+    with _seeded(seed, dev):
+        out = model.generate(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev),
+                             generation_config=gen_config, logits_processor=LogitsProcessorList(processors),
+                             synced_gpus=synced_gpus)
     seqs = out.cpu()
     n_new = seqs.shape[1] - prompt_len
     step_lp = recorder.finish(seqs[:, -1].to(dev)).cpu() if n_new > 0 else torch.zeros(len(prompts), 0)

@@ -25,8 +25,8 @@ from typing import Mapping, Sequence
 
 import torch
 
-__all__ = ["LaunchInfo", "resolve_launch", "expand_hostlist", "init_distributed", "device", "get_rank",
-           "get_world_size", "is_rank0", "barrier", "all_reduce_floats", "all_gather_rows"]
+__all__ = ["LaunchInfo", "resolve_launch", "expand_hostlist", "device_index", "init_distributed", "device",
+           "get_rank", "get_world_size", "is_rank0", "barrier", "all_reduce_floats", "all_gather_rows"]
 
 #: Under SLURM without MASTER_PORT, the rendezvous port is chosen from the job id in [BASE, BASE + COUNT).
 _SLURM_PORT_BASE, _SLURM_PORT_COUNT = 20000, 20000
@@ -144,6 +144,16 @@ def resolve_launch(env: Mapping[str, str]) -> LaunchInfo:
     return info
 
 
+def device_index(local_rank: int, visible_devices: int) -> int:
+    """The GPU a process uses: ``local_rank mod visible_devices``. With one GPU per task (``srun
+    --gpus-per-task=1``, or a CUDA_VISIBLE_DEVICES per process) every process sees one device, index 0, while
+    its local rank runs up to the node's process count."""
+    if visible_devices < 1:
+        raise RuntimeError(f"no GPU is visible to this process (local rank {local_rank}): check "
+                           f"CUDA_VISIBLE_DEVICES / the job's GPU request")
+    return local_rank % visible_devices
+
+
 def init_distributed(env: Mapping[str, str] | None = None) -> LaunchInfo:
     """Start the process group (idempotent) and select this process's device; returns the LaunchInfo.
 
@@ -157,7 +167,7 @@ def init_distributed(env: Mapping[str, str] | None = None) -> LaunchInfo:
     os.environ.update(info.env())
     accel = get_accelerator()
     if accel.device_name() == "cuda":
-        accel.set_device(info.local_rank)
+        accel.set_device(device_index(info.local_rank, accel.device_count()))
         backend = "nccl"
     elif accel.device_name() == "cpu":
         backend = "gloo"

@@ -27,7 +27,7 @@ import torch
 from fdpg_scale.models.bpe import train_bpe_tokenizer
 from fdpg_scale.models.cache import build_cached_dir
 
-__all__ = ["build_tiny_model_dir", "TINY_ARCHS"]
+__all__ = ["train_tiny_tokenizer", "build_tiny_model_dir", "TINY_ARCHS"]
 
 TINY_ARCHS = ("gpt2", "llama")
 _STAMP = "tiny_model.json"
@@ -83,6 +83,12 @@ def _stamp(arch: str, seed: int) -> dict:
     return {"arch": arch, "seed": int(seed), "format_version": _FORMAT_VERSION}
 
 
+def train_tiny_tokenizer():
+    """The tiny models' byte-level BPE tokenizer (``VOCAB_SIZE`` ids, trained on the few lines above;
+    deterministic), shared by the tiny causal LMs and the tiny classifier."""
+    return train_bpe_tokenizer(_CORPUS.splitlines(keepends=True), VOCAB_SIZE, CONTEXT)
+
+
 def build_tiny_model_dir(path: str | os.PathLike, arch: str = "gpt2", seed: int = 0) -> Path:
     """Build (or reuse) a tiny HF model + tokenizer directory at ``path``; returns ``path`` as a Path.
 
@@ -96,7 +102,7 @@ def build_tiny_model_dir(path: str | os.PathLike, arch: str = "gpt2", seed: int 
     def build(tmp: Path) -> None:
         from transformers import AutoModelForCausalLM, GenerationConfig
 
-        tokenizer = train_bpe_tokenizer(_CORPUS.splitlines(keepends=True), VOCAB_SIZE, CONTEXT)
+        tokenizer = train_tiny_tokenizer()
         config = _model_config(arch, tokenizer)
         # Seed a private generator state: building a model must not move the caller's RNG.
         with torch.random.fork_rng(devices=[]):

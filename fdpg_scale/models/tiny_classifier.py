@@ -10,44 +10,31 @@ a deterministic function of the text, which is what the plumbing needs.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from fdpg_scale.models.tiny import _train_tokenizer
+from fdpg_scale.models.cache import build_cached_dir
+from fdpg_scale.models.tiny import train_tiny_tokenizer
 
 __all__ = ["build_tiny_classifier_dir", "LABELS"]
 
 LABELS = ("negative", "positive")
 _STAMP = "tiny_classifier.json"
+_REQUIRED = ("config.json", "model.safetensors", "tokenizer.json", _STAMP)
 
 
 def build_tiny_classifier_dir(path: str | os.PathLike, seed: int = 0) -> Path:
-    """Build (or reuse) the tiny classifier directory at ``path``; returns it as a Path.
-
-    A directory already at ``path`` that is not this build (another seed, or not built here) is an error
-    rather than being overwritten.
-    """
+    """Build (or reuse) the tiny classifier directory at ``path`` (the stamped cache of ``models/cache.py``);
+    returns it as a Path. A directory already at ``path`` that is not this build (another seed, or not built
+    here) is an error rather than being overwritten."""
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
-    path = Path(path)
     stamp = {"seed": int(seed), "labels": list(LABELS), "format_version": 1}
-    if path.exists():
-        try:
-            if json.loads((path / _STAMP).read_text()) == stamp:
-                return path
-        except (OSError, ValueError):
-            pass
-        raise FileExistsError(f"{path} exists but is not a tiny classifier with seed {seed}; remove it or choose "
-                              f"another path")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        tokenizer = _train_tokenizer()
+
+    def build(tmp: Path) -> None:
+        tokenizer = train_tiny_tokenizer()
         config = GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=64, vocab_size=len(tokenizer),
                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                             pad_token_id=tokenizer.pad_token_id, num_labels=len(LABELS),
@@ -57,15 +44,10 @@ def build_tiny_classifier_dir(path: str | os.PathLike, seed: int = 0) -> Path:
             model = GPT2ForSequenceClassification(config)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / _STAMP).write_text(json.dumps(stamp, indent=1) + "\n")
-        try:
-            os.rename(tmp, path)
-        except OSError:  # another process built the same directory first
-            if json.loads((path / _STAMP).read_text()) != stamp:
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+
+    build_cached_dir(path, stamp, build, stamp_name=_STAMP, required=_REQUIRED,
+                     what=f"a tiny classifier with seed {seed}")
+    return Path(path)
 
 
 if __name__ == "__main__":

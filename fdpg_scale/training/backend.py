@@ -36,13 +36,15 @@ class ZeroBackend:
         mode: ``gathered`` or ``sharded`` generation.
         run_seed, rank, world, accumulation, micro_batch: the global batch's layout and seeds.
         prompts: a conditional target's contexts, or None.
+        sampling_batch: sequences per generate call (None: ``micro_batch``); rescore_logq: recompute log q with
+            the sampler's fused forward (rollout.py).
 
     ``timer`` holds the current step's seconds per phase (a fresh ``PhaseTimer`` at each ``sample``).
     """
 
     def __init__(self, *, policy, proposal, base, task: Task, tokenizer, settings: SamplingSettings, mode: str,
                  run_seed: int, rank: int, world: int, accumulation: int, micro_batch: int,
-                 prompts: PromptSet | None = None):
+                 prompts: PromptSet | None = None, sampling_batch: int | None = None, rescore_logq: bool = True):
         self.policy, self.proposal, self.base = policy, proposal, base
         self.task = task
         self.tokenizer = tokenizer
@@ -51,6 +53,7 @@ class ZeroBackend:
         self.run_seed, self.rank, self.world = run_seed, rank, world
         self.accumulation, self.micro_batch = accumulation, micro_batch
         self.prompts = prompts
+        self.sampling_batch, self.rescore_logq = sampling_batch, rescore_logq
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         self.collective = TorchDistCollective() if distributed else LocalCollective()
         self.timer = PhaseTimer()
@@ -67,14 +70,16 @@ class ZeroBackend:
         chunks = collect_chunks(sampler=self.sampler, base=self.base, task=self.task, tokenizer=self.tokenizer,
                                 settings=self.settings, mode=self.mode, run_seed=self.run_seed, step=step,
                                 rank=self.rank, world=self.world, accumulation=self.accumulation,
-                                micro_batch=self.micro_batch, timer=self.timer, prompts=self.prompts)
+                                micro_batch=self.micro_batch, timer=self.timer, prompts=self.prompts,
+                                sampling_batch=self.sampling_batch, rescore_logq=self.rescore_logq)
         return [self._draws(c) for c in chunks]
 
     @staticmethod
     def _draws(chunk: ScoredChunk) -> Draws:
         return Draws(logq=chunk.logq, log_target=chunk.log_target, log_base=chunk.logp_base.sum(-1),
                      context_ids=chunk.context_ids, features=chunk.features,
-                     extras={"tokens": chunk.rollout.gen_mask.sum(-1).float()}, payload=chunk)
+                     extras={"tokens": chunk.rollout.gen_mask.sum(-1).float(),
+                             "logq_mismatch": chunk.logq_recorded - chunk.logq}, payload=chunk)
 
     def policy_logprobs(self, draws: Draws) -> torch.Tensor:
         """[b] log π(x) summed over the generated tokens, with autograd (on the policy's device)."""

@@ -190,6 +190,10 @@ class TrainConfig:
     proposal_min_samples: int = 256
     """Samples (all ranks, accumulated over steps) a replacement decision is made on; one batch of 32 decided
     wrongly a quarter of the time on the enumerable toy."""
+    gradient_checkpointing: bool = False
+    """Recompute each transformer block's activations in the backward pass instead of keeping them (less
+    memory, about one more forward of compute). Dropout is set to 0 in the model's config so that the
+    recomputed forward is the same deterministic function as the first."""
     save_every: int = 5
     """Checkpoint every this many steps (and at the end, and on SIGUSR1/SIGTERM)."""
     keep_checkpoints: int = 2
@@ -229,8 +233,19 @@ class SamplingConfig:
     generation_mode: str = "gathered"
     """``gathered``: gather the whole model once per rollout (fits one device); ``sharded``: keep ZeRO-3
     shards and generate with ``synced_gpus``."""
+    batch: int | None = None
+    """Sequences per ``generate`` call (None: ``train.micro_batch``). A rank samples its whole share of a step
+    (global_batch / world sequences) in one rollout of share/batch calls, then scores and trains in
+    micro-batches. Must be a multiple of ``train.micro_batch`` dividing the share. The per-chunk seeds are
+    tied to this size, not to the world size: 1 and N ranks draw the same batch for the same value."""
+    rescore_logq: bool = True
+    """Rescore log q of the sampled tokens with the proposal's fused forward (the function log π comes from)
+    instead of using what ``generate`` recorded; exact for temperature-only sampling. With top_k/top_p the
+    recorded (truncated, renormalised) log q is kept, and the run log says so."""
 
     def __post_init__(self):
+        if self.batch is not None and self.batch < 1:
+            raise ConfigError(f"sampling.batch must be ≥ 1 when set, got {self.batch}")
         if self.max_new_tokens < 1:
             raise ConfigError(f"sampling.max_new_tokens must be ≥ 1, got {self.max_new_tokens}")
         if not self.temperature > 0:
@@ -281,6 +296,19 @@ class RunConfig:
                               f"{self.divergence.name!r} and a pointwise target: its f′ is +∞ on samples with "
                               f"b(x) = 0, so their pseudo-reward is a penalty you choose (e.g. "
                               f"divergence.outside_support_reward=-20)")
+        if self.sampling.batch is not None and self.sampling.batch % self.train.micro_batch:
+            raise ConfigError(f"sampling.batch={self.sampling.batch} must be a multiple of "
+                              f"train.micro_batch={self.train.micro_batch}")
+
+    def sampling_batch(self, world_size: int) -> int:
+        """Sequences per generate call on ``world_size`` ranks; raises ConfigError if it does not divide the
+        rank's share of the global batch (checked with the world size, before any engine starts)."""
+        share = self.train.accumulation_steps(world_size) * self.train.micro_batch
+        batch = self.train.micro_batch if self.sampling.batch is None else self.sampling.batch
+        if share % batch:
+            raise ConfigError(f"sampling.batch={batch} does not divide the {share} sequences each of the {world_size} "
+                              f"ranks samples per step (train.global_batch={self.train.global_batch})")
+        return batch
 
 
 # --------------------------------------------------------------------------------------------- loading

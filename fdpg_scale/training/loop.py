@@ -28,6 +28,7 @@ from fdpg_scale.distributed.generation import SamplingSettings
 from fdpg_scale.training.preemption import PreemptionSignal
 from fdpg_scale.training.prompts import load_prompts
 from fdpg_scale.training.backend import ZeroBackend
+from fdpg_scale.training.rollout import describe_logq_source, logq_mismatch_metrics
 from fdpg_scale.training.run_setup import deepspeed_config, prepare_model_dir, prepare_output_dir
 from fdpg_scale.training.run_log import RunLogger
 from fdpg_scale.training.alignment import alignment_columns, features_of
@@ -54,7 +55,7 @@ def train(cfg: RunConfig) -> None:
     ds_config = deepspeed_config(cfg, world_size=world, accumulation=accumulation)
     policy = build_policy(model_dir, ds_config, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                           warmup_steps=cfg.train.warmup_steps, lr_schedule=cfg.train.lr_schedule,
-                          total_steps=cfg.train.steps)
+                          total_steps=cfg.train.steps, gradient_checkpointing=cfg.train.gradient_checkpointing)
     base = build_frozen(model_dir, ds_config)
     proposal = None if cfg.train.on_policy else build_frozen(model_dir, ds_config)
     prompts = None if cfg.target.prompts_file is None else load_prompts(cfg.target.prompts_file, tokenizer)
@@ -96,10 +97,12 @@ def train(cfg: RunConfig) -> None:
         log.message(f"samples with P(x) = 0 get the chosen pseudo-reward r = {cfg.divergence.outside_support_reward} "
                     f"(divergence.outside_support_reward: {divergence}'s f′ is +∞ there); their share is logged "
                     f"as outside_support_fraction")
+    log.message(describe_logq_source(settings, cfg.sampling.rescore_logq))
 
     backend = ZeroBackend(policy=policy, proposal=proposal, base=base, task=task, tokenizer=tokenizer,
                           settings=settings, mode=cfg.sampling.generation_mode, run_seed=cfg.seed, rank=rank,
-                          world=world, accumulation=accumulation, micro_batch=cfg.train.micro_batch, prompts=prompts)
+                          world=world, accumulation=accumulation, micro_batch=cfg.train.micro_batch, prompts=prompts,
+                          sampling_batch=cfg.sampling.batch, rescore_logq=cfg.sampling.rescore_logq)
     step_settings = StepSettings(divergence=divergence, clip=cfg.divergence.clip,
                                  outside_support_reward=cfg.divergence.outside_support_reward)
     for step in range(state.step, cfg.train.steps):
@@ -141,9 +144,10 @@ def _step_metrics(state: TrainerState, result: StepResult, backend: ZeroBackend,
         "baseline": result.baseline_used, "pseudo_reward_mean": float(batch["pseudo_reward"].mean()),
         "weight_abs_max": float(batch["weight"].abs().max()),
         "outside_support_fraction": float(torch.isneginf(batch["log_target"]).double().mean()),
-        **metrics,
+        **metrics, **logq_mismatch_metrics(batch["extra/logq_mismatch"]),
         "proposal_version": state.proposal_version, "proposal_replaced": int(result.replaced),
         "proposal_evidence": 0 if schedule is None else schedule.pending,
         "lr": lr, "tokens": tokens, "tokens_per_s": tokens / timer.total, "time/step": timer.total,
         **timer.as_metrics(),
     }
+

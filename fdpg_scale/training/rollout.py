@@ -1,26 +1,43 @@
 """One optimizer step's samples on this rank: sampled from q, then scored by the base model and the target.
 
-The global batch of a step is cut into *chunks* of ``micro_batch`` sequences, numbered 0 … G−1 across all
-ranks (chunk ``c`` lives on rank ``c mod world``, micro-step ``c div world``). Chunk ``c`` is sampled with a
-seed derived from (run seed, step, c) only, so the same run config draws the same global batch whatever the
-world size: that is what makes 1 rank and N ranks comparable, and a resumed run draw exactly what the
-uninterrupted one would have drawn.
+Sampling. The global batch of a step is cut into *sampling chunks* of S = ``sampling.batch`` sequences
+(default ``train.micro_batch``), numbered 0 … G/S−1 across all ranks (chunk ``c`` lives on rank ``c mod
+world``). Chunk ``c`` is sampled with a seed derived from (run seed, step, c) only, so the same run config
+draws the same global batch whatever the world size: that is what makes 1 rank and N ranks comparable, and
+a resumed run draw exactly what the uninterrupted one would have drawn. A rank samples all its chunks in one
+rollout (``sample_batches``: in gathered mode the model is gathered once per step), one ``generate`` call of
+S sequences per chunk; S is the generation batch size, larger than the training micro-batch when memory
+allows (a generate call is memory-light and much faster per sequence in big batches).
+
+Scoring, per micro-batch of ``train.micro_batch`` sequences (each sampling chunk splits into S/micro_batch
+of them): the base model's per-token log a; the target's log-scores; and log q. log q is **rescored** by
+default (``rescore_logq``): the proposal engine's fused forward (the same ``linear_token_logprobs`` with fp32
+accumulation that computes log π) recomputes log softmax(z/T)[x_t] for the sampled tokens. What generate
+recorded comes from a separate lm_head matmul in the model's dtype (bf16 logits are rounded by 0.02–0.06 at
+magnitudes 10–30, so over 128 tokens π/q would carry 0.1–0.5 nat of noise even when π = q); the rescored log q
+is the same function of the weights as log π. That is exact for temperature-only sampling. With top-k/top-p
+the sampled distribution is truncated and renormalised, which the fused head does not model: the recorded,
+warped log q is kept (``logq_source`` says which applies). Either way each chunk keeps what generate
+recorded, and ``logq_mismatch_metrics`` reports recorded − rescored per sequence.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from fdpg_scale.distributed.engines import sequence_logprobs
-from fdpg_scale.distributed.generation import Rollout, SamplingSettings, sample
+from fdpg_scale.distributed.generation import Rollout, SamplingSettings, sample_batches
+from fdpg_scale.models.tokens import padding_id
 from fdpg_scale.training.prompts import PromptSet
 from fdpg_scale.targets.samples import Samples
 from fdpg_scale.training.timing import PhaseTimer
 
-__all__ = ["ScoredChunk", "chunk_seed", "collect_chunks", "TRAIN_STREAM", "FIT_STREAM"]
+__all__ = ["ScoredChunk", "chunk_seed", "collect_chunks", "sampling_layout", "logq_source", "describe_logq_source",
+           "logq_mismatch_metrics", "TRAIN_STREAM", "FIT_STREAM"]
 
 TRAIN_STREAM = 0
 """Seed stream of the training batches."""
@@ -43,6 +60,8 @@ class ScoredChunk:
     features: dict[str, torch.Tensor]
     """scorer name -> [B] the quantity whose mean under π reports that scorer's alignment (b(x) for a
     pointwise constraint, r(x) for a reward, φ(x) for a feature): ``Task.features``."""
+    logq_recorded: torch.Tensor
+    """[B] log q(x) as generate recorded it; equals ``logq`` unless log q was rescored (module docstring)."""
 
     @property
     def context_ids(self) -> torch.Tensor:
@@ -51,7 +70,7 @@ class ScoredChunk:
 
     @property
     def logq(self) -> torch.Tensor:
-        """[B] log q(x) (the warped proposal distribution that actually drew x)."""
+        """[B] log q(x) (the warped proposal distribution that actually drew x), the value f-DPG uses."""
         return self.rollout.logprobs.sum(-1)
 
     @property
@@ -65,37 +84,103 @@ def chunk_seed(run_seed: int, step: int, chunk: int, stream: int = TRAIN_STREAM)
     return int(np.random.SeedSequence([run_seed, stream, step, chunk]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
+def logq_source(settings: SamplingSettings, rescore_logq: bool) -> str:
+    """Where log q comes from for these settings: ``"rescored"`` or ``"recorded"`` (see module docstring)."""
+    truncated = settings.top_k > 0 or settings.top_p < 1.0
+    return "rescored" if rescore_logq and not truncated else "recorded"
+
+
+def describe_logq_source(settings: SamplingSettings, rescore_logq: bool) -> str:
+    """One line for the run log saying where log q comes from and why."""
+    if logq_source(settings, rescore_logq) == "rescored":
+        return ("log q: rescored by the proposal's fused forward (fp32 accumulation, as log π); "
+                "logq_mismatch_mean/std = recorded − rescored per sequence")
+    if rescore_logq:
+        return (f"log q: recorded by generate under top_k={settings.top_k}, top_p={settings.top_p} (the truncated, "
+                f"renormalised q the fused head cannot rescore); it carries the generate path's rounding")
+    return "log q: recorded by generate (sampling.rescore_logq is false)"
+
+
+def sampling_layout(*, rank: int, world: int, accumulation: int, micro_batch: int,
+                    sampling_batch: int | None) -> list[int]:
+    """The sampling chunks of this rank (global chunk numbers, in order), each of ``sampling_batch`` sequences.
+
+    sampling_batch None means ``micro_batch``. Raises ValueError naming ``sampling.batch`` when it is not a
+    multiple of the micro-batch or does not divide the rank's share (accumulation · micro_batch sequences).
+    """
+    batch = micro_batch if sampling_batch is None else sampling_batch
+    share = accumulation * micro_batch
+    if batch < 1 or batch % micro_batch or share % batch:
+        raise ValueError(f"sampling.batch={batch} must be a multiple of train.micro_batch={micro_batch} that divides "
+                         f"the {share} sequences each of the {world} ranks samples per step")
+    return [k * world + rank for k in range(share // batch)]
+
+
 def collect_chunks(*, sampler, base, task, tokenizer, settings: SamplingSettings, mode: str, run_seed: int,
                    step: int, rank: int, world: int, accumulation: int, micro_batch: int, timer: PhaseTimer,
-                   prompts: PromptSet | None = None, stream: int = TRAIN_STREAM) -> list[ScoredChunk]:
-    """Sample and score this rank's ``accumulation`` chunks of step ``step`` (collective: all ranks call).
+                   prompts: PromptSet | None = None, stream: int = TRAIN_STREAM, sampling_batch: int | None = None,
+                   rescore_logq: bool = True) -> list[ScoredChunk]:
+    """Sample and score this rank's share of step ``step``; -> ``accumulation`` ScoredChunks of ``micro_batch``
+    sequences each (collective: all ranks call).
 
     sampler: the engine q is drawn from (the proposal engine, or the policy on-policy); base: the frozen base
     engine a; task: a ``fdpg_scale.targets.tasks.Task``; timer: receives the "generation" and "scoring" seconds.
     prompts: a conditional target's contexts (each row continues one drawn with the chunk's seed), or None
-    for unconditional generation (from BOS; every sample is context 0).
+    for unconditional generation (from BOS; every sample is context 0). sampling_batch: sequences per
+    generate call (module docstring); rescore_logq: rescore log q with the sampler's fused forward where that
+    is exact (module docstring).
     """
-    chunks = []
-    for micro in range(accumulation):
-        chunk = micro * world + rank
-        seed = chunk_seed(run_seed, step, chunk, stream)
+    pad = padding_id(tokenizer)
+    layout = sampling_layout(rank=rank, world=world, accumulation=accumulation, micro_batch=micro_batch,
+                             sampling_batch=sampling_batch)
+    size = accumulation * micro_batch // len(layout)
+    seeds = [chunk_seed(run_seed, step, chunk, stream) for chunk in layout]
+    batches, contexts = [], []
+    for seed in seeds:
         if prompts is None:
-            context_ids, chunk_prompts, contexts = torch.zeros(micro_batch, dtype=torch.long), [[]] * micro_batch, None
+            contexts.append((torch.zeros(size, dtype=torch.long), None))
+            batches.append([[]] * size)
         else:
-            context_ids = torch.as_tensor(prompts.draw(micro_batch, seed), dtype=torch.long)
-            chunk_prompts = [list(prompts.token_ids[c]) for c in context_ids.tolist()]
-            contexts = [prompts.texts[c] for c in context_ids.tolist()]
-        with timer.phase("generation"):
-            rollout = sample(sampler, chunk_prompts, settings, seed=seed,
-                             bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id,
-                             pad_id=tokenizer.pad_token_id, mode=mode)
-        generated = rollout.input_ids[:, rollout.prompt_len:]
-        gen_mask = rollout.gen_mask[:, rollout.prompt_len:]
-        texts = tokenizer.batch_decode(generated.masked_fill(~gen_mask, tokenizer.pad_token_id),
-                                       skip_special_tokens=True)
-        samples = Samples(token_ids=generated, mask=gen_mask, texts=texts, context_ids=context_ids, contexts=contexts)
-        with timer.phase("scoring"), torch.no_grad():
-            logp_base = sequence_logprobs(base, rollout.input_ids, rollout.attention_mask, rollout.gen_mask).cpu()
-            chunks.append(ScoredChunk(rollout=rollout, samples=samples, logp_base=logp_base,
-                                      log_scores=task.target.log_scores(samples), features=task.features(samples)))
+            context_ids = torch.as_tensor(prompts.draw(size, seed), dtype=torch.long)
+            contexts.append((context_ids, [prompts.texts[c] for c in context_ids.tolist()]))
+            batches.append([list(prompts.token_ids[c]) for c in context_ids.tolist()])
+    with timer.phase("generation"):
+        rollouts = sample_batches(sampler, batches, settings, seeds=seeds, bos_id=tokenizer.bos_token_id,
+                                  eos_id=tokenizer.eos_token_id, pad_id=pad, mode=mode)
+    rescore = logq_source(settings, rescore_logq) == "rescored"
+    chunks = []
+    for big, (context_ids, texts_c) in zip(rollouts, contexts):
+        for start in range(0, size, micro_batch):
+            rollout = big.rows(start, start + micro_batch)
+            rows = slice(start, start + micro_batch)
+            chunks.append(_score(rollout, context_ids[rows], None if texts_c is None else texts_c[rows],
+                                 sampler=sampler, base=base, task=task, tokenizer=tokenizer, pad=pad,
+                                 temperature=settings.temperature if rescore else None, timer=timer))
     return chunks
+
+
+def _score(rollout: Rollout, context_ids: torch.Tensor, contexts: list[str] | None, *, sampler, base, task,
+           tokenizer, pad: int, temperature: float | None, timer: PhaseTimer) -> ScoredChunk:
+    """One micro-batch scored: base log a, the target, and (temperature not None) log q rescored at T."""
+    generated = rollout.input_ids[:, rollout.prompt_len:]
+    gen_mask = rollout.gen_mask[:, rollout.prompt_len:]
+    texts = tokenizer.batch_decode(generated.masked_fill(~gen_mask, pad), skip_special_tokens=True)
+    samples = Samples(token_ids=generated, mask=gen_mask, texts=texts, context_ids=context_ids, contexts=contexts)
+    recorded = rollout.logprobs.sum(-1)
+    with timer.phase("scoring"), torch.no_grad():
+        logp_base = sequence_logprobs(base, rollout.input_ids, rollout.attention_mask, rollout.gen_mask).cpu()
+        if temperature is not None:
+            rescored = sequence_logprobs(sampler, rollout.input_ids, rollout.attention_mask, rollout.gen_mask,
+                                         temperature=temperature).float().cpu()
+            rollout = dataclasses.replace(rollout, logprobs=rescored.masked_fill(~rollout.gen_mask, 0.0))
+        return ScoredChunk(rollout=rollout, samples=samples, logp_base=logp_base,
+                           log_scores=task.target.log_scores(samples), features=task.features(samples),
+                           logq_recorded=recorded)
+
+
+def logq_mismatch_metrics(recorded_minus_used: torch.Tensor) -> dict[str, float]:
+    """Mean and std of [N] log q(x) recorded by generate − log q(x) used (rescored), per sequence of the global
+    batch: how far the sampler's numerics drift from the fused forward's. Both 0 with the recorded log q."""
+    diff = recorded_minus_used.double()
+    return {"logq_mismatch_mean": float(diff.mean()),
+            "logq_mismatch_std": float(diff.std()) if diff.numel() > 1 else 0.0}

@@ -48,6 +48,7 @@ def prepare_model_dir(model: ModelConfig, *, seed: int) -> Path:
 
 def deepspeed_config(cfg: RunConfig, *, world_size: int, accumulation: int) -> dict:
     """The DeepSpeed config dict for this run: the JSON file plus the batch sizes derived from ``train.*``."""
+    cfg.sampling_batch(world_size)  # the generation batch must split the rank's share: fail before any engine
     path = Path(cfg.deepspeed.config)
     if not path.is_file():
         raise ConfigError(f"deepspeed.config {str(path)!r} does not exist")

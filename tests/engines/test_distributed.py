@@ -62,3 +62,13 @@ def test_single_process_default():
 def test_bad_environments_are_named(env, match):
     with pytest.raises(ValueError, match=match):
         resolve_launch(env)
+
+
+def test_device_index_wraps_the_local_rank_over_the_visible_gpus():
+    from fdpg_scale.distributed.launch import device_index
+
+    assert [device_index(r, 8) for r in (0, 7)] == [0, 7]
+    assert [device_index(r, 1) for r in range(8)] == [0] * 8  # srun --gpus-per-task=1: one GPU visible per rank
+    assert device_index(5, 2) == 1
+    with pytest.raises(RuntimeError, match="no GPU is visible to this process \\(local rank 3\\)"):
+        device_index(3, 0)

@@ -188,6 +188,26 @@ def test_bad_inputs(impl):
         token_logprobs(torch.randn(2, 5, 20), t, impl="cuda")
 
 
+def test_target_values_are_read_on_cpu_only_unless_asked():
+    """The range check reads the targets' values: free on CPU, a host sync per call on a GPU, so on other
+    devices it runs only with check_targets=True. "meta" tensors stand in for a device (they have no values:
+    reading one raises)."""
+    from fdpg_scale.kernels.reference import check_linear_inputs, check_token_inputs
+
+    h, w = torch.empty(2, 5, 8, device="meta"), torch.empty(20, 8, device="meta")
+    t = torch.empty(2, 5, dtype=torch.long, device="meta")
+    check_linear_inputs(h, w, t, None, 1.0)  # no value read: no error
+    check_token_inputs(torch.empty(2, 5, 20, device="meta"), t, 1.0)
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        check_linear_inputs(h, w, t, None, 1.0, check_targets=True)
+    t_bad = torch.randint(0, 20, (2, 5))
+    t_bad[0, 0] = 20
+    h_cpu, w_cpu = torch.randn(2, 5, 8), torch.randn(20, 8)
+    check_linear_inputs(h_cpu, w_cpu, t_bad, None, 1.0, check_targets=False)  # explicitly off
+    with pytest.raises(ValueError, match="found 20"):
+        linear_token_logprobs(h_cpu, w_cpu, t_bad, impl="torch", check_targets=True)
+
+
 def banned_token_case(seed: int = 7):
     """make_linear_case with −inf bias on banned tokens: the first 300 columns (whole vocab chunks at the
     start, where an online log-sum-exp still has max −inf) and every 7th; no target is banned."""

@@ -76,14 +76,18 @@ def test_one_node_two_tasks(cluster, tmp_path):
     assert wait_job(job) == "COMPLETED", out.read_text()[-3000:]
     assert [m["step"] for m in metrics(tmp_path / "run")] == [1, 2, 3, 4]
     assert "world 2" in out.read_text()
+    assert "1 CPUs per task, 1 rank(s) per task, OMP_NUM_THREADS=1" in out.read_text()
 
 
 def test_two_nodes_torchrun(cluster, tmp_path):
-    job, out = submit(tmp_path, "two-node", [*SMOKE, f"output_dir={tmp_path / 'run'}"], ["--nodes=2"])
+    job, out = submit(tmp_path, "two-node", [*SMOKE, f"output_dir={tmp_path / 'run'}"], ["--nodes=2",
+                                                                                           "--cpus-per-task=2"])
     assert wait_job(job) == "COMPLETED", out.read_text()[-3000:]
     assert job_field(job, "NodeList") == "n[1-2]"
     assert [m["step"] for m in metrics(tmp_path / "run")] == [1, 2, 3, 4]
     assert "world 2" in out.read_text()
+    # torchrun mode: the node's CPUs go to its one rank, and srun was told (not 1 CPU by default)
+    assert "2 CPUs per task, 1 rank(s) per task, OMP_NUM_THREADS=2" in out.read_text()
 
 
 def test_bad_input_fails_fast(cluster, tmp_path):
@@ -110,11 +114,16 @@ def test_bad_input_fails_fast(cluster, tmp_path):
     assert "nothing to resume from" in out.read_text().splitlines()[-1]
 
 
+SLOW_SAVE = ROOT / "tests/slurm/slow_checkpoint"  # test-only: its sitecustomize delays the save by 35 s
+
+
 def test_preemption_requeue_resumes(cluster, tmp_path):
+    """torchrun mode, 2 ranks, and a stop-signal checkpoint slowed past torchrun's 30 s shutdown timeout: the
+    save must complete, the requeued job resume from it, and the result equal an uninterrupted run."""
     args = ["configs/smoke.yaml", "train.steps=16", "train.save_every=100", "logging.progress_bar=false",
             "logging.tensorboard=false"]
-    job, out = submit(tmp_path, "preempt", [*args, f"output_dir={tmp_path / 'cut'}"], ["--ntasks-per-node=2"],
-                      FDPG_LAUNCH="srun")
+    job, out = submit(tmp_path, "preempt", [*args, f"output_dir={tmp_path / 'cut'}"], ["--nodes=1"],
+                      NPROC_PER_NODE="2", PYTHONPATH=str(SLOW_SAVE))
     end = time.monotonic() + 180
     while not (tmp_path / "cut/metrics.jsonl").exists() or len(metrics(tmp_path / "cut")) < 2:
         assert time.monotonic() < end and job_field(job, "JobState") in ("PENDING", "RUNNING"), out.read_text()
@@ -127,8 +136,11 @@ def test_preemption_requeue_resumes(cluster, tmp_path):
     assert wait_job(job, 300) == "COMPLETED", out.read_text()[-3000:]
     text = out.read_text()
     assert "stopping at step" in text and "requeueing job" in text and job_field(job, "Restarts") == "1", text
+    assert "[test injection] checkpoint save delayed by 35 s" in text
     stopped = int(re.search(r"stopping at step (\d+)", text).group(1))
-    assert 2 <= stopped < 16 and f"resumed at step {stopped}" in text
+    # the slow save completed (nothing SIGKILLed it after 30 s) and the requeued job resumed from it
+    assert 2 <= stopped < 16 and f"resumed at step {stopped}" in text, text[-3000:]
+    assert not list((tmp_path / "cut/checkpoints").glob(".tmp-*"))
     ref, ref_out = submit(tmp_path, "uncut", [*args, f"output_dir={tmp_path / 'uncut'}"], ["--ntasks-per-node=2"],
                           FDPG_LAUNCH="srun")
     assert wait_job(ref) == "COMPLETED", ref_out.read_text()[-3000:]

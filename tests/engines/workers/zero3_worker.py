@@ -44,6 +44,22 @@ for arch, d in (("gpt2", gpt2_dir), ("llama", llama_dir)):
     eng.optimizer.zero_grad()
     del eng
 
+# 1b. Gradient checkpointing (train.gradient_checkpointing): the same gradients as section 1's gpt2, and each
+# block's forward runs twice (forward, then the recomputation in the backward). transformers checkpoints the
+# block's forward, not its __call__ (module hooks stay outside), so the count is taken on a module inside it.
+micro = GLOBAL_BATCH // world
+eng = engines.build_policy(gpt2_dir, ds_config(world, micro, 1), lr=LR, gradient_checkpointing=True)
+block_calls = []
+eng.module.hf_model.transformer.h[0].attn.register_forward_hook(lambda *args: block_calls.append(1))
+b = my_rows(batch(0, eng.module.hf_model.config.vocab_size), micro, 0)
+lp = engines.sequence_logprobs(eng, b["input_ids"], b["attention_mask"], b["loss_mask"], temperature=0.7)
+res["block0_forwards_before_backward"] = len(block_calls)
+eng.backward(weighted_loss(lp, b["weights"]))
+res["block0_forwards_checkpointed"] = len(block_calls)
+res["grads_gpt2_checkpointed"] = {n: safe_get_full_grad(p).clone() for n, p in eng.module.hf_model.named_parameters()}
+eng.optimizer.zero_grad()
+del eng
+
 # 2. Training with accumulation: TRAIN_STEPS optimizer steps, 2 micro-batches per step per rank.
 acc = 2
 micro = GLOBAL_BATCH // (world * acc)
@@ -107,6 +123,37 @@ gen["again"] = generation.sample(proposal, prompts, generation.SamplingSettings(
                                  seed=7, bos_id=bos, eos_id=eos, pad_id=pad)
 gen["other_seed"] = generation.sample(proposal, prompts, generation.SamplingSettings(temperature=0.7,
                                       max_new_tokens=10), seed=8, bos_id=bos, eos_id=eos, pad_id=pad)
+# Several batches in one rollout (one gather) draw what separate calls with the same seeds draw.
+s = generation.SamplingSettings(temperature=0.7, max_new_tokens=10)
+gen["batches"] = generation.sample_batches(proposal, [prompts, prompts[:2]], s, seeds=[7, 9], bos_id=bos, eos_id=eos,
+                                           pad_id=pad)
+gen["batch2_alone"] = generation.sample(proposal, prompts[:2], s, seed=9, bos_id=bos, eos_id=eos, pad_id=pad)
+
+# 4b. The trainer's rollout (training/rollout.py): sampling chunks of sampling.batch = 4 sequences, scored in
+# micro-batches of 2; log q rescored by the fused head (temperature only) or kept as recorded (top-k). The
+# global batch of 8 is gathered so that the test can compare 1 and 2 ranks.
+from transformers import AutoTokenizer  # noqa: E402
+
+from fdpg_scale.targets.tasks import build_task  # noqa: E402
+from fdpg_scale.training.config import TargetConfig  # noqa: E402
+from fdpg_scale.training.rollout import collect_chunks, logq_mismatch_metrics  # noqa: E402
+from fdpg_scale.training.timing import PhaseTimer  # noqa: E402
+
+tok = AutoTokenizer.from_pretrained(gpt2_dir)
+task = build_task(TargetConfig(scorer_args={"substring": "e"}), tok)
+res["rollout"] = {}
+for name, s in {"t07": generation.SamplingSettings(temperature=0.7, max_new_tokens=8),
+                "k5": generation.SamplingSettings(top_k=5, max_new_tokens=8)}.items():
+    chunks = collect_chunks(sampler=proposal, base=proposal, task=task, tokenizer=tok, settings=s, mode="gathered",
+                            run_seed=3, step=1, rank=rank, world=world, accumulation=4 // world, micro_batch=2,
+                            timer=PhaseTimer(), sampling_batch=4)
+    gathered = all_gather_rows({"ids": torch.cat([c.rollout.input_ids for c in chunks]),
+                                "logq": torch.cat([c.logq for c in chunks]),
+                                "logq_recorded": torch.cat([c.logq_recorded for c in chunks]),
+                                "token_logq": torch.cat([c.rollout.logprobs for c in chunks])})
+    res["rollout"][name] = {"sizes": [c.rollout.input_ids.shape[0] for c in chunks], "rows": gathered,
+                            "metrics": logq_mismatch_metrics(gathered["logq_recorded"] - gathered["logq"])}
+
 # On-policy sampling from the trainable engine; afterwards the ZeRO hooks must be back and the weights
 # partitioned again (the training below depends on it).
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus  # noqa: E402
