@@ -3,6 +3,7 @@ mode's code path (``run_grid``) end to end on a tiny base with a tiny budget."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -12,6 +13,7 @@ import pytest
 
 from fdpg_scale.apps.reproduce import (DOES_NOT_HOLD, FULL, HOLDS, INCONCLUSIVE, METRICS, QUICK, SIZES, Grid,
                                        claim_verdicts, grid_runs, run_grid, summarize, t_interval)
+from fdpg_scale.errors import ConfigError
 from fdpg_scale.models.base_config import PretrainConfig
 from fdpg_scale.models.corpus import stdlib_dir
 
@@ -145,3 +147,6 @@ def test_quick_code_path_writes_report_and_results(tmp_path, monkeypatch):
     before = (out / grid_runs(grid)[0].directory(out) / "cell.json").stat().st_mtime
     run_grid(grid, out, command="test")
     assert (grid_runs(grid)[0].directory(out) / "cell.json").stat().st_mtime == before
+    # ... but a grid with other settings (a quick run's directory given to the full grid) is refused.
+    with pytest.raises(ConfigError, match="was run with .*choose another --out"):
+        run_grid(dataclasses.replace(grid, steps=4), out, command="test")

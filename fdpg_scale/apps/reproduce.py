@@ -65,6 +65,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from fdpg_scale.errors import ConfigError
 from fdpg_scale.models.base_config import DEFAULT_OUT, PretrainConfig
 
 __all__ = ["Grid", "Run", "QUICK", "FULL", "SIZES", "grid_runs", "prepare", "run_cell", "t_interval",
@@ -212,8 +213,14 @@ def run_cell(grid: Grid, out: Path, index: int) -> dict:
         raise ValueError(f"run index {index} is outside the grid's 0..{len(runs) - 1}")
     r = runs[index]
     run_dir = r.directory(out)
+    settings = {"steps": grid.steps, "eval_points": grid.eval_points, "eval_samples": grid.eval_samples,
+                "overrides": list(grid.overrides)}
     if (run_dir / "cell.json").is_file():
-        return json.loads((run_dir / "cell.json").read_text())
+        done = json.loads((run_dir / "cell.json").read_text())
+        if done.get("settings") != settings:   # e.g. a quick run's cell in the full grid's directory
+            raise ConfigError(f"{run_dir / 'cell.json'} was run with {done.get('settings')}, not this grid's "
+                              f"{settings}: choose another --out")
+        return done
     overrides = [f"model.path={grid.base_dir(r.size)}", f"seed={r.seed}", f"train.steps={grid.steps}",
                  f"train.save_every={grid.steps // grid.eval_points}", f"train.keep_checkpoints={grid.eval_points}",
                  *grid.overrides]
@@ -235,7 +242,7 @@ def run_cell(grid: Grid, out: Path, index: int) -> dict:
                       "alignment": ev["policy"]["alignment"], "kl_p_pi": ev["policy"]["kl_p_pi"]})
         final = ev
     cell = {"task": r.task, "size": r.size, "divergence": r.divergence, "seed": r.seed, "index": index,
-            "policy": final["policy"], "base": final["base"], "curve": curve,
+            "settings": settings, "policy": final["policy"], "base": final["base"], "curve": curve,
             "seconds": {"train": trained, "eval": time.perf_counter() - start - trained}}
     (run_dir / "cell.json").write_text(json.dumps(cell, indent=1))
     print(f"[reproduce] run {index + 1}/{len(runs)} {r.task}/{r.size}/{r.divergence}/seed {r.seed}: "
