@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from fdpg_scale.apps.reproduce import (DOES_NOT_HOLD, FULL, HOLDS, INCONCLUSIVE, METRICS, QUICK, SIZES, Grid,
-                                       claim_verdicts, grid_runs, run_grid, summarize, t_interval)
+                                       _settling, claim_verdicts, grid_runs, run_grid, summarize,
+                                       t_interval)
 from fdpg_scale.errors import ConfigError
 from fdpg_scale.models.base_config import PretrainConfig
 from fdpg_scale.models.corpus import stdlib_dir
@@ -71,6 +72,16 @@ def test_claim3_verdicts():
     assert _verdict(vanishes, 3) == DOES_NOT_HOLD
     # The size order decides which end is "largest": reversed, the same numbers say the differences appear.
     assert _verdict(vanishes, 3, sizes=("large", "small")) == HOLDS
+
+
+def test_settling_line_compares_last_change_with_the_interval():
+    cells = _cells({("a", "small"): {"kl": LOW, "js": HIGH}})
+    for c in cells:   # kl moves by -0.01 over its last interval (within its ±0.25), js by -1.0 (beyond ±0.25)
+        last = c["policy"]["kl_p_pi"]
+        c["curve"] = [{"kl_p_pi": 9.0}, {"kl_p_pi": last + (0.01 if c["divergence"] == "kl" else 1.0)},
+                      {"kl_p_pi": last}]
+    line = _settling(cells, summarize(cells)["a"]["small"])
+    assert "kl -0.010 (within ±0.248)" in line and "js -1.000 (beyond ±0.248)" in line
 
 
 def test_grids_meet_the_issue():

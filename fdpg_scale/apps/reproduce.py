@@ -16,8 +16,9 @@ What runs (a *grid*: every (task, size) cell × divergence × seed is one f-DPG 
    KL(p‖π), KL(π‖a), Distinct-1/2, Self-BLEU-3 by plain Monte Carlo): the last is the run's result, the
    others its curve against training samples; a run with its ``cell.json`` is not redone;
 4. report: ``OUT/results.json`` and ``OUT/report.md``: per (task, size) the mean ± 95% t-interval over seeds,
-   the curves, the alignment–diversity frontier (``apps.report.plot_alignment_vs_diversity`` on the means)
-   and a verdict per claim.
+   the curves, whether KL(p‖π) still moved over the last checkpoint interval (beyond the final interval's
+   half-width), the alignment–diversity frontier (``apps.report.plot_alignment_vs_diversity`` on the
+   means) and a verdict per claim.
 
 Sizing of the full grid (the issue's budget: ≤ 2 h on 2 CPU cores, pretraining included). Bases: GPT-2
 with a 2048-token BPE, 500 pretraining steps of 32 × 128 tokens each (0.8 epoch of the stdlib):
@@ -394,6 +395,22 @@ def _table(row: dict) -> str:
     return "\n".join(lines)
 
 
+def _settling(cells: list[dict], row: dict) -> str:
+    """One line per cell: per divergence, the change of KL(p‖π) (mean over seeds) between the last two
+    evaluated checkpoints, against the final interval's half-width: a change within it has stopped moving
+    as far as these seeds can tell."""
+    parts = []
+    for div, m in row["divergences"].items():
+        runs = [c for c in cells if c["divergence"] == div and len(c["curve"]) >= 3]  # base + ≥ 2 checkpoints
+        if not runs:
+            continue
+        change = sum(c["curve"][-1]["kl_p_pi"] - c["curve"][-2]["kl_p_pi"] for c in runs) / len(runs)
+        half = m["kl_p_pi"]["half"]
+        settled = "" if half is None else (" (within ±" if abs(change) <= half else " (beyond ±") + f"{half:.3f})"
+        parts.append(f"{div} {change:+.3f}{settled}")
+    return ("Change of KL(p‖π) over the last checkpoint interval: " + ", ".join(parts) + ".") if parts else ""
+
+
 def _plot_curves(cells: list[dict], path: Path, *, title: str) -> Path:
     """KL(p‖π) and alignment against training samples: per divergence the mean over seeds, and each seed faint."""
     import matplotlib
@@ -475,10 +492,11 @@ def write_results(out: Path, grid: Grid, bases: dict, cells: list[dict], *, comm
     for task, sizes in summary.items():
         for size, row in sizes.items():
             name = f"{task}-{size}"
-            curves = _plot_curves([c for c in cells if c["task"] == task and c["size"] == size],
-                                  out / f"{name}_curves.png", title=f"{task}, {size} base")
+            here = [c for c in cells if c["task"] == task and c["size"] == size]
+            curves = _plot_curves(here, out / f"{name}_curves.png", title=f"{task}, {size} base")
             frontier = _frontier(row, out / f"{name}_frontier.png", title=f"{task}, {size} base")
-            parts += [f"## {task}, {size} base", "", _table(row), "", f"![curves]({curves.name})", "",
+            parts += [f"## {task}, {size} base", "", _table(row), "", _settling(here, row), "",
+                      f"![curves]({curves.name})", "",
                       f"![alignment–diversity frontier]({frontier.name})", ""]
     path = out / "report.md"
     path.write_text("\n".join(parts))
