@@ -14,6 +14,7 @@ import pytest
 from fdpg_scale.apps.reproduce import (DOES_NOT_HOLD, FULL, HOLDS, INCONCLUSIVE, METRICS, QUICK, SIZES, Grid,
                                        _settling, claim_verdicts, grid_runs, run_grid, summarize,
                                        t_interval)
+from fdpg_scale.apps.cli import main as cli_main
 from fdpg_scale.errors import ConfigError
 from fdpg_scale.models.base_config import PretrainConfig
 from fdpg_scale.models.corpus import stdlib_dir
@@ -82,6 +83,15 @@ def test_settling_line_compares_last_change_with_the_interval():
                       {"kl_p_pi": last}]
     line = _settling(cells, summarize(cells)["a"]["small"])
     assert "kl -0.010 (within ±0.248)" in line and "js -1.000 (beyond ±0.248)" in line
+
+
+def test_cli_counts_runs_and_rejects_a_run_outside_the_grid(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert cli_main(["reproduce", "--quick", "--count"]) == 0
+    assert capsys.readouterr().out.strip() == str(len(grid_runs(QUICK))) == "16"
+    assert cli_main(["reproduce", "--quick", "--out", "unused", "--cell", "16"]) == 2
+    assert capsys.readouterr().err.strip() == ("fdpg-scale: config error: --cell 16 is outside the quick grid's "
+                                               "runs 0..15")
 
 
 def test_grids_meet_the_issue():

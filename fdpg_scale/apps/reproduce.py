@@ -205,13 +205,13 @@ def _checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 def run_cell(grid: Grid, out: Path, index: int) -> dict:
     """Train and evaluate run ``index`` of the grid (after ``prepare``); writes and returns its ``cell.json``."""
+    runs = grid_runs(grid)
+    if not 0 <= index < len(runs):  # before the heavy imports below
+        raise ConfigError(f"--cell {index} is outside the {grid.name} grid's runs 0..{len(runs) - 1}")
     from fdpg_scale.apps.evaluate import evaluate_run
     from fdpg_scale.apps.sweep import train_run
     from fdpg_scale.training.config import load_config
 
-    runs = grid_runs(grid)
-    if not 0 <= index < len(runs):
-        raise ValueError(f"run index {index} is outside the grid's 0..{len(runs) - 1}")
     r = runs[index]
     run_dir = r.directory(out)
     settings = {"steps": grid.steps, "eval_points": grid.eval_points, "eval_samples": grid.eval_samples,
