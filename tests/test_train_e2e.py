@@ -147,9 +147,9 @@ def test_training_raises_alignment_measured_by_eval(tmp_path):
     `fdpg-scale eval` on fresh samples finds the policy's alignment above the base's by several standard errors.
     Flipping the loss's sign fails here."""
     out = tmp_path / "learn"
-    run_train(tmp_path, out, "train.steps=24", "train.global_batch=16", "train.micro_batch=8", "train.lr=1e-2",
-              "train.save_every=24", "divergence.name=rkl")      # mode-seeking: a large, quick gain
-    proc = subprocess.run([sys.executable, "-m", "fdpg_scale.cli", "eval", str(out), "--samples", "384"],
+    run_train(tmp_path, out, "train.steps=40", "train.global_batch=16", "train.micro_batch=8", "train.lr=2e-2",
+              "train.save_every=40", "divergence.name=rkl")      # mode-seeking: a large, quick gain
+    proc = subprocess.run([sys.executable, "-m", "fdpg_scale.cli", "eval", str(out), "--samples", "512"],
                           cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     ev = json.loads((out / "eval.json").read_text())

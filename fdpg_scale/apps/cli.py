@@ -9,6 +9,7 @@
     fdpg-scale plan --config FILE --nodes N --gpus-per-node G   per-GPU memory plan
     fdpg-scale prompts                                 conditional-task prompts from the held-out stdlib corpus
     fdpg-scale toy [--divergences kl rkl ...]          f-DPG on an enumerable toy, exact divergences per step
+    fdpg-scale reproduce [--quick] [--out DIR]         the paper's claims: tasks × sizes × divergences × seeds
 
 Why the options live here and not beside each job: the jobs import torch, DeepSpeed and Triton (seconds to
 load), and ``--help`` of any command should answer at once. So this module, and everything it imports at
@@ -130,6 +131,17 @@ def _toy(p: argparse.ArgumentParser) -> None:
                    help="instead: write the convergence table (the test's settings) as markdown to FILE")
 
 
+def _reproduce(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true",
+                   help="the miniature: small base, two tasks, two seeds (about 10 min on 2 cores)")
+    p.add_argument("--out", type=Path, default=Path("runs/reproduce"), help="output directory (default runs/reproduce)")
+    stage = p.add_mutually_exclusive_group()
+    stage.add_argument("--count", action="store_true", help="print the number of runs in the grid and stop")
+    stage.add_argument("--prepare", action="store_true", help="only build the bases and the prompts")
+    stage.add_argument("--cell", type=int, metavar="I", help="only train and evaluate run I (a SLURM array task)")
+    stage.add_argument("--report", action="store_true", help="only write report.md and results.json from the runs")
+
+
 #: name -> (one-line help, description, adds the options, the job as "module:function" taking the Namespace)
 COMMANDS = {
     "train": ("train a policy with f-DPG",
@@ -159,6 +171,11 @@ COMMANDS = {
     "toy": ("f-DPG on an enumerable toy model, exact divergences per step",
             "Sampled f-DPG on the enumerable toy, with the exact divergences printed as it trains.", _toy,
             "fdpg_scale.apps.toy:run"),
+    "reproduce": ("reproduce the f-DPG paper's claims: bases of 3 sizes, 5 tasks, 4 divergences, seeds, verdicts",
+                  "Reproduce the paper's findings at small scale: pretrain the bases, train and evaluate every run "
+                  "of the grid, write report.md and results.json with a verdict per claim. Without a stage "
+                  "option everything runs in this process, one run after another.", _reproduce,
+                  "fdpg_scale.apps.reproduce:run"),
 }
 
 

@@ -137,8 +137,12 @@ def _row(policy: dict, base: dict, *, log_z: torch.Tensor, pi_on_base: torch.Ten
     }
 
 
-def evaluate_run(output_dir: str | Path, *, n: int = 256, seed: int = 1234) -> dict:
-    """Evaluate run ``output_dir`` (its config.yaml and latest checkpoint) → {"base": row, "policy": row}."""
+def evaluate_run(output_dir: str | Path, *, n: int = 256, seed: int = 1234,
+                 checkpoint: str | Path | None = None) -> dict:
+    """Evaluate run ``output_dir`` (its config.yaml and latest checkpoint) → {"base": row, "policy": row}.
+
+    checkpoint: evaluate this checkpoint directory of the run instead of the latest (for curves over
+    training); the result is then returned only, not written to ``eval.json``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fdpg_scale.distributed.checkpoint import find_latest
@@ -146,8 +150,8 @@ def evaluate_run(output_dir: str | Path, *, n: int = 256, seed: int = 1234) -> d
 
     output_dir = Path(output_dir)
     cfg: RunConfig = load_config(output_dir / "config.yaml")
-    ckpt = find_latest(output_dir)
-    if ckpt is None:
+    ckpt = find_latest(output_dir) if checkpoint is None else Path(checkpoint)
+    if ckpt is None or not ckpt.is_dir():
         raise FileNotFoundError(f"{output_dir} has no checkpoint to evaluate (looked in {output_dir / 'checkpoints'})")
     hf_dir = output_dir / "eval" / ckpt.name
     if not (hf_dir / "config.json").is_file():
@@ -185,7 +189,8 @@ def evaluate_run(output_dir: str | Path, *, n: int = 256, seed: int = 1234) -> d
               "divergence": str(cfg.divergence.name if cfg.divergence.alpha is None
                                 else f"alpha({cfg.divergence.alpha:g})"),
               "samples": policy["samples"].texts[:SHOWN_SAMPLES]}
-    (output_dir / "eval.json").write_text(json.dumps(result, indent=2))
+    if checkpoint is None:
+        (output_dir / "eval.json").write_text(json.dumps(result, indent=2))
     return result
 
 

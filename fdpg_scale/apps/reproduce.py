@@ -1,0 +1,547 @@
+"""``fdpg-scale reproduce``: the paper's findings (Go et al., ICML 2023) at small scale, with seeds and intervals.
+
+The paper's claims, tested here on bases the project pretrains itself (nothing is downloaded):
+
+1. no divergence is best everywhere: each makes a different trade between alignment and diversity;
+2. Jensen–Shannon strikes a good balance and often beats forward KL by a wide margin;
+3. these differences persist as the model grows.
+
+What runs (a *grid*: every (task, size) cell × divergence × seed is one f-DPG run):
+
+1. bases: the stdlib GPT-2 of ``pretrain-base`` at each size of the grid (cached; the middle size is the
+   demo's own base), with held-out perplexity against the unigram (``pretrain_report.json``);
+2. prompts: the conditional task's contexts, function signatures from the held-out documents;
+3. runs: ``fdpg-scale train`` in its own process (``apps.sweep.train_run``), checkpoints every
+   ``steps / eval_points`` steps, each checkpoint evaluated by ``apps.evaluate.evaluate_run`` (alignment,
+   KL(p‖π), KL(π‖a), Distinct-1/2, Self-BLEU-3 by plain Monte Carlo): the last is the run's result, the
+   others its curve against training samples; a run with its ``cell.json`` is not redone;
+4. report: ``OUT/results.json`` and ``OUT/report.md``: per (task, size) the mean ± 95% t-interval over seeds,
+   the curves, whether KL(p‖π) still moved over the last checkpoint interval (beyond the final interval's
+   half-width), the alignment–diversity frontier (``apps.report.plot_alignment_vs_diversity`` on the
+   means) and a verdict per claim.
+
+Sizing of the full grid (the issue's budget: ≤ 2 h on 2 CPU cores, pretraining included). Bases: GPT-2
+with a 2048-token BPE, 500 pretraining steps of 32 × 128 tokens each (0.8 epoch of the stdlib):
+small 2 layers × 64 (0.24 M parameters), middle 4 × 128 (1.07 M, the demo's base), large 6 × 192 (3.09 M),
+12.9× from small to large. Tasks: all five (pointwise common "def ", pointwise rare "return",
+distributional, reward, conditional) at the middle size; pointwise common and reward (the cheapest two,
+with the largest support, so Z is estimated well at every size) at all three sizes. Divergences kl, rkl,
+js, tv; seeds 0, 1, 2. That is 5 × 4 × 3 + 2 × 2 × 4 × 3 = 108 runs of 60 steps × 32 sequences (1,920
+samples), each evaluated at 3 checkpoints on 128 samples. The budget is an extrapolation, not a
+measurement: on an idle 2-core machine the demo trained and evaluated three 30-step runs of the middle
+base in about 70 s (≈ 23 s a run, a third of it start-up), and pretrained it in about 140 s; scaling by
+steps, evaluations and parameters gives ≈ 10 min of pretraining and ≈ 85 min of runs, about 1.6 h. The
+quick mode records each run's measured seconds in results.json, so the estimate can be checked
+before the full grid is started. Why not all tasks at all sizes: 180 runs, with the large ones 3× the
+cost, would not fit. Why 60 steps: the demo's 30 were still moving; more would not fit either, so the
+curves in the report show whether the metrics have stopped moving, and the verdicts say so when they
+have not (intervals stay wide).
+
+The quick mode (``--quick``): the small base, pointwise common and reward, kl/rkl/js/tv, seeds 0 and 1,
+30 steps evaluated at 2 checkpoints on 64 samples: 16 runs, for ≤ 10 min on 2 idle cores.
+
+Verdict rules (``claim_verdicts``), on the final KL(p‖π) (lower = closer to the target p, the quantity
+f-DPG drives to 0 whatever the divergence), per (task, size) cell, with 95% t-intervals over seeds.
+"A beats B clearly" means A's interval lies wholly below B's (they do not overlap).
+
+1. holds if two different divergences are each the clear winner (clearly beating every other divergence)
+   in at least one cell; does not hold here if one divergence has the lowest mean in every cell and
+   clearly beats every other in all of them; otherwise inconclusive.
+2. JS "beats forward KL by a wide margin" in a cell when it beats kl clearly and its mean KL(p‖π) is at most
+   ``WIDE_MARGIN`` (0.8) × kl's. Holds if that is so in at least half the cells and kl never clearly beats
+   JS; does not hold here if kl clearly beats JS in at least half the cells, or if JS wins widely nowhere
+   while kl clearly wins somewhere; otherwise inconclusive.
+3. for each task run at two sizes or more, the differences "persist" when at its largest size the best
+   and worst divergences (by mean) are clearly apart, and they "vanish" when they are clearly apart at the
+   smallest size but not at the largest. Holds if they persist for every such task; does not hold here if
+   they vanish for every such task; otherwise inconclusive (also when no task runs at two sizes).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fdpg_scale.errors import ConfigError
+from fdpg_scale.models.base_config import DEFAULT_OUT, PretrainConfig
+
+__all__ = ["Grid", "Run", "QUICK", "FULL", "SIZES", "grid_runs", "prepare", "run_cell", "t_interval",
+           "summarize", "claim_verdicts", "write_results", "run_grid", "run"]
+
+TASKS = Path("configs/reproduce")
+#: The base sizes (``PretrainConfig`` beyond the defaults); "middle" is the demo's own base.
+SIZES = {
+    "small": PretrainConfig(n_layer=2, n_embd=64, n_head=4),
+    "middle": PretrainConfig(),
+    "large": PretrainConfig(n_layer=6, n_embd=192, n_head=6),
+}
+#: The table's metrics: key in eval.json's rows, label, whether lower is better (None: neither).
+METRICS = (("alignment", "alignment E[φ]"), ("kl_p_pi", "KL(p‖π)"), ("kl_pi_a", "KL(π‖a)"),
+           ("distinct_1", "Distinct-1"), ("distinct_2", "Distinct-2"), ("self_bleu_3", "Self-BLEU-3"))
+#: Two-sided confidence level of the intervals over seeds.
+CONFIDENCE = 0.95
+#: Claim 2: JS's mean KL(p‖π) at most this fraction of forward KL's is a "wide margin".
+WIDE_MARGIN = 0.8
+CLAIMS = {1: "No divergence is best everywhere: each makes a different trade between alignment and diversity.",
+          2: "Jensen–Shannon strikes a good balance and often beats forward KL by a wide margin.",
+          3: "These differences persist as the model grows."}
+HOLDS, DOES_NOT_HOLD, INCONCLUSIVE = "holds", "does not hold here", "inconclusive"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Grid:
+    """What one reproduction runs: cells (task config, size) × divergences × seeds, and its budget."""
+
+    name: str
+    """``quick`` or ``full`` (or a test's name): written into the report."""
+    sizes: dict[str, PretrainConfig]
+    """Base size name → its pretraining config."""
+    cells: tuple[tuple[Path, str], ...]
+    """(task config file, size name) pairs; the task's name is the file's stem."""
+    divergences: tuple[str, ...] = ("kl", "rkl", "js", "tv")
+    seeds: tuple[int, ...] = (0, 1, 2)
+    steps: int = 60
+    """Optimizer steps per run (``train.steps``)."""
+    eval_points: int = 3
+    """Checkpoints evaluated per run, evenly spaced; the last is the run's result."""
+    eval_samples: int = 128
+    """Sequences drawn from the policy and from the base at each evaluation."""
+    overrides: tuple[str, ...] = ()
+    """Further ``key=value`` for every run (tests shrink batches and lengths with it)."""
+    base_root: Path = DEFAULT_OUT.parent
+    """Where the bases are cached: ``<base_root>/stdlib-gpt2`` (middle) and ``stdlib-gpt2-<size>``."""
+    corpus: Path | None = None
+    """Pretraining and prompt corpus (default: this Python's standard library)."""
+    prompts: int = 32
+    """Held-out prompts of a conditional task."""
+
+    def __post_init__(self):
+        if not self.cells or not self.divergences or not self.seeds:
+            raise ValueError(f"grid {self.name!r}: needs at least one cell, divergence and seed")
+        for config, size in self.cells:
+            if size not in self.sizes:
+                raise ValueError(f"grid {self.name!r}: cell ({config}, {size}) names an unknown size "
+                                 f"(known: {', '.join(self.sizes)})")
+        if not 1 <= self.eval_points <= self.steps or self.steps % self.eval_points:
+            raise ValueError(f"grid {self.name!r}: eval_points ({self.eval_points}) must divide steps ({self.steps})")
+
+    def base_dir(self, size: str) -> Path:
+        """The cached base of ``size`` (the middle size shares the demo's directory)."""
+        return self.base_root / ("stdlib-gpt2" if size == "middle" else f"stdlib-gpt2-{size}")
+
+
+def _task(name: str) -> Path:
+    return TASKS / f"{name}.yaml"
+
+
+FULL = Grid(name="full", sizes=SIZES,
+            cells=tuple((_task(t), "middle") for t in ("pointwise-common", "pointwise-rare", "distributional",
+                                                       "reward", "conditional"))
+            + tuple((_task(t), s) for t in ("pointwise-common", "reward") for s in ("small", "large")))
+QUICK = Grid(name="quick", sizes={"small": SIZES["small"]},
+             cells=((_task("pointwise-common"), "small"), (_task("reward"), "small")),
+             seeds=(0, 1), steps=30, eval_points=2, eval_samples=64)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One f-DPG run of a grid: its index is its SLURM array task id."""
+
+    config: Path
+    size: str
+    divergence: str
+    seed: int
+
+    @property
+    def task(self) -> str:
+        return self.config.stem
+
+    def directory(self, out: Path) -> Path:
+        return out / "runs" / self.task / self.size / self.divergence / f"seed{self.seed}"
+
+
+def grid_runs(grid: Grid) -> list[Run]:
+    """Every run of ``grid`` in a fixed order (cell, then divergence, then seed)."""
+    return [Run(config, size, d, s) for config, size in grid.cells for d in grid.divergences for s in grid.seeds]
+
+
+# ------------------------------------------------------------------------------------------- running
+def prepare(grid: Grid, out: Path) -> dict:
+    """Build (or reuse) every base of the grid and the conditional prompts; writes ``out/bases.json``.
+
+    Returns {size: {"dir", "parameters", "model_ppl", "unigram_ppl", "tokens", "config"}}."""
+    from fdpg_scale.apps.pretrain import build_base_model
+    from fdpg_scale.apps.prompt_corpus import signature_prompts
+
+    out.mkdir(parents=True, exist_ok=True)
+    bases = {}
+    for size in dict.fromkeys(size for _, size in grid.cells):
+        start = time.perf_counter()
+        path, report, cached = build_base_model(grid.sizes[size], grid.base_dir(size), grid.corpus, log_every=100)
+        h = report["heldout"]
+        bases[size] = {"dir": str(path), "parameters": report["parameters"], "model_ppl": h["model_ppl"],
+                       "unigram_ppl": h["unigram_ppl"], "tokens": h["tokens"], "config": report["config"]}
+        print(f"[reproduce] base {size}: {report['parameters'] / 1e6:.2f} M parameters, held-out perplexity "
+              f"{h['model_ppl']:.1f} (unigram {h['unigram_ppl']:.1f}), {'cached' if cached else 'built'} in "
+              f"{time.perf_counter() - start:.0f} s", flush=True)
+    prompts = signature_prompts(grid.corpus, grid.prompts)
+    if not prompts:
+        raise ValueError(f"no function signature in the held-out documents of {grid.corpus or 'the stdlib'}")
+    (out / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    (out / "bases.json").write_text(json.dumps(bases, indent=1))
+    return bases
+
+
+def _checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, directory) of the run's complete checkpoints, in step order."""
+    found = [(int(p.name.split("_")[1]), p) for p in (run_dir / "checkpoints").glob("step_*")
+             if (p / "meta.json").is_file()]
+    return sorted(found)
+
+
+def run_cell(grid: Grid, out: Path, index: int) -> dict:
+    """Train and evaluate run ``index`` of the grid (after ``prepare``); writes and returns its ``cell.json``."""
+    runs = grid_runs(grid)
+    if not 0 <= index < len(runs):  # before the heavy imports below
+        raise ConfigError(f"--cell {index} is outside the {grid.name} grid's runs 0..{len(runs) - 1}")
+    from fdpg_scale.apps.evaluate import evaluate_run
+    from fdpg_scale.apps.sweep import train_run
+    from fdpg_scale.training.config import load_config
+
+    r = runs[index]
+    run_dir = r.directory(out)
+    settings = {"steps": grid.steps, "eval_points": grid.eval_points, "eval_samples": grid.eval_samples,
+                "overrides": list(grid.overrides)}
+    if (run_dir / "cell.json").is_file():
+        done = json.loads((run_dir / "cell.json").read_text())
+        if done.get("settings") != settings:   # e.g. a quick run's cell in the full grid's directory
+            raise ConfigError(f"{run_dir / 'cell.json'} was run with {done.get('settings')}, not this grid's "
+                              f"{settings}: choose another --out")
+        return done
+    overrides = [f"model.path={grid.base_dir(r.size)}", f"seed={r.seed}", f"train.steps={grid.steps}",
+                 f"train.save_every={grid.steps // grid.eval_points}", f"train.keep_checkpoints={grid.eval_points}",
+                 *grid.overrides]
+    cfg = load_config(r.config, overrides)   # checks the overrides before a process is started
+    if cfg.target.prompts_file is not None:
+        overrides.append(f"target.prompts_file={out / 'prompts.jsonl'}")
+    start = time.perf_counter()
+    train_run(r.config, run_dir, r.divergence, overrides=overrides)
+    trained = time.perf_counter() - start
+    checkpoints = _checkpoints(run_dir)
+    curve, final = [], None
+    for step, path in checkpoints:
+        last = step == checkpoints[-1][0]
+        ev = evaluate_run(run_dir, n=grid.eval_samples, checkpoint=None if last else path)
+        if not curve:   # the base itself: the curve's point at 0 samples
+            curve.append({"step": 0, "samples": 0, "alignment": ev["base"]["alignment"],
+                          "kl_p_pi": ev["base"]["kl_p_pi"]})
+        curve.append({"step": step, "samples": step * cfg.train.global_batch,
+                      "alignment": ev["policy"]["alignment"], "kl_p_pi": ev["policy"]["kl_p_pi"]})
+        final = ev
+    cell = {"task": r.task, "size": r.size, "divergence": r.divergence, "seed": r.seed, "index": index,
+            "settings": settings, "policy": final["policy"], "base": final["base"], "curve": curve,
+            "seconds": {"train": trained, "eval": time.perf_counter() - start - trained}}
+    (run_dir / "cell.json").write_text(json.dumps(cell, indent=1))
+    print(f"[reproduce] run {index + 1}/{len(runs)} {r.task}/{r.size}/{r.divergence}/seed {r.seed}: "
+          f"alignment {final['policy']['alignment']:.3f}, KL(p‖π) {final['policy']['kl_p_pi']:.3f} "
+          f"({trained:.0f} s training, {cell['seconds']['eval']:.0f} s evaluation)", flush=True)
+    return cell
+
+
+# -------------------------------------------------------------------------------------------- numbers
+def t_interval(values: list[float]) -> dict:
+    """Mean and the half-width of its two-sided ``CONFIDENCE`` Student-t interval over ``values`` (one per
+    seed): {"mean", "half", "lo", "hi", "n"}; ``half`` is None for a single value (no spread to measure)."""
+    from scipy.stats import t
+
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return {"mean": mean, "half": None, "lo": None, "hi": None, "n": n}
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = float(t.ppf(0.5 + CONFIDENCE / 2, n - 1)) * sd / math.sqrt(n)
+    return {"mean": mean, "half": half, "lo": mean - half, "hi": mean + half, "n": n}
+
+
+def summarize(cells: list[dict]) -> dict:
+    """{task: {size: {"base": {metric: interval}, "divergences": {div: {metric: interval}}}}} over seeds."""
+    grouped: dict = {}
+    for c in cells:
+        grouped.setdefault(c["task"], {}).setdefault(c["size"], {}).setdefault(c["divergence"], []).append(c)
+    summary: dict = {}
+    for task, sizes in grouped.items():
+        for size, divs in sizes.items():
+            any_div = next(iter(divs.values()))
+            summary.setdefault(task, {})[size] = {
+                # One evaluation of the base (every run draws the same base samples): no interval.
+                "base": {k: t_interval([any_div[0]["base"][k]]) for k, _ in METRICS},
+                "divergences": {d: {k: t_interval([c["policy"][k] for c in runs]) for k, _ in METRICS}
+                                for d, runs in divs.items()}}
+    return summary
+
+
+def _clearly_below(a: dict, b: dict) -> bool:
+    """True when interval ``a`` lies wholly below interval ``b`` (no interval: never clear)."""
+    return a["hi"] is not None and b["lo"] is not None and a["hi"] < b["lo"]
+
+
+def _cells(summary: dict, metric: str = "kl_p_pi"):
+    """((task, size), {divergence: interval of ``metric``}) for every cell."""
+    for task, sizes in summary.items():
+        for size, row in sizes.items():
+            yield (task, size), {d: m[metric] for d, m in row["divergences"].items()}
+
+
+def _claim1(summary: dict) -> dict:
+    clear_winners, best, figures = {}, {}, {}
+    for (task, size), kl in _cells(summary):
+        winner = min(kl, key=lambda d: kl[d]["mean"])
+        best[f"{task}/{size}"] = winner
+        clear = all(_clearly_below(kl[winner], kl[d]) for d in kl if d != winner) and len(kl) > 1
+        if clear:
+            clear_winners[f"{task}/{size}"] = winner
+        figures[f"{task}/{size}"] = {d: round(v["mean"], 4) for d, v in kl.items()} | {
+            "best": winner, "clear": clear}
+    distinct = set(clear_winners.values())
+    if len(distinct) >= 2:
+        verdict = HOLDS
+    elif len(set(best.values())) == 1 and len(clear_winners) == len(best):
+        verdict = DOES_NOT_HOLD
+    else:
+        verdict = INCONCLUSIVE
+    why = (f"divergences with a clear win somewhere: {sorted(distinct) or 'none'}; lowest mean per cell: "
+           + ", ".join(f"{c} {d}" for c, d in best.items()))
+    return {"verdict": verdict, "why": why, "figures": figures}
+
+
+def _claim2(summary: dict) -> dict:
+    wide, kl_wins, figures, n = [], [], {}, 0
+    for (task, size), kl in _cells(summary):
+        if "js" not in kl or "kl" not in kl:
+            continue
+        n += 1
+        js, fkl, cell = kl["js"], kl["kl"], f"{task}/{size}"
+        ratio = js["mean"] / fkl["mean"] if fkl["mean"] > 0 else math.inf
+        if _clearly_below(js, fkl) and ratio <= WIDE_MARGIN:
+            wide.append(cell)
+        if _clearly_below(fkl, js):
+            kl_wins.append(cell)
+        figures[cell] = {"js": round(js["mean"], 4), "kl": round(fkl["mean"], 4), "js/kl": round(ratio, 3)}
+    if n == 0:
+        return {"verdict": INCONCLUSIVE, "why": "no cell trains both js and kl", "figures": figures}
+    if len(wide) >= n / 2 and not kl_wins:
+        verdict = HOLDS
+    elif len(kl_wins) >= n / 2 or (not wide and kl_wins):
+        verdict = DOES_NOT_HOLD
+    else:
+        verdict = INCONCLUSIVE
+    why = (f"JS beats forward KL clearly with KL(p‖π) ≤ {WIDE_MARGIN}× in {len(wide)}/{n} cells "
+           f"({', '.join(wide) or 'none'}); forward KL clearly beats JS in {len(kl_wins)}/{n} "
+           f"({', '.join(kl_wins) or 'none'})")
+    return {"verdict": verdict, "why": why, "figures": figures}
+
+
+def _claim3(summary: dict, size_order: list[str]) -> dict:
+    persist, vanish, neither, figures = [], [], [], {}
+    for task, sizes in summary.items():
+        present = [s for s in size_order if s in sizes]
+        if len(present) < 2:
+            continue
+        apart = {}
+        for s in (present[0], present[-1]):
+            kl = {d: m["kl_p_pi"] for d, m in sizes[s]["divergences"].items()}
+            best, worst = min(kl, key=lambda d: kl[d]["mean"]), max(kl, key=lambda d: kl[d]["mean"])
+            apart[s] = _clearly_below(kl[best], kl[worst])
+            figures[f"{task}/{s}"] = {"best": best, "best_kl_p_pi": round(kl[best]["mean"], 4), "worst": worst,
+                                      "worst_kl_p_pi": round(kl[worst]["mean"], 4), "clearly_apart": apart[s]}
+        (persist if apart[present[-1]] else vanish if apart[present[0]] else neither).append(task)
+    tasks = len(persist) + len(vanish) + len(neither)
+    if tasks == 0:
+        return {"verdict": INCONCLUSIVE, "why": "no task runs at two sizes or more", "figures": figures}
+    if len(persist) == tasks:
+        verdict = HOLDS
+    elif len(vanish) == tasks:
+        verdict = DOES_NOT_HOLD
+    else:
+        verdict = INCONCLUSIVE
+    why = (f"best and worst divergence clearly apart at the largest size for {len(persist)}/{tasks} tasks "
+           f"({', '.join(persist) or 'none'}); apart at the smallest size only for {', '.join(vanish) or 'none'}; "
+           f"apart at neither for {', '.join(neither) or 'none'}")
+    return {"verdict": verdict, "why": why, "figures": figures}
+
+
+def claim_verdicts(summary: dict, size_order: list[str]) -> list[dict]:
+    """The three claims' verdicts by the module docstring's rules: [{"claim", "statement", "verdict", "why",
+    "figures"}]; ``size_order``: size names from smallest to largest."""
+    return [{"claim": i, "statement": CLAIMS[i], **rule}
+            for i, rule in ((1, _claim1(summary)), (2, _claim2(summary)), (3, _claim3(summary, size_order)))]
+
+
+# -------------------------------------------------------------------------------------------- report
+def _fmt(iv: dict) -> str:
+    return f"{iv['mean']:.3f}" if iv["half"] is None else f"{iv['mean']:.3f} ± {iv['half']:.3f}"
+
+
+def _table(row: dict) -> str:
+    head = "| model | " + " | ".join(label for _, label in METRICS) + " |"
+    lines = [head, "|---|" + "---|" * len(METRICS),
+             "| base model a | " + " | ".join(_fmt(row["base"][k]) for k, _ in METRICS) + " |"]
+    for d, m in row["divergences"].items():
+        lines.append(f"| f-DPG {d} | " + " | ".join(_fmt(m[k]) for k, _ in METRICS) + " |")
+    return "\n".join(lines)
+
+
+def _settling(cells: list[dict], row: dict) -> str:
+    """One line per cell: per divergence, the change of KL(p‖π) (mean over seeds) between the last two
+    evaluated checkpoints, against the final interval's half-width: a change within it has stopped moving
+    as far as these seeds can tell."""
+    parts = []
+    for div, m in row["divergences"].items():
+        runs = [c for c in cells if c["divergence"] == div and len(c["curve"]) >= 3]  # base + ≥ 2 checkpoints
+        if not runs:
+            continue
+        change = sum(c["curve"][-1]["kl_p_pi"] - c["curve"][-2]["kl_p_pi"] for c in runs) / len(runs)
+        half = m["kl_p_pi"]["half"]
+        settled = "" if half is None else (" (within ±" if abs(change) <= half else " (beyond ±") + f"{half:.3f})"
+        parts.append(f"{div} {change:+.3f}{settled}")
+    return ("Change of KL(p‖π) over the last checkpoint interval: " + ", ".join(parts) + ".") if parts else ""
+
+
+def _plot_curves(cells: list[dict], path: Path, *, title: str) -> Path:
+    """KL(p‖π) and alignment against training samples: per divergence the mean over seeds, and each seed faint."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never a window
+    import matplotlib.pyplot as plt
+
+    from fdpg_scale.apps.report import FIGURE_DPI
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    by_div: dict[str, list[dict]] = {}
+    for c in cells:
+        by_div.setdefault(c["divergence"], []).append(c)
+    for ax, key, label in ((axes[0], "kl_p_pi", "KL(p‖π) (lower = closer to p)"),
+                           (axes[1], "alignment", "alignment E_π[φ]")):
+        for div, runs in by_div.items():
+            samples = [p["samples"] for p in runs[0]["curve"]]
+            mean = [sum(r["curve"][i][key] for r in runs) / len(runs) for i in range(len(samples))]
+            line, = ax.plot(samples, mean, marker="o", linewidth=2, label=f"{div} (mean of {len(runs)} seeds)")
+            for r in runs:
+                ax.plot([p["samples"] for p in r["curve"]], [p[key] for p in r["curve"]], color=line.get_color(),
+                        alpha=0.25, linewidth=1)
+        ax.set_xlabel("training samples")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize="small")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=FIGURE_DPI)
+    plt.close(fig)
+    return path
+
+
+def _frontier(row: dict, path: Path, *, title: str) -> Path:
+    """The alignment–diversity frontier of the means (error bars: the alignment's t-interval), drawn by the
+    sweep report's own scatter."""
+    from fdpg_scale.apps.report import plot_alignment_vs_diversity
+
+    def point(m: dict) -> dict:
+        return {k: m[k]["mean"] for k, _ in METRICS} | {"alignment_se": m["alignment"]["half"]}
+
+    runs = [{"eval": {"base": point(row["base"]), "policy": point(m), "divergence": d}}
+            for d, m in row["divergences"].items()]
+    return plot_alignment_vs_diversity(runs, path, title=title)
+
+
+def write_results(out: Path, grid: Grid, bases: dict, cells: list[dict], *, command: str,
+                  seconds: float | None) -> Path:
+    """``out/results.json`` and ``out/report.md`` (plots beside it) from finished runs; returns the report.
+
+    seconds: the whole command's wall time, or None when the runs ran as separate jobs (a SLURM array)."""
+    summary = summarize(cells)
+    order = [s for s in grid.sizes if s in bases]
+    verdicts = claim_verdicts(summary, order)
+    results = {"grid": grid.name, "command": command, "wall_seconds": seconds, "confidence": CONFIDENCE,
+               "settings": {"divergences": list(grid.divergences), "seeds": list(grid.seeds), "steps": grid.steps,
+                            "eval_points": grid.eval_points, "eval_samples": grid.eval_samples,
+                            "overrides": list(grid.overrides),
+                            "cells": [[str(c), s] for c, s in grid.cells]},
+               "bases": bases, "summary": summary, "verdicts": verdicts, "runs": cells}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+
+    run_seconds = [c["seconds"]["train"] + c["seconds"]["eval"] for c in cells]
+    wall = f"this command's wall time {seconds:.0f} s" if seconds is not None else "runs as separate jobs"
+    parts = [f"# Reproduction of the f-DPG paper's claims ({grid.name} grid)", "",
+             f"Command: `{command}`; {wall} ({len(cells)} runs, {sum(run_seconds) / len(run_seconds):.0f} s a run "
+             f"on average). Every run: {grid.steps} steps, evaluated at {grid.eval_points} checkpoints on "
+             f"{grid.eval_samples} samples; seeds {', '.join(map(str, grid.seeds))}; ± is the half-width of the "
+             f"{CONFIDENCE:.0%} t-interval over seeds. Numbers: `results.json`. Rules of the verdicts: "
+             f"`fdpg_scale/apps/reproduce.py`.", "",
+             "## Verdicts", ""]
+    for v in verdicts:
+        parts += [f"**Claim {v['claim']}: {v['verdict']}.** {v['statement']} — {v['why']}.", ""]
+    parts += ["## Bases: held-out perplexity", "", "| size | parameters | GPT-2 | unigram (add-one) |",
+              "|---|---|---|---|"]
+    parts += [f"| {s} | {b['parameters'] / 1e6:.2f} M | {b['model_ppl']:.1f} | {b['unigram_ppl']:.1f} |"
+              for s, b in bases.items()]
+    parts.append("")
+    for task, sizes in summary.items():
+        for size, row in sizes.items():
+            name = f"{task}-{size}"
+            here = [c for c in cells if c["task"] == task and c["size"] == size]
+            curves = _plot_curves(here, out / f"{name}_curves.png", title=f"{task}, {size} base")
+            frontier = _frontier(row, out / f"{name}_frontier.png", title=f"{task}, {size} base")
+            parts += [f"## {task}, {size} base", "", _table(row), "", _settling(here, row), "",
+                      f"![curves]({curves.name})", "",
+                      f"![alignment–diversity frontier]({frontier.name})", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(parts))
+    return path
+
+
+def _load_cells(grid: Grid, out: Path) -> list[dict]:
+    missing, cells = [], []
+    for i, r in enumerate(grid_runs(grid)):
+        f = r.directory(out) / "cell.json"
+        if f.is_file():
+            cells.append(json.loads(f.read_text()))
+        else:
+            missing.append(str(i))
+    if missing:
+        raise FileNotFoundError(f"{out}: runs {', '.join(missing)} of the {grid.name} grid have no cell.json yet")
+    return cells
+
+
+def run_grid(grid: Grid, out: Path, *, command: str) -> Path:
+    """The whole reproduction in this process, run after run: bases, runs, report; returns ``out/report.md``."""
+    start = time.perf_counter()
+    bases = prepare(grid, out)
+    cells = [run_cell(grid, out, i) for i in range(len(grid_runs(grid)))]
+    return write_results(out, grid, bases, cells, command=command, seconds=time.perf_counter() - start)
+
+
+def run(args) -> int:
+    """``fdpg-scale reproduce [--quick] [--out DIR] [--count | --prepare | --cell I | --report]`` (arguments
+    parsed by ``fdpg_scale.apps.cli``)."""
+    grid = QUICK if args.quick else FULL
+    for config, _ in grid.cells:
+        if not config.is_file():
+            raise FileNotFoundError(f"reproduce: task config not found: {config} (run from the project root)")
+    command = "fdpg-scale " + shlex.join(args.argv)
+    if args.count:
+        print(len(grid_runs(grid)))
+    elif args.prepare:
+        prepare(grid, args.out)
+    elif args.cell is not None:
+        run_cell(grid, args.out, args.cell)
+    elif args.report:
+        bases = json.loads((args.out / "bases.json").read_text())
+        cells = _load_cells(grid, args.out)
+        print(f"report: {write_results(args.out, grid, bases, cells, command=command, seconds=None)}")
+    else:
+        print(f"report: {run_grid(grid, args.out, command=command)}")
+    return 0
