@@ -1,10 +1,34 @@
-"""Errors that mean "the user's input is wrong" and that the CLI reports in one line (no traceback).
+"""Errors that mean "the user's input is wrong" or "the run cannot go on", which the CLI reports in one line.
 
-Imports nothing: every layer may raise them, and the CLI catches them without loading torch.
+Imports nothing: every layer may raise them, and the CLI catches them without loading torch. Each carries
+``every_rank``: True when every rank of a multi-rank run raises the same error (a config value, a check done
+collectively), so the CLI prints it once (rank 0) instead of once per rank; False when only some ranks may
+see it (e.g. one rank's own checkpoint file), so each rank that raises it prints it with its rank.
 """
 
-__all__ = ["ConfigError"]
+__all__ = ["ConfigError", "CheckpointError", "NonFiniteError", "EXIT_BAD_INPUT", "EXIT_NONFINITE"]
+
+EXIT_BAD_INPUT = 2
+"""Exit status of a run refused or stopped by one of these errors (a crash exits 1)."""
+EXIT_NONFINITE = 3
+"""Exit status of a run stopped by the non-finite guard (``train.on_nonfinite``)."""
 
 
 class ConfigError(ValueError):
     """A config value is missing, unknown, of the wrong type or inconsistent; the message names the key."""
+
+    every_rank = True
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used (damaged, unsafe, or none intact); the message names the file."""
+
+    def __init__(self, message: str, *, every_rank: bool = False):
+        super().__init__(message)
+        self.every_rank = every_rank
+
+
+class NonFiniteError(RuntimeError):
+    """A step's loss, gradients or weights are not finite and the run stops (decided on all ranks together)."""
+
+    every_rank = True

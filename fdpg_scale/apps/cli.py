@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
-from fdpg_scale.errors import ConfigError
+from fdpg_scale.errors import EXIT_BAD_INPUT, EXIT_NONFINITE, CheckpointError, ConfigError, NonFiniteError
 
 __all__ = ["main"]
 
@@ -91,8 +92,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _launch_rank() -> int:
+    """This process's rank as the launcher set it (torchrun / deepspeed: RANK; srun: SLURM_PROCID), else 0.
+
+    Read from the environment because the error may come before (or instead of) the process group."""
+    for key in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
+
+
+def _report(err: Exception, prefix: str, status: int) -> int:
+    """Print ``err`` as one line on stderr and return ``status``. An error every rank raises alike is printed
+    by rank 0 only (once per run, not once per rank); one that only some ranks may see names its rank."""
+    text = " ".join(str(err).split())  # one line, whatever the message held
+    rank = _launch_rank()
+    if rank == 0:
+        print(f"fdpg-scale: {prefix}{text}", file=sys.stderr, flush=True)
+    elif not getattr(err, "every_rank", False):
+        print(f"fdpg-scale: [rank {rank}] {prefix}{text}", file=sys.stderr, flush=True)
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
-    from fdpg_scale.distributed.checkpoint import CheckpointMismatchError
     from fdpg_scale.apps.evaluate import ConstraintNeverSatisfied
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -102,12 +124,12 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return args.run(args)
     except ConfigError as err:
-        print(f"fdpg-scale: config error: {err}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, FileExistsError, CheckpointMismatchError, ConstraintNeverSatisfied) as err:
+        return _report(err, "config error: ", EXIT_BAD_INPUT)
+    except NonFiniteError as err:
+        return _report(err, "", EXIT_NONFINITE)
+    except (FileNotFoundError, FileExistsError, CheckpointError, ConstraintNeverSatisfied) as err:
         # Errors about the user's files or task: one line, no traceback.
-        print(f"fdpg-scale: {err}", file=sys.stderr)
-        return 2
+        return _report(err, "", EXIT_BAD_INPUT)
 
 
 if __name__ == "__main__":

@@ -33,9 +33,10 @@ from fdpg_scale.distributed.generation import SamplingSettings
 from fdpg_scale.kernels import fdiv_weights
 from fdpg_scale.core.metrics import importance_sampled_metrics
 from fdpg_scale.training.preemption import PreemptionSignal
+from fdpg_scale.training.preflight import preflight
 from fdpg_scale.training.prompts import load_prompts
 from fdpg_scale.training.rollout import collect_chunks
-from fdpg_scale.training.run_setup import deepspeed_config, prepare_model_dir, prepare_output_dir
+from fdpg_scale.training.run_setup import deepspeed_config, prepare_output_dir
 from fdpg_scale.training.run_log import RunLogger
 from fdpg_scale.training.target_fitting import fit_distributional_task
 from fdpg_scale.targets.tasks import build_task
@@ -53,7 +54,7 @@ def train(cfg: RunConfig) -> None:
     preemption = PreemptionSignal.install()
 
     prepare_output_dir(cfg.output_dir)
-    model_dir = prepare_model_dir(cfg.model, seed=cfg.seed)
+    model_dir = preflight(cfg, world_size=world)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
