@@ -32,6 +32,7 @@ from fdpg_scale.core.estimator import fdpg_loss
 from fdpg_scale.distributed.generation import SamplingSettings
 from fdpg_scale.kernels import fdiv_weights
 from fdpg_scale.core.metrics import importance_sampled_metrics
+from fdpg_scale.training.nonfinite import NonFiniteGuard
 from fdpg_scale.training.preemption import PreemptionSignal
 from fdpg_scale.training.preflight import preflight
 from fdpg_scale.training.prompts import load_prompts
@@ -101,6 +102,7 @@ def train(cfg: RunConfig) -> None:
                 + (f"resumed at step {state.step} from {latest}" if latest else "fresh start"))
     if task.moment is not None:
         log.message(fit_note)
+    guard = NonFiniteGuard(cfg.train, log.message)
 
     sampler = policy if proposal is None else proposal
     for step in range(state.step, cfg.train.steps):
@@ -109,18 +111,28 @@ def train(cfg: RunConfig) -> None:
                                 mode=cfg.sampling.generation_mode, run_seed=cfg.seed, step=step, rank=rank,
                                 world=world, accumulation=accumulation, micro_batch=cfg.train.micro_batch,
                                 timer=timer, prompts=prompts)
-        skipped = state.log_z.update(torch.cat([c.log_target - c.logq for c in chunks]),
-                                     torch.cat([c.context_ids for c in chunks])).all()
-        if skipped:  # no sample of the global batch has P(x) > 0: nothing to learn from, log Z unchanged
+        if guard.check_samples(chunks, step + 1):  # NaN/+inf scores: skipped, or the run stops (train.on_nonfinite)
+            state.step = step + 1
+            log.log(state.step, {"loss": None, "log_z": float(state.log_z.value.mean()), "skipped": 1,
+                                 **guard.metrics()})
+        # no sample of the global batch has P(x) > 0: nothing to learn from, log Z unchanged
+        elif state.log_z.update(torch.cat([c.log_target - c.logq for c in chunks]),
+                                torch.cat([c.context_ids for c in chunks])).all():
             state.step = step + 1
             log.message(f"step {state.step} skipped: 0/{cfg.train.global_batch} samples have P(x) > 0 (the target's "
                         f"constraint held on none of them); log Z unchanged")
             log.log(state.step, {"loss": 0.0, "log_z": float(state.log_z.value.mean()), "skipped": 1})
         else:
+            guard.before_update(policy)
             weighed = [_weigh_and_backward(policy, chunk, state, divergence, cfg.divergence.clip, timer)
                        for chunk in chunks]
             state.step = step + 1
-            log.log(state.step, _after_step(cfg, state, policy, proposal, chunks, weighed, timer))
+            if guard.check_update(policy, weighed, state.step):  # update dropped: no baseline/proposal change
+                log.log(state.step, {"loss": None, "log_z": float(state.log_z.value.mean()), "skipped": 1,
+                                     **guard.metrics()})
+            else:
+                log.log(state.step, {**_after_step(cfg, state, policy, proposal, chunks, weighed, timer),
+                                     **guard.metrics()})
 
         stop = preemption.requested()
         if stop or state.step == cfg.train.steps or state.step % cfg.train.save_every == 0:

@@ -9,6 +9,7 @@ uninterrupted one would have drawn.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch
 from fdpg_scale.distributed.engines import sequence_logprobs
 from fdpg_scale.distributed.generation import Rollout, SamplingSettings, sample
 from fdpg_scale.training.prompts import PromptSet
+from fdpg_scale.targets.energy import NonFiniteScoreError
 from fdpg_scale.targets.samples import Samples
 from fdpg_scale.training.timing import PhaseTimer
 
@@ -42,6 +44,8 @@ class ScoredChunk:
     """[B] Σ of the target's scorers' log-scores (−inf where a pointwise constraint fails)."""
     feature: torch.Tensor
     """[B] the task's alignment feature φ(x) (b(x) for a pointwise constraint, r(x) for a reward)."""
+    problem: str | None = None
+    """Why ``log_scores`` is NaN (a scorer gave NaN or +inf), for the non-finite guard's message; else None."""
 
     @property
     def context_ids(self) -> torch.Tensor:
@@ -95,6 +99,12 @@ def collect_chunks(*, sampler, base, task, tokenizer, settings: SamplingSettings
         samples = Samples(token_ids=generated, mask=gen_mask, texts=texts, context_ids=context_ids, contexts=contexts)
         with timer.phase("scoring"), torch.no_grad():
             logp_base = sequence_logprobs(base, rollout.input_ids, rollout.attention_mask, rollout.gen_mask).cpu()
-            chunks.append(ScoredChunk(rollout=rollout, samples=samples, logp_base=logp_base,
-                                      log_scores=task.target.log_scores(samples), feature=task.feature(samples)))
+            try:
+                log_scores, problem = task.target.log_scores(samples), None
+            except NonFiniteScoreError as err:
+                # Not raised here: only this rank saw it, and the step's fate is decided on all ranks together
+                # (training/nonfinite.py), which skips the step or stops the run with this message.
+                log_scores, problem = torch.full((micro_batch,), math.nan), str(err)
+            chunks.append(ScoredChunk(rollout=rollout, samples=samples, logp_base=logp_base, log_scores=log_scores,
+                                      feature=task.feature(samples), problem=problem))
     return chunks
