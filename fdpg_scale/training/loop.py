@@ -74,7 +74,7 @@ def train(cfg: RunConfig) -> None:
     state = TrainerState.fresh(cfg, num_contexts=1 if prompts is None else len(prompts))
     fingerprint = {"model": ckpt.model_config_hash(model_dir), "divergence": str(divergence),
                    "target": asdict(cfg.target), "on_policy": cfg.train.on_policy}
-    latest = ckpt.find_latest(cfg.output_dir)
+    latest = ckpt.find_intact(cfg.output_dir)
     if latest is not None:
         state.load_state_dict(ckpt.load_checkpoint(latest, policy=policy, proposal=proposal,
                                                    fingerprint=fingerprint))
