@@ -139,10 +139,18 @@ def find_intact(output_dir: str | os.PathLike) -> Path | None:
 def _verify(ckpt_dir: Path) -> str | None:
     """None if ``ckpt_dir`` is intact, else the first problem in a few words (collective)."""
     try:
-        files = json.loads((ckpt_dir / "meta.json").read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
+        meta = json.loads((ckpt_dir / "meta.json").read_text())
+        if not isinstance(meta, dict) or "step" not in meta:
+            raise ValueError("not a checkpoint's meta.json")
+    except (OSError, ValueError) as err:
         return f"meta.json unreadable ({type(err).__name__})"
-    return verify_files(ckpt_dir, files)
+    if "files" not in meta:
+        # Saved before checksums were recorded: nothing to verify against. Loaded (refusing it would strand
+        # every run made by an older version), and said so.
+        if is_rank0():
+            print(f"fdpg-scale: checkpoint {ckpt_dir} predates file checksums: loading it unverified", flush=True)
+        return None
+    return verify_files(ckpt_dir, meta["files"])
 
 
 def check_fingerprint(ckpt_dir: str | os.PathLike, fingerprint: Mapping[str, Any]) -> None:

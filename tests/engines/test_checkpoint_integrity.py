@@ -100,6 +100,18 @@ def test_no_intact_checkpoint_stops_with_one_line_listing_them(run, tmp_path):
     assert f"{STEP2}: trainer_state.pt has" in text and f"{STEP1}: rng/rank_00000.pt is missing" in text
 
 
+def test_a_checkpoint_from_before_checksums_is_loaded_unverified_and_said_so(run, tmp_path, capsys):
+    out = _copy(run, tmp_path)
+    meta_file = out / "checkpoints" / STEP2 / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["files"]  # what an older fdpg-scale wrote
+    meta_file.write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert find_intact(out) == out / "checkpoints" / STEP2
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert len(lines) == 1 and "predates file checksums" in lines[0], lines
+
+
 def test_leftovers_of_a_killed_rotation_are_removed(run, tmp_path):
     out = _copy(run, tmp_path)
     (out / "checkpoints" / "step_00000009").mkdir()  # killed rotation (older versions): no meta.json
