@@ -18,7 +18,6 @@ pytestmark = [pytest.mark.slow]
 def _colored_fraction(png: Path) -> float:
     """Fraction of pixels that are neither white nor grey/black: the plotted data, not the axes frame."""
     import matplotlib.image as mpimg
-    import numpy as np
 
     img = mpimg.imread(png)[..., :3]
     spread = img.max(-1) - img.min(-1)
@@ -71,7 +70,7 @@ def test_conditional_target_trains_per_context_and_evaluates(tmp_path):
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("def main():\n", "import os\n", "class A:\n")))
     out = tmp_path / "cond"
     run_train(tmp_path, out, "train.steps=2", f"target.prompts_file={prompts}")
-    state = __import__("torch").load(out / "checkpoints" / "step_00000002" / "trainer_state.pt", weights_only=False)
+    state = __import__("torch").load(out / "checkpoints" / "step_00000002" / "trainer_state.pt", weights_only=True)
     assert len(state["log_z"]["log_sum"]) == 3                          # one Z(c) per prompt
     proc = subprocess.run([sys.executable, "-m", "fdpg_scale.cli", "eval", str(out), "--samples", "24"], cwd=ROOT,
                           env=_env(), capture_output=True, text=True, timeout=300)

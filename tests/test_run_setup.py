@@ -41,16 +41,16 @@ def test_deepspeed_json_contradictions_are_named(tmp_path, patch, needle):
 def test_missing_or_non_causal_model_directory_is_named(tmp_path):
     cfg = load_config(SMOKE, [f"model.path={tmp_path / 'nope'}", "model.build="])
     with pytest.raises(ConfigError, match="is not a directory"):
-        prepare_model_dir(cfg.model, seed=0)
+        prepare_model_dir(cfg.model)
     (tmp_path / "empty").mkdir()
     cfg = load_config(SMOKE, [f"model.path={tmp_path / 'empty'}", "model.build="])
     with pytest.raises(ConfigError, match="no config.json"):
-        prepare_model_dir(cfg.model, seed=0)
+        prepare_model_dir(cfg.model)
     (tmp_path / "bert").mkdir()
     (tmp_path / "bert" / "config.json").write_text(json.dumps({"architectures": ["BertForMaskedLM"]}))
     cfg = load_config(SMOKE, [f"model.path={tmp_path / 'bert'}", "model.build="])
     with pytest.raises(ConfigError, match="not a causal LM"):
-        prepare_model_dir(cfg.model, seed=0)
+        prepare_model_dir(cfg.model)
 
 
 def test_cli_reports_config_errors_in_one_line():

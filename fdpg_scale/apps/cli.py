@@ -25,16 +25,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
 
-from fdpg_scale.errors import CheckpointMismatchError, ConfigError, ConstraintNeverSatisfied, ScorerError
+from fdpg_scale.errors import (EXIT_BAD_INPUT, EXIT_NONFINITE, CheckpointError, ConfigError, ConstraintNeverSatisfied,
+                               NonFiniteError, ScorerError)
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
-#: Exit status of a command whose input is wrong (argparse uses the same for a bad option).
-USAGE_ERROR = 2
 _EXAMPLES = """examples:
   fdpg-scale train --config configs/smoke.yaml train.steps=20 divergence.name=rkl
   torchrun --standalone --nproc_per_node 2 -m fdpg_scale.cli train --config configs/smoke.yaml
@@ -215,6 +215,29 @@ def _job(spec: str):
     return getattr(importlib.import_module(module), function)
 
 
+def _launch_rank() -> int:
+    """This process's rank as the launcher set it (torchrun / deepspeed: RANK; srun: SLURM_PROCID), else 0.
+
+    Read from the environment because the error may come before (or instead of) the process group."""
+    for key in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
+
+
+def _report(err: Exception, prefix: str, status: int) -> int:
+    """Print ``err`` as one line on stderr and return ``status``. An error every rank raises alike is printed
+    by rank 0 only (once per run, not once per rank); one that only some ranks may see names its rank."""
+    text = " ".join(str(err).split())  # one line, whatever the message held
+    rank = _launch_rank()
+    if rank == 0:
+        print(f"fdpg-scale: {prefix}{text}", file=sys.stderr, flush=True)
+    elif not getattr(err, "every_rank", False):
+        print(f"fdpg-scale: [rank {rank}] {prefix}{text}", file=sys.stderr, flush=True)
+    return status
+
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``), run the command, return its exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -223,13 +246,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _job(args.job)(args) or 0
     except ConfigError as err:
-        print(f"fdpg-scale: config error: {err}", file=sys.stderr)
-        return USAGE_ERROR
-    except (FileNotFoundError, FileExistsError, CheckpointMismatchError, ConstraintNeverSatisfied,
+        return _report(err, "config error: ", EXIT_BAD_INPUT)
+    except NonFiniteError as err:
+        return _report(err, "", EXIT_NONFINITE)
+    except (FileNotFoundError, FileExistsError, CheckpointError, ConstraintNeverSatisfied,
             ScorerError) as err:
         # Errors about the user's files or task: one line, no traceback.
-        print(f"fdpg-scale: {err}", file=sys.stderr)
-        return USAGE_ERROR
+        return _report(err, "", EXIT_BAD_INPUT)
 
 
 if __name__ == "__main__":

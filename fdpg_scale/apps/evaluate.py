@@ -146,6 +146,7 @@ def evaluate_run(output_dir: str | Path, *, n: int = 256, seed: int = 1234,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fdpg_scale.distributed.checkpoint import find_latest
+    from fdpg_scale.distributed.checkpoint_files import load_plain
     from fdpg_scale.distributed.export import export_checkpoint
 
     output_dir = Path(output_dir)
@@ -158,7 +159,7 @@ def evaluate_run(output_dir: str | Path, *, n: int = 256, seed: int = 1234,
         export_checkpoint(ckpt, hf_dir)
     task = build_task(cfg.target)  # on the CPU, like the models below
     if task.moment is not None:
-        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        state = load_plain(ckpt / "trainer_state.pt")  # tensors and plain containers only: no pickle runs
         task = task.with_lambdas(state["lambdas"])
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     policy_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()

@@ -43,6 +43,7 @@ Offloaded parts are listed as host memory per node.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -265,12 +266,27 @@ def format_plan(plan: MemoryPlan, arch: Architecture, *, nodes: int, gpus_per_no
     return "\n".join(lines)
 
 
+def _check_numbers(args) -> None:
+    """The numeric flags, checked before anything multiplies or divides by them: a bad GPU count would
+    otherwise be blamed on the batch size, and --nodes 0 would divide by zero."""
+    for flag, value, low in (("--nodes", args.nodes, 1), ("--gpus-per-node", args.gpus_per_node, 1),
+                             ("--prompt-tokens", args.prompt_tokens, 0)):
+        if value < low:
+            raise ConfigError(f"{flag} must be ≥ {low}, got {value}")
+    if args.gpu_memory_gib is not None and not 0 < args.gpu_memory_gib < math.inf:
+        raise ConfigError(f"--gpu-memory-gib must be a finite number > 0, got {args.gpu_memory_gib}")
+    if not 0 <= args.reserve_gib < math.inf:
+        raise ConfigError(f"--reserve-gib must be a finite number ≥ 0, got {args.reserve_gib}")
+
+
+
 def run(args) -> int:
     """``fdpg-scale plan --config FILE --nodes N --gpus-per-node G [--gpu NAME | --gpu-memory-gib X] [k=v ...]``
     (arguments parsed by ``fdpg_scale.apps.cli``): 0 when it fits or was not checked, 1 when it does not."""
     from fdpg_scale.training.run_setup import deepspeed_config
 
     try:
+        _check_numbers(args)
         cfg = load_config(args.config, args.overrides)
         arch = load_architecture(resolve_architecture_file(cfg, args.config, args.arch))
         world = args.nodes * args.gpus_per_node

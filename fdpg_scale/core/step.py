@@ -36,7 +36,7 @@ from fdpg_scale.core.divergences import Divergence
 from fdpg_scale.core.estimator import MovingAverageBaseline, PerContextLogZ, ProposalSchedule, fdpg_loss
 from fdpg_scale.kernels import fdiv_weights
 
-__all__ = ["Draws", "FDPGBackend", "FDPGState", "StepSettings", "StepResult", "fdpg_step"]
+__all__ = ["Draws", "FDPGBackend", "StepGuard", "FDPGState", "StepSettings", "StepResult", "fdpg_step", "no_estimate"]
 
 
 @dataclass
@@ -57,6 +57,8 @@ class Draws:
     """{name: [b]} per-sample bookkeeping gathered with the batch (e.g. generated token counts)."""
     payload: Any = None
     """What the backend needs to score this micro-batch again (token ids and masks, or sequence rows)."""
+    problem: str | None = None
+    """Why a score of this micro-batch is not finite (a scorer's message), for a ``StepGuard``; else None."""
 
 
 @runtime_checkable
@@ -97,6 +99,25 @@ class FDPGBackend(Protocol):
         ...
 
 
+@runtime_checkable
+class StepGuard(Protocol):
+    """Checks that keep non-finite values out of the state (the trainer's ``training/nonfinite.py``). Each check
+    is collective and answers identically on every rank, so all ranks take the same branch."""
+
+    def samples_ok(self, draws: list[Draws], step: int) -> bool:
+        """False: skip step ``step`` (1-based) before anything is applied (a NaN/+inf log q, log a or log P)."""
+        ...
+
+    def before_update(self) -> None:
+        """Called before the step's first backward."""
+        ...
+
+    def update_ok(self, logp_pi: torch.Tensor, weight: torch.Tensor, step: int) -> bool:
+        """After the optimizer step, on this rank's [n] log π and weights: False when the update was dropped
+        (non-finite loss or gradients); the baseline and the proposal are then left as they were."""
+        ...
+
+
 @dataclass(kw_only=True)
 class FDPGState:
     """What the estimator carries from step to step (each part has its own state_dict)."""
@@ -125,7 +146,7 @@ class StepSettings:
 class StepResult:
     """What one step did, for logging (every tensor is the *global* batch, identical on every rank)."""
 
-    batch: dict[str, torch.Tensor]
+    batch: dict[str, torch.Tensor] | None
     """[N] per sample: logp_pi, logp_sampling, logq, log_target, log_base, context_ids, weight, pseudo_reward,
     importance_ratio, log_z, plus ``feature/<name>`` and ``extra/<name>`` rows."""
     loss: float
@@ -133,14 +154,22 @@ class StepResult:
     baseline_used: float
     replaced: bool
     """True when q was replaced by π after this step."""
+    skipped: str | None = None
+    """Why the step was skipped by the guard ("samples": nothing applied; "update": the optimizer dropped the
+    update and the baseline and proposal were left alone); None for a normal step (then ``batch`` is set)."""
 
 
-def fdpg_step(backend: FDPGBackend, state: FDPGState, settings: StepSettings, step: int) -> StepResult:
+def fdpg_step(backend: FDPGBackend, state: FDPGState, settings: StepSettings, step: int,
+              guard: StepGuard | None = None) -> StepResult:
     """Run optimizer step ``step`` (0-based) of f-DPG on ``backend``; updates ``state`` in place.
 
-    Collective when the backend is distributed: every rank calls it, with the same state.
+    Collective when the backend is distributed: every rank calls it, with the same state. ``guard`` (optional)
+    may skip the step on non-finite samples or updates (``StepResult.skipped``).
     """
     draws = backend.sample(step)                                                      # 1. sample, score
+    if guard is not None and not guard.samples_ok(draws, step + 1):
+        return StepResult(batch=None, loss=math.nan, baseline_used=state.baseline.value, replaced=False,
+                          skipped="samples")
     state.log_z.update(torch.cat([d.log_target - d.logq for d in draws]),             # 2. log Z (all ranks)
                        torch.cat([d.context_ids for d in draws]))
     # t = ∞ for every sample of a context without an estimate (all its samples had P = 0), whatever Z is:
@@ -150,6 +179,8 @@ def fdpg_step(backend: FDPGBackend, state: FDPGState, settings: StepSettings, st
     baseline = state.baseline.value
 
     rows = []
+    if guard is not None:
+        guard.before_update()
     for d in draws:                                                                   # 3. weigh, backward
         logp_pi = backend.policy_logprobs(d)
         dev = logp_pi.device
@@ -165,6 +196,9 @@ def fdpg_step(backend: FDPGBackend, state: FDPGState, settings: StepSettings, st
                      **{f"feature/{k}": v for k, v in d.features.items()},
                      **{f"extra/{k}": v for k, v in d.extras.items()}})
     backend.optimizer_step()
+    if guard is not None and not guard.update_ok(torch.cat([r["logp_pi"] for r in rows]),
+                                                 torch.cat([r["weight"] for r in rows]), step + 1):
+        return StepResult(batch=None, loss=math.nan, baseline_used=baseline, replaced=False, skipped="update")
 
     local = {k: torch.cat([r[k].detach().cpu() for r in rows]) for k in rows[0]}
     batch = backend.gather_rows(local)                                                # the global batch

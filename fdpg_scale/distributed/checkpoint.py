@@ -8,8 +8,10 @@ Layout under ``<output_dir>/checkpoints/``::
         rng/rank_00000.pt        python, numpy, torch and accelerator RNG states of each rank
         hf/                      config + tokenizer files of the model (no weights), for export
         trainer_state.pt         the caller's dict (step, log Z, baseline, proposal version, λ, ...)
-        meta.json                step, world size, fingerprint (written last before the commit)
+        meta.json                step, world size, fingerprint, size + sha256 of every other file (written last)
     latest                       the name of the newest committed checkpoint
+    .damaged-step_00000015/      a checkpoint that failed verification on resume, kept for inspection
+    .universal-step_00000012/    its policy converted for another world size (reshard.py), until the next save
 
 Atomicity: everything is written into ``.tmp-step_...`` beside the final directory; after a barrier rank 0
 renames it into place (one rename: a directory named ``step_*`` is complete), then replaces ``latest``
@@ -19,6 +21,18 @@ nothing by scanning for the newest ``step_*`` directory.
 
 The fingerprint (e.g. model config hash, divergence name and α) is stored and compared on resume: resuming a
 run with another model or divergence is refused with a one-line error naming what differs.
+
+Integrity: ``meta.json`` also records the size and sha256 of every other file (checkpoint_files.py).
+``find_intact`` verifies checkpoints newest first before anything is loaded: a damaged one (truncated,
+missing or altered file) is reported in one line and set aside as ``.damaged-step_*``, and the run resumes
+from the newest intact one; if none is intact it stops with one line listing what it found. Rotation
+renames a directory to ``.old-step_*`` before deleting it, so a kill halfway never leaves a partial
+``step_*``; ``step_*`` directories without ``meta.json`` (left by older versions) are removed.
+
+Trust: the project's own files (proposal shards, RNG states, trainer state) hold tensors and plain
+containers and load with ``weights_only=True``; a planted pickle is refused. DeepSpeed's files under
+``policy/`` are read by DeepSpeed's loader, which unpickles: resume only from checkpoint directories you
+trust, as you would only run code you trust.
 """
 
 from __future__ import annotations
@@ -35,11 +49,14 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from fdpg_scale.distributed.checkpoint_files import hash_files, load_plain, verify_files
+from fdpg_scale.distributed.reshard import UNIVERSAL_PREFIX, load_policy_resharded, reshard_proposal_state
+from fdpg_scale.errors import CheckpointError
 from fdpg_scale.distributed.launch import barrier, get_rank, get_world_size, is_rank0
 from fdpg_scale.errors import CheckpointMismatchError  # defined with the other user errors; re-exported here
 
-__all__ = ["CheckpointMismatchError", "save_checkpoint", "load_checkpoint", "find_latest", "check_fingerprint",
-           "model_config_hash", "checkpoints_dir"]
+__all__ = ["CheckpointMismatchError", "CheckpointError", "save_checkpoint", "load_checkpoint", "find_latest",
+           "find_intact", "check_fingerprint", "model_config_hash", "checkpoints_dir"]
 
 _STEP_RE = re.compile(r"^step_(\d{8})$")
 _DS_TAG = "ds"
@@ -81,6 +98,55 @@ def find_latest(output_dir: str | os.PathLike) -> Path | None:
     return dirs[-1][1] if dirs else None
 
 
+def find_intact(output_dir: str | os.PathLike) -> Path | None:
+    """The newest checkpoint whose files pass their size and sha256 check, or None if the run has none.
+
+    Collective (every rank calls it; the hashing is shared out). Each damaged checkpoint newer than the one
+    returned is reported in one line on rank 0 and renamed to ``.damaged-step_*`` (kept for inspection, never
+    loaded or rotated). Raises CheckpointError (one line listing what was found) if checkpoints exist but none
+    is intact. Also removes ``step_*`` directories without ``meta.json``: leftovers of a killed rotation.
+    """
+    ckdir = checkpoints_dir(output_dir)
+    if is_rank0() and ckdir.is_dir():
+        for p in ckdir.iterdir():
+            if _STEP_RE.match(p.name) and p.is_dir() and not (p / "meta.json").exists():
+                shutil.rmtree(p, ignore_errors=True)
+    barrier()
+    found = []
+    for _, d in reversed(_step_dirs(ckdir)):
+        problem = _verify(d)
+        if problem is None:
+            return d
+        found.append(f"{d.name}: {problem}")
+        if is_rank0():
+            print(f"fdpg-scale: checkpoint {d} is damaged ({problem}); set aside as .damaged-{d.name}, trying the "
+                  f"previous one", flush=True)
+            shutil.rmtree(ckdir / f".damaged-{d.name}", ignore_errors=True)
+            os.rename(d, ckdir / f".damaged-{d.name}")
+        barrier()
+    if found:
+        raise CheckpointError(f"no intact checkpoint in {ckdir}: {'; '.join(found)} (move the directory away to "
+                              f"start afresh)", every_rank=True)
+    return None
+
+
+def _verify(ckpt_dir: Path) -> str | None:
+    """None if ``ckpt_dir`` is intact, else the first problem in a few words (collective)."""
+    try:
+        meta = json.loads((ckpt_dir / "meta.json").read_text())
+        if not isinstance(meta, dict) or "step" not in meta:
+            raise ValueError("not a checkpoint's meta.json")
+    except (OSError, ValueError) as err:
+        return f"meta.json unreadable ({type(err).__name__})"
+    if "files" not in meta:
+        # Saved before checksums were recorded: nothing to verify against. Loaded (refusing it would strand
+        # every run made by an older version), and said so.
+        if is_rank0():
+            print(f"fdpg-scale: checkpoint {ckpt_dir} predates file checksums: loading it unverified", flush=True)
+        return None
+    return verify_files(ckpt_dir, meta["files"])
+
+
 def check_fingerprint(ckpt_dir: str | os.PathLike, fingerprint: Mapping[str, Any]) -> None:
     """Raise CheckpointMismatchError (one line, naming each differing key) unless ``fingerprint`` matches."""
     stored = json.loads((Path(ckpt_dir) / "meta.json").read_text())["fingerprint"]
@@ -93,18 +159,26 @@ def check_fingerprint(ckpt_dir: str | os.PathLike, fingerprint: Mapping[str, Any
 
 
 def _rng_state() -> dict:
+    """This process's RNG states as tensors and plain containers (loadable with weights_only=True)."""
     from deepspeed.accelerator import get_accelerator
 
     accel = get_accelerator()
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "torch": torch.get_rng_state(),
             "accelerator": accel.get_rng_state() if accel.device_name() != "cpu" else None}
 
 
 def _set_rng_state(state: dict) -> None:
     from deepspeed.accelerator import get_accelerator
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if state["accelerator"] is not None:
         get_accelerator().set_rng_state(state["accelerator"])
@@ -174,9 +248,14 @@ def _commit(tmp: Path, final: Path, ckdir: Path) -> None:
 def _rotate(ckdir: Path, keep: int, current: Path) -> None:
     for _, p in _step_dirs(ckdir)[:-keep]:
         if p != current:
-            shutil.rmtree(p, ignore_errors=True)
+            # Renamed first (atomic): a kill during the deletion leaves a hidden .old-* (removed below by the
+            # next save), never a partial step_* that a resume could pick.
+            old = ckdir / f".old-{p.name}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(p, old)
+            shutil.rmtree(old, ignore_errors=True)
     for p in ckdir.iterdir():  # leftovers of saves killed halfway
-        if p.name.startswith((".tmp-", ".old-")):
+        if p.name.startswith((".tmp-", ".old-", UNIVERSAL_PREFIX)):
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -185,7 +264,8 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, policy, proposa
     """Write checkpoint ``step`` (collective: every rank calls it); returns its final directory.
 
     policy: the policy engine (DeepSpeed checkpoint with optimizer and LR scheduler). proposal: the separate
-    proposal engine, or None when q is π. trainer_state: picklable dict (tensors allowed), stored from rank 0.
+    proposal engine, or None when q is π. trainer_state: dict of tensors and plain
+    containers (read back with weights_only=True), stored from rank 0.
     fingerprint: JSON-able dict compared on resume (``check_fingerprint``). keep: newest checkpoints kept.
     """
     if keep < 1:
@@ -212,8 +292,11 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, policy, proposa
     if is_rank0():
         _copy_model_meta(policy.module.hf_model, tmp / "hf")
         torch.save(dict(trainer_state), tmp / "trainer_state.pt")
+    barrier()
+    files = hash_files(tmp)  # every file but meta.json, which records them (hashing shared out by rank)
+    if is_rank0():
         _write_json_atomic(tmp / "meta.json", {"step": step, "world_size": world, "has_proposal": proposal is not None,
-                                               "fingerprint": dict(fingerprint)})
+                                               "fingerprint": dict(fingerprint), "files": files})
         _commit(tmp, final, ckdir)
         _rotate(ckdir, keep, final)
     barrier()
@@ -224,25 +307,30 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, *, policy, proposal=None, finge
                     load_optimizer: bool = True) -> dict:
     """Restore engines, this rank's RNG states and return the trainer-state dict (collective).
 
-    ckpt_dir: a directory ``find_latest`` returned. Raises CheckpointMismatchError if the fingerprint or the
-    world size differs, or if a proposal is expected but was not saved (or the other way round).
+    ckpt_dir: a directory ``find_intact`` returned (its files verified), saved on any world size (reshard.py
+    re-partitions the policy, the proposal and maps the RNG states when it differs from this run's). Raises CheckpointMismatchError if the
+    fingerprint differs, or if a proposal is expected but was not saved (or the other way round);
+    CheckpointError if one of the project's own files holds anything but tensors and plain containers.
     """
     ckpt_dir = Path(ckpt_dir)
     meta = json.loads((ckpt_dir / "meta.json").read_text())
     check_fingerprint(ckpt_dir, fingerprint)
-    if meta["world_size"] != get_world_size():
-        raise CheckpointMismatchError(f"refusing to resume {ckpt_dir}: saved by {meta['world_size']} ranks, this "
-                                      f"run has {get_world_size()} (ZeRO-3 shards are per rank)")
     if meta["has_proposal"] != (proposal is not None):
         raise CheckpointMismatchError(f"{ckpt_dir}: has_proposal={meta['has_proposal']} there, "
                                       f"{proposal is not None} here (on-policy vs separate proposal)")
-    path, _ = policy.load_checkpoint(str(ckpt_dir / "policy"), tag=_DS_TAG, load_optimizer_states=load_optimizer,
-                                     load_lr_scheduler_states=load_optimizer)
-    if path is None:
-        raise FileNotFoundError(f"{ckpt_dir / 'policy'}: DeepSpeed found no checkpoint with tag {_DS_TAG!r}")
-    rank = get_rank()
-    if proposal is not None:
-        f = ckpt_dir / "proposal" / f"rank_{rank:05d}.pt"
-        _load_shard_state(proposal, torch.load(f, map_location="cpu", weights_only=True), f)
-    _set_rng_state(torch.load(ckpt_dir / "rng" / f"rank_{rank:05d}.pt", weights_only=False))
-    return torch.load(ckpt_dir / "trainer_state.pt", map_location="cpu", weights_only=False)
+    rank, saved_world = get_rank(), int(meta["world_size"])
+    if saved_world == get_world_size():
+        path, _ = policy.load_checkpoint(str(ckpt_dir / "policy"), tag=_DS_TAG, load_optimizer_states=load_optimizer,
+                                         load_lr_scheduler_states=load_optimizer)
+        if path is None:
+            raise FileNotFoundError(f"{ckpt_dir / 'policy'}: DeepSpeed found no checkpoint with tag {_DS_TAG!r}")
+        if proposal is not None:
+            f = ckpt_dir / "proposal" / f"rank_{rank:05d}.pt"
+            _load_shard_state(proposal, load_plain(f), f)
+    else:  # saved on another world size: re-partitioned (reshard.py)
+        load_policy_resharded(policy, ckpt_dir, _DS_TAG, load_optimizer=load_optimizer)
+        if proposal is not None:
+            saved = [load_plain(ckpt_dir / "proposal" / f"rank_{r:05d}.pt") for r in range(saved_world)]
+            _load_shard_state(proposal, reshard_proposal_state(saved, proposal), ckpt_dir / "proposal")
+    _set_rng_state(load_plain(ckpt_dir / "rng" / f"rank_{rank % saved_world:05d}.pt"))
+    return load_plain(ckpt_dir / "trainer_state.pt")

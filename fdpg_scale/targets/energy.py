@@ -44,10 +44,11 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from fdpg_scale.errors import NonFiniteScoreError  # re-exported: raised here for built-in scorers
 from fdpg_scale.targets.samples import Samples
 
-__all__ = ["Scorer", "BooleanScorer", "ExponentialScorer", "RewardScorer", "EnergyTarget", "LambdaFit",
-           "fit_lambdas"]
+__all__ = ["Scorer", "NonFiniteScoreError", "BooleanScorer", "ExponentialScorer", "RewardScorer", "EnergyTarget",
+           "LambdaFit", "fit_lambdas"]
 
 BatchFn = Callable[[Samples], object]
 """A function of the batch returning B values (a tensor, numpy array or list)."""
@@ -150,8 +151,8 @@ class ExponentialScorer:
             col = col.to(torch.float64)
             if not bool(torch.isfinite(col).all()):
                 i = _first_bad(~torch.isfinite(col))
-                raise ValueError(f"feature {fname!r} of ExponentialScorer {self.name!r} is {col[i].item()} at "
-                                 f"sample {i}; features must be finite")
+                raise NonFiniteScoreError(f"feature {fname!r} of ExponentialScorer {self.name!r} is {col[i].item()} "
+                                          f"at sample {i}; features must be finite")
             cols.append(col)
         return torch.stack(cols, dim=-1)
 
@@ -345,8 +346,8 @@ class EnergyTarget:
             bad = torch.isnan(out) | (out == math.inf)
             if bool(bad.any()):
                 i = _first_bad(bad)
-                raise ValueError(f"scorer {s.name!r} returned log-score {out[i].item()} at sample {i} "
-                                 f"(NaN and +inf are never valid; −inf means score 0)")
+                raise NonFiniteScoreError(f"scorer {s.name!r} returned log-score {out[i].item()} at sample {i} "
+                                          f"(NaN and +inf are never valid; −inf means score 0)")
             total = total + out.to(torch.float32)
         return total
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fdpg_scale.errors import ConfigError, ScorerError
+from fdpg_scale.errors import ConfigError, NonFiniteScoreError, ScorerError
 from fdpg_scale.targets.samples import Samples
 
 __all__ = ["import_function", "FunctionScorer", "checked_values", "is_function_spec"]
@@ -102,7 +102,7 @@ def checked_values(out, samples: Samples, label: str) -> torch.Tensor:
     if bool(bad.any()):
         i = int(torch.nonzero(bad).flatten()[0])
         text = "" if samples.texts is None else f" (text {samples.texts[i][:60]!r})"
-        raise ScorerError(f"scorer {label} returned {t[i].item()} for sample {i}{text}: scores must be finite "
+        raise NonFiniteScoreError(f"scorer {label} returned {t[i].item()} for sample {i}{text}: scores must be finite "
                           f"numbers (None, NaN and inf are not)")
     return t.to(torch.float32)
 

@@ -79,7 +79,7 @@ class ZeroBackend:
         return Draws(logq=chunk.logq, log_target=chunk.log_target, log_base=chunk.logp_base.sum(-1),
                      context_ids=chunk.context_ids, features=chunk.features,
                      extras={"tokens": chunk.rollout.gen_mask.sum(-1).float(),
-                             "logq_mismatch": chunk.logq_recorded - chunk.logq}, payload=chunk)
+                             "logq_mismatch": chunk.logq_recorded - chunk.logq}, payload=chunk, problem=chunk.problem)
 
     def policy_logprobs(self, draws: Draws) -> torch.Tensor:
         """[b] log π(x) summed over the generated tokens, with autograd (on the policy's device)."""

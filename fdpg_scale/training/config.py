@@ -32,11 +32,15 @@ class ModelConfig:
     build: str | None = None
     """If set and ``path`` does not exist yet, build that model there first: ``tiny-gpt2`` or ``tiny-llama``
     (a few-hundred-kB model and tokenizer made on the spot, for smoke runs and tests)."""
+    build_seed: int = 0
+    """Initialisation seed of the model ``build`` makes: its own seed, not the run's ``seed``, so that runs
+    with different seeds share one built model."""
     dtype: str = "fp32"
     """Parameter dtype of the engines: ``fp32`` or ``bf16`` (fp16 is not supported by DeepSpeed on CPU)."""
 
     def __post_init__(self):
         _choice("model.build", self.build, (None, "tiny-gpt2", "tiny-llama"))
+        _seed("model.build_seed", self.build_seed)
         _choice("model.dtype", self.dtype, ("fp32", "bf16"))
 
 
@@ -66,8 +70,8 @@ class DivergenceConfig:
             get_divergence(self.name, alpha=self.alpha)
         except ValueError as err:
             raise ConfigError(f"divergence.alpha: {err}") from None
-        if self.clip is not None and not self.clip > 0:
-            raise ConfigError(f"divergence.clip must be > 0 when set, got {self.clip}")
+        if self.clip is not None and not 0 < self.clip < math.inf:
+            raise ConfigError(f"divergence.clip must be a finite number > 0 when set, got {self.clip}")
         if self.outside_support_reward is not None and not math.isfinite(self.outside_support_reward):
             raise ConfigError(f"divergence.outside_support_reward must be a finite float or null, "
                               f"got {self.outside_support_reward}")
@@ -144,8 +148,13 @@ class TargetConfig:
         _choice("target.kind", self.kind, ("pointwise", "distributional", "reward"))
         if self.kind == "distributional" and self.moment is None:
             raise ConfigError("target.moment is required when target.kind is 'distributional'")
-        if not self.beta > 0:
-            raise ConfigError(f"target.beta must be > 0, got {self.beta}")
+        if not 0 < self.beta < math.inf:
+            raise ConfigError(f"target.beta must be a finite number > 0, got {self.beta}")
+        if self.moment is not None and not math.isfinite(self.moment):
+            raise ConfigError(f"target.moment must be a finite number, got {self.moment}")
+        if self.kind == "distributional" and self.prompts_file is not None:
+            raise ConfigError("target.prompts_file (a conditional target) with target.kind 'distributional' is not "
+                              "supported: λ is fitted for one unconditional target")
         if self.fit_samples < 1:
             raise ConfigError(f"target.fit_samples must be ≥ 1, got {self.fit_samples}")
         if self.scorers:
@@ -197,19 +206,35 @@ class TrainConfig:
     save_every: int = 5
     """Checkpoint every this many steps (and at the end, and on SIGUSR1/SIGTERM)."""
     keep_checkpoints: int = 2
+    on_nonfinite: str = "skip"
+    """What a step whose loss or gradients are not finite (NaN/inf) does, decided on all ranks together before
+    the optimizer step: ``skip`` (the update is dropped, counted in the ``nonfinite_skips`` metric and logged)
+    or ``stop`` (the run ends with one line). Weights that an update made non-finite always stop the run
+    before anything is saved: that update cannot be undone."""
+    max_consecutive_skips: int = 5
+    """With ``on_nonfinite: skip``, stop (one line) after this many non-finite steps in a row: a run that skips
+    every step learns nothing."""
 
     def __post_init__(self):
         for key in ("steps", "global_batch", "micro_batch", "save_every", "keep_checkpoints",
-                    "proposal_update_interval", "proposal_min_samples"):
+                    "proposal_update_interval", "proposal_min_samples", "max_consecutive_skips"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} must be ≥ 1, got {getattr(self, key)}")
         if self.warmup_steps < 0:
             raise ConfigError(f"train.warmup_steps must be ≥ 0, got {self.warmup_steps}")
-        if not self.lr > 0:
-            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if not 0 < self.lr < math.inf:
+            raise ConfigError(f"train.lr must be a finite number > 0, got {self.lr}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ConfigError(f"train.weight_decay must be a finite number ≥ 0, got {self.weight_decay}")
+        if not 0 <= self.grad_clip < math.inf:
+            raise ConfigError(f"train.grad_clip must be a finite number ≥ 0 (0 disables), got {self.grad_clip}")
         if not 0.0 <= self.baseline_momentum < 1.0:
             raise ConfigError(f"train.baseline_momentum must be in [0, 1), got {self.baseline_momentum}")
         _choice("train.lr_schedule", self.lr_schedule, ("constant", "cosine"))
+        if self.lr_schedule == "cosine" and self.warmup_steps >= self.steps:
+            raise ConfigError(f"train.warmup_steps={self.warmup_steps} must be < train.steps={self.steps} with "
+                              f"train.lr_schedule 'cosine' (the cosine runs over the steps after the warm-up)")
+        _choice("train.on_nonfinite", self.on_nonfinite, ("skip", "stop"))
         _choice("train.proposal_update_metric", self.proposal_update_metric, ("kl", "tv"))
 
     def accumulation_steps(self, world_size: int) -> int:
@@ -248,8 +273,8 @@ class SamplingConfig:
             raise ConfigError(f"sampling.batch must be ≥ 1 when set, got {self.batch}")
         if self.max_new_tokens < 1:
             raise ConfigError(f"sampling.max_new_tokens must be ≥ 1, got {self.max_new_tokens}")
-        if not self.temperature > 0:
-            raise ConfigError(f"sampling.temperature must be > 0, got {self.temperature}")
+        if not 0 < self.temperature < math.inf:
+            raise ConfigError(f"sampling.temperature must be a finite number > 0, got {self.temperature}")
         if self.top_k < 0:
             raise ConfigError(f"sampling.top_k must be ≥ 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
@@ -299,6 +324,9 @@ class RunConfig:
         if self.sampling.batch is not None and self.sampling.batch % self.train.micro_batch:
             raise ConfigError(f"sampling.batch={self.sampling.batch} must be a multiple of "
                               f"train.micro_batch={self.train.micro_batch}")
+        _seed("seed", self.seed)
+        if not self.output_dir.strip():
+            raise ConfigError("output_dir must not be empty")
 
     def sampling_batch(self, world_size: int) -> int:
         """Sequences per generate call on ``world_size`` ranks; raises ConfigError if it does not divide the
@@ -472,6 +500,12 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 def _choice(key: str, value: Any, options: tuple) -> None:
     if value not in options:
         raise ConfigError(f"config key {key!r} must be one of {', '.join(map(str, options))}; got {value!r}")
+
+
+def _seed(key: str, value: int) -> None:
+    # numpy's SeedSequence (per-chunk seeds) and torch.manual_seed take 0 ≤ seed < 2**63.
+    if not 0 <= value < 2 ** 63:
+        raise ConfigError(f"config key {key!r} must be in [0, 2**63), got {value}")
 
 
 def _deep_copy(raw: dict) -> dict:

@@ -25,11 +25,13 @@ from fdpg_scale.core.metrics import importance_sampled_metrics
 from fdpg_scale.core.step import StepResult, StepSettings, fdpg_step, no_estimate
 from fdpg_scale.distributed.engines import build_frozen, build_policy
 from fdpg_scale.distributed.generation import SamplingSettings
+from fdpg_scale.training.nonfinite import NonFiniteGuard
 from fdpg_scale.training.preemption import PreemptionSignal
+from fdpg_scale.training.preflight import preflight
 from fdpg_scale.training.prompts import load_prompts
 from fdpg_scale.training.backend import ZeroBackend
 from fdpg_scale.training.rollout import describe_logq_source, logq_mismatch_metrics
-from fdpg_scale.training.run_setup import deepspeed_config, prepare_model_dir, prepare_output_dir
+from fdpg_scale.training.run_setup import deepspeed_config, prepare_output_dir
 from fdpg_scale.training.run_log import RunLogger
 from fdpg_scale.training.alignment import alignment_columns, features_of
 from fdpg_scale.training.target_fitting import describe_fit, fit_distributional_task
@@ -47,7 +49,7 @@ def train(cfg: RunConfig) -> None:
     preemption = PreemptionSignal.install()
 
     prepare_output_dir(cfg.output_dir)
-    model_dir = prepare_model_dir(cfg.model, seed=cfg.seed)
+    model_dir = preflight(cfg, world_size=world)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -66,7 +68,7 @@ def train(cfg: RunConfig) -> None:
     state = TrainerState.fresh(cfg, num_contexts=1 if prompts is None else len(prompts))
     fingerprint = {"model": ckpt.model_config_hash(model_dir), "divergence": str(divergence),
                    "target": asdict(cfg.target), "on_policy": cfg.train.on_policy}
-    latest = ckpt.find_latest(cfg.output_dir)
+    latest = ckpt.find_intact(cfg.output_dir)
     if latest is not None:
         state.load_state_dict(ckpt.load_checkpoint(latest, policy=policy, proposal=proposal,
                                                    fingerprint=fingerprint))
@@ -98,6 +100,7 @@ def train(cfg: RunConfig) -> None:
                     f"(divergence.outside_support_reward: {divergence}'s f′ is +∞ there); their share is logged "
                     f"as outside_support_fraction")
     log.message(describe_logq_source(settings, cfg.sampling.rescore_logq))
+    guard = NonFiniteGuard(cfg.train, log.message, policy)
 
     backend = ZeroBackend(policy=policy, proposal=proposal, base=base, task=task, tokenizer=tokenizer,
                           settings=settings, mode=cfg.sampling.generation_mode, run_seed=cfg.seed, rank=rank,
@@ -106,9 +109,13 @@ def train(cfg: RunConfig) -> None:
     step_settings = StepSettings(divergence=divergence, clip=cfg.divergence.clip,
                                  outside_support_reward=cfg.divergence.outside_support_reward)
     for step in range(state.step, cfg.train.steps):
-        result = fdpg_step(backend, state, step_settings, step)
+        result = fdpg_step(backend, state, step_settings, step, guard)
         state.step = step + 1
-        log.log(state.step, _step_metrics(state, result, backend, lr=policy.get_lr()[0]))
+        if result.skipped:   # non-finite values (train.on_nonfinite: skip): nothing of this step reached the state
+            log.log(state.step, {"loss": None, "log_z": no_estimate(float(state.log_z.value.mean())), "skipped": 1,
+                                 **guard.metrics()})
+        else:
+            log.log(state.step, {**_step_metrics(state, result, backend, lr=policy.get_lr()[0]), **guard.metrics()})
 
         stop = preemption.requested()
         if stop or state.step == cfg.train.steps or state.step % cfg.train.save_every == 0:

@@ -24,6 +24,7 @@ recorded, and ``logq_mismatch_metrics`` reports recorded − rescored per sequen
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +34,7 @@ from fdpg_scale.distributed.engines import sequence_logprobs
 from fdpg_scale.distributed.generation import Rollout, SamplingSettings, sample_batches
 from fdpg_scale.models.tokens import padding_id
 from fdpg_scale.training.prompts import PromptSet
+from fdpg_scale.targets.energy import NonFiniteScoreError
 from fdpg_scale.targets.samples import Samples
 from fdpg_scale.training.timing import PhaseTimer
 
@@ -62,6 +64,8 @@ class ScoredChunk:
     pointwise constraint, r(x) for a reward, φ(x) for a feature): ``Task.features``."""
     logq_recorded: torch.Tensor
     """[B] log q(x) as generate recorded it; equals ``logq`` unless log q was rescored (module docstring)."""
+    problem: str | None = None
+    """Why ``log_scores`` is NaN (a scorer gave NaN or ±inf), for the non-finite guard's message; else None."""
 
     @property
     def context_ids(self) -> torch.Tensor:
@@ -173,9 +177,16 @@ def _score(rollout: Rollout, context_ids: torch.Tensor, contexts: list[str] | No
             rescored = sequence_logprobs(sampler, rollout.input_ids, rollout.attention_mask, rollout.gen_mask,
                                          temperature=temperature).float().cpu()
             rollout = dataclasses.replace(rollout, logprobs=rescored.masked_fill(~rollout.gen_mask, 0.0))
-        return ScoredChunk(rollout=rollout, samples=samples, logp_base=logp_base,
-                           log_scores=task.target.log_scores(samples), features=task.features(samples),
-                           logq_recorded=recorded)
+        try:
+            log_scores, features, problem = task.target.log_scores(samples), task.features(samples), None
+        except NonFiniteScoreError as err:
+            # Not raised here: only this rank saw it, and the step's fate is decided on all ranks together
+            # (training/nonfinite.py), which skips the step or stops the run with this message.
+            n = generated.shape[0]
+            log_scores, problem = torch.full((n,), math.nan), str(err)
+            features = {name: torch.full((n,), math.nan) for name in task.names}
+        return ScoredChunk(rollout=rollout, samples=samples, logp_base=logp_base, log_scores=log_scores,
+                           features=features, logq_recorded=recorded, problem=problem)
 
 
 def logq_mismatch_metrics(recorded_minus_used: torch.Tensor) -> dict[str, float]:

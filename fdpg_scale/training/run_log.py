@@ -61,8 +61,7 @@ class RunLogger:
                     self._tb.add_scalar(key, value, step)
         if self._bar is not None:
             self._bar.update(1)
-            self._bar.set_postfix(loss=f"{record.get('loss', float('nan')):.3g}",
-                                  kl_p_pi=f"{record.get('kl_p_pi', float('nan')):.3g}")
+            self._bar.set_postfix(loss=_short(record.get("loss")), kl_p_pi=_short(record.get("kl_p_pi")))
         if step % self.summary_every == 0:
             self.message(_summary_line(record))
 
@@ -105,6 +104,11 @@ def _summary_line(record: dict) -> str:
         if key in record and isinstance(record[key], (int, float)):
             parts.append(f"{key} {record[key]:.4g}")
     return " | ".join(parts)
+
+
+def _short(value) -> str:
+    """A metric for the progress bar: 3 significant digits, or "-" when the step has none (a skipped step)."""
+    return f"{value:.3g}" if isinstance(value, (int, float)) else "-"
 
 
 def _plain(value):

@@ -22,7 +22,7 @@ __all__ = ["prepare_model_dir", "deepspeed_config", "prepare_output_dir"]
 _TINY_ARCH = {"tiny-gpt2": "gpt2", "tiny-llama": "llama"}
 
 
-def prepare_model_dir(model: ModelConfig, *, seed: int) -> Path:
+def prepare_model_dir(model: ModelConfig) -> Path:
     """The local HF directory the engines load; built first (rank 0, others wait) when ``model.build`` asks.
 
     Collective when the process group is up: every rank calls it.
@@ -32,7 +32,7 @@ def prepare_model_dir(model: ModelConfig, *, seed: int) -> Path:
         if is_rank0():
             from fdpg_scale.models.tiny import build_tiny_model_dir
 
-            build_tiny_model_dir(path, arch=_TINY_ARCH[model.build], seed=seed)
+            build_tiny_model_dir(path, arch=_TINY_ARCH[model.build], seed=model.build_seed)
         barrier()
     if not path.is_dir():
         raise ConfigError(f"model.path {str(path)!r} is not a directory (a local Hugging Face model directory "

@@ -15,6 +15,7 @@ import math
 import torch
 
 from fdpg_scale.distributed.launch import all_gather_rows
+from fdpg_scale.errors import ConfigError
 from fdpg_scale.distributed.generation import SamplingSettings
 from fdpg_scale.training.rollout import FIT_STREAM, collect_chunks
 from fdpg_scale.targets.energy import LambdaFit, fit_lambdas
@@ -29,8 +30,9 @@ def fit_distributional_task(task: Task, *, sampler, base, tokenizer, settings: S
                             n_samples: int) -> tuple[Task, LambdaFit]:
     """The task with λ fitted so that E_p[φ] = ``task.moment`` (collective: every rank calls it).
 
-    n_samples is rounded up to whole micro-batches on every rank. Raises ValueError (unreachable moment)
-    or RuntimeError (collapsed effective sample size) with the measured figures in the message.
+    n_samples is rounded up to whole micro-batches on every rank. Raises ConfigError naming ``target.moment``
+    (one line, with the measured figures) when the fit fails: an unreachable moment or a collapsed effective
+    sample size is a property of the config's target on this model, not a bug.
     """
     per_rank = math.ceil(n_samples / (micro_batch * world))
     chunks = collect_chunks(sampler=sampler, base=base, task=task, tokenizer=tokenizer, settings=settings, mode=mode,
@@ -54,7 +56,11 @@ def fit_task(task: Task, phi: torch.Tensor, log_a: torch.Tensor, log_scores: tor
     phi = phi.to(torch.float64)
     # log c(x) = the target's other factors: the log-scores without the current λ·φ.
     log_c = log_scores.to(torch.float64) - phi @ task.exponential.lambdas
-    fit = fit_lambdas(phi, list(task.moments), log_a.to(torch.float64) + log_c, log_q)
+    try:
+        fit = fit_lambdas(phi, list(task.moments), log_a.to(torch.float64) + log_c, log_q)
+    except (ValueError, RuntimeError) as err:
+        raise ConfigError(f"target moment(s) {list(task.moments)} cannot be fitted on {phi.shape[0]} samples of the "
+                          f"initial proposal ({' '.join(str(err).split())})") from None
     return task.with_lambdas(fit.lambdas), fit
 
 

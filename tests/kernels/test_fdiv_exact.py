@@ -17,7 +17,6 @@ import torch
 
 from fdpg_scale.core.divergences import DIVERGENCE_NAMES, Divergence, get_divergence
 from fdpg_scale.kernels import fdiv_weights
-from tests.helpers import assert_close
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",
                                         "ignore:invalid value encountered:RuntimeWarning",

@@ -190,3 +190,15 @@ def test_chain_train_eval_export(cluster, tmp_path):
         assert wait_job(job) == "COMPLETED", (tmp_path / "train.out").read_text()[-3000:]
     assert (out / "eval.json").is_file() and (out / "hf" / "config.json").is_file()
     assert f"slurm-fdpg-step-{export}.out" in os.listdir(tmp_path)
+
+
+def test_an_error_after_start_is_one_line_under_torchrun(cluster, tmp_path):
+    """A target the λ fit cannot reach is found only after the engines start (2 nodes, torchrun): rank 0's
+    one line ends the log; torchrun's teardown and ChildFailedError report are left out."""
+    job, out = submit(tmp_path, "unreachable", [*SMOKE, f"output_dir={tmp_path / 'run'}", "target.kind=distributional",
+                                                "target.moment=1.5", "target.fit_samples=8"], ["--nodes=2"])
+    assert wait_job(job) == "FAILED"
+    text = out.read_text()
+    ours = [line for line in text.splitlines() if line.startswith("fdpg-scale: ")]
+    assert len(ours) == 1 and "target.moment=1.5" in ours[0], text[-3000:]
+    assert "ChildFailedError" not in text and "Traceback" not in text, text[-3000:]
