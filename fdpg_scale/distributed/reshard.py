@@ -27,7 +27,7 @@ from typing import Mapping
 
 import torch
 
-from fdpg_scale.distributed.launch import barrier, get_rank, get_world_size, is_rank0
+from fdpg_scale.distributed.launch import barrier, get_rank, is_rank0
 from fdpg_scale.errors import CheckpointError
 
 __all__ = ["universal_policy_dir", "load_policy_resharded", "reshard_proposal_state"]
