@@ -36,6 +36,7 @@ from fdpg_scale.training.preemption import PreemptionSignal
 from fdpg_scale.training.prompts import load_prompts
 from fdpg_scale.training.rollout import collect_chunks
 from fdpg_scale.training.run_setup import deepspeed_config, prepare_model_dir, prepare_output_dir
+from fdpg_scale.training.sampler import build_sampler, sync_sampler
 from fdpg_scale.training.run_log import RunLogger
 from fdpg_scale.training.target_fitting import fit_distributional_task
 from fdpg_scale.targets.tasks import build_task
@@ -101,9 +102,10 @@ def train(cfg: RunConfig) -> None:
     if task.moment is not None:
         log.message(fit_note)
 
-    sampler = policy if proposal is None else proposal
+    sampler = build_sampler(cfg, model_dir, policy=policy, proposal=proposal)
     for step in range(state.step, cfg.train.steps):
         timer = PhaseTimer()
+        sync_sampler(sampler, cfg, policy=policy, proposal=proposal, state=state, timer=timer)
         chunks = collect_chunks(sampler=sampler, base=base, task=task, tokenizer=tokenizer, settings=settings,
                                 mode=cfg.sampling.generation_mode, run_seed=cfg.seed, step=step, rank=rank,
                                 world=world, accumulation=accumulation, micro_batch=cfg.train.micro_batch,

@@ -16,6 +16,7 @@ import torch
 
 from fdpg_scale.distributed.engines import sequence_logprobs
 from fdpg_scale.distributed.generation import Rollout, SamplingSettings, sample
+from fdpg_scale.distributed.vllm_engine import VllmProposal
 from fdpg_scale.training.prompts import PromptSet
 from fdpg_scale.targets.samples import Samples
 from fdpg_scale.training.timing import PhaseTimer
@@ -69,7 +70,8 @@ def collect_chunks(*, sampler, base, task, tokenizer, settings: SamplingSettings
                    prompts: PromptSet | None = None, stream: int = TRAIN_STREAM) -> list[ScoredChunk]:
     """Sample and score this rank's ``accumulation`` chunks of step ``step`` (collective: all ranks call).
 
-    sampler: the engine q is drawn from (the proposal engine, or the policy on-policy); base: the frozen base
+    sampler: the engine q is drawn from (the proposal engine, or the policy on-policy, or a ``VllmProposal``
+    holding q's weights: training/sampler.py); base: the frozen base
     engine a; task: a ``fdpg_scale.targets.tasks.Task``; timer: receives the "generation" and "scoring" seconds.
     prompts: a conditional target's contexts (each row continues one drawn with the chunk's seed), or None
     for unconditional generation (from BOS; every sample is context 0).
@@ -85,9 +87,13 @@ def collect_chunks(*, sampler, base, task, tokenizer, settings: SamplingSettings
             chunk_prompts = [list(prompts.token_ids[c]) for c in context_ids.tolist()]
             contexts = [prompts.texts[c] for c in context_ids.tolist()]
         with timer.phase("generation"):
-            rollout = sample(sampler, chunk_prompts, settings, seed=seed,
-                             bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id,
-                             pad_id=tokenizer.pad_token_id, mode=mode)
+            if isinstance(sampler, VllmProposal):  # sampling.engine: vllm (mode is the hf path's)
+                rollout = sampler.sample(chunk_prompts, settings, seed=seed, bos_id=tokenizer.bos_token_id,
+                                         eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
+            else:
+                rollout = sample(sampler, chunk_prompts, settings, seed=seed,
+                                 bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id,
+                                 pad_id=tokenizer.pad_token_id, mode=mode)
         generated = rollout.input_ids[:, rollout.prompt_len:]
         gen_mask = rollout.gen_mask[:, rollout.prompt_len:]
         texts = tokenizer.batch_decode(generated.masked_fill(~gen_mask, tokenizer.pad_token_id),
