@@ -125,8 +125,8 @@ class VllmProposal:
         if current_platform.is_cpu():
             _check_cpu_head_size(model_dir)
 
-        kwargs = dict(model=str(model_dir), dtype=settings.dtype, enforce_eager=settings.enforce_eager,
-                      seed=seed, logprobs_mode="processed_logprobs", gpu_memory_utilization=settings.gpu_memory_utilization,
+        kwargs = dict(model=str(model_dir), dtype=settings.dtype, enforce_eager=settings.enforce_eager, seed=seed,
+                      logprobs_mode="processed_logprobs", gpu_memory_utilization=settings.gpu_memory_utilization,
                       # the model directory's generation_config.json must not change q's sampling defaults
                       generation_config="vllm",
                       worker_extension_cls=f"{WeightPushExtension.__module__}.{WeightPushExtension.__qualname__}")

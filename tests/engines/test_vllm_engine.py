@@ -46,6 +46,15 @@ def res(model, tmp_path_factory):
     return torch.load(root / "results.pt", weights_only=False)
 
 
+def test_head_size_without_cpu_kernel_is_refused_by_name(tmp_path):
+    """The embedded tiny GPT-2 (4 heads of 16) is refused before the engine's minute-long start."""
+    from fdpg_scale.distributed.vllm_engine import VllmEngineSettings, VllmProposal
+
+    model = build_tiny_model_dir(tmp_path / "gpt2", "gpt2")
+    with pytest.raises(ValueError, match="head size 16"):
+        VllmProposal(model, VllmEngineSettings(kv_cache_bytes=2**20))
+
+
 def _check_matches(draw, name):
     r = draw["rollout"]
     assert r.gen_mask.any(), f"{name}: nothing generated"
