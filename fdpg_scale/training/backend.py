@@ -8,6 +8,8 @@ ranks and steps the optimizer at the accumulation boundary, i.e. inside the step
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from fdpg_scale.core.collectives import LocalCollective, TorchDistCollective
@@ -15,6 +17,7 @@ from fdpg_scale.core.step import Draws
 from fdpg_scale.distributed.engines import copy_policy_into_proposal, sequence_logprobs, train_step
 from fdpg_scale.distributed.generation import SamplingSettings
 from fdpg_scale.distributed.launch import all_gather_rows
+from fdpg_scale.distributed.vllm_engine import VllmProposal
 from fdpg_scale.targets.tasks import Task
 from fdpg_scale.training.prompts import PromptSet
 from fdpg_scale.training.rollout import ScoredChunk, collect_chunks
@@ -38,13 +41,17 @@ class ZeroBackend:
         prompts: a conditional target's contexts, or None.
         sampling_batch: sequences per generate call (None: ``micro_batch``); rescore_logq: recompute log q with
             the sampler's fused forward (rollout.py).
+        vllm: a vLLM copy of q that samples instead of the ZeRO-3 engine (``sampling.engine: vllm``), kept
+            current by pushing q's weights whenever ``q_version()`` (training/sampler.py) has changed; the
+            ZeRO-3 engine that is q still rescores log q.
 
     ``timer`` holds the current step's seconds per phase (a fresh ``PhaseTimer`` at each ``sample``).
     """
 
     def __init__(self, *, policy, proposal, base, task: Task, tokenizer, settings: SamplingSettings, mode: str,
                  run_seed: int, rank: int, world: int, accumulation: int, micro_batch: int,
-                 prompts: PromptSet | None = None, sampling_batch: int | None = None, rescore_logq: bool = True):
+                 prompts: PromptSet | None = None, sampling_batch: int | None = None, rescore_logq: bool = True,
+                 vllm: VllmProposal | None = None, q_version: Callable[[], tuple[str, int]] | None = None):
         self.policy, self.proposal, self.base = policy, proposal, base
         self.task = task
         self.tokenizer = tokenizer
@@ -54,6 +61,9 @@ class ZeroBackend:
         self.accumulation, self.micro_batch = accumulation, micro_batch
         self.prompts = prompts
         self.sampling_batch, self.rescore_logq = sampling_batch, rescore_logq
+        if vllm is not None and q_version is None:
+            raise ValueError("a vLLM sampler needs q_version, to know when q's weights must be pushed")
+        self.vllm, self.q_version = vllm, q_version
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         self.collective = TorchDistCollective() if distributed else LocalCollective()
         self.timer = PhaseTimer()
@@ -61,13 +71,17 @@ class ZeroBackend:
 
     @property
     def sampler(self):
-        """The engine samples are drawn from: q, or π on-policy."""
+        """The ZeRO-3 engine that is q: the proposal, or π on-policy (it samples unless a vLLM copy does)."""
         return self.policy if self.proposal is None else self.proposal
 
     def sample(self, step: int) -> list[Draws]:
         """This rank's ``accumulation`` micro-batches of step ``step``, sampled and scored (collective)."""
         self.timer = PhaseTimer()
-        chunks = collect_chunks(sampler=self.sampler, base=self.base, task=self.task, tokenizer=self.tokenizer,
+        if self.vllm is not None and self.vllm.version != self.q_version():   # q changed: push it (collective)
+            with self.timer.phase("refresh"):
+                self.vllm.refresh_from(self.sampler, version=self.q_version())
+        chunks = collect_chunks(sampler=self.sampler if self.vllm is None else self.vllm, q_engine=self.sampler,
+                                base=self.base, task=self.task, tokenizer=self.tokenizer,
                                 settings=self.settings, mode=self.mode, run_seed=self.run_seed, step=step,
                                 rank=self.rank, world=self.world, accumulation=self.accumulation,
                                 micro_batch=self.micro_batch, timer=self.timer, prompts=self.prompts,

@@ -248,6 +248,30 @@ class TrainConfig:
 
 
 @dataclass(kw_only=True)
+class VllmConfig:
+    """The vLLM proposal engine (``sampling.engine: vllm``): one engine per rank, colocated with training."""
+    kv_cache_mib: int | None = 512
+    """KV-cache size of each engine in MiB (needed on CPU: vLLM would otherwise ask for 90% of RAM); null on
+    a GPU to size the cache from ``gpu_memory_utilization`` instead."""
+    gpu_memory_utilization: float = 0.3
+    """Fraction of the rank's GPU the engine may take (weights + KV cache) beside the ZeRO-3 engines, when
+    ``kv_cache_mib`` is null. Ignored on CPU."""
+    max_model_len: int | None = None
+    """Longest prompt + continuation the engine serves; null: the model's context length."""
+    enforce_eager: bool = True
+    """No CUDA graphs / torch.compile in the engine: starts fast (CPU); set false on GPUs for speed."""
+
+    def __post_init__(self):
+        if self.kv_cache_mib is not None and self.kv_cache_mib < 1:
+            raise ConfigError(f"sampling.vllm.kv_cache_mib must be ≥ 1 or null, got {self.kv_cache_mib}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError(f"sampling.vllm.gpu_memory_utilization must be in (0, 1], "
+                              f"got {self.gpu_memory_utilization}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ConfigError(f"sampling.vllm.max_model_len must be ≥ 2 or null, got {self.max_model_len}")
+
+
+@dataclass(kw_only=True)
 class SamplingConfig:
     max_new_tokens: int = 16
     temperature: float = 1.0
@@ -257,7 +281,7 @@ class SamplingConfig:
     """1.0 disables nucleus truncation."""
     generation_mode: str = "gathered"
     """``gathered``: gather the whole model once per rollout (fits one device); ``sharded``: keep ZeRO-3
-    shards and generate with ``synced_gpus``."""
+    shards and generate with ``synced_gpus``. Applies to ``engine: hf``."""
     batch: int | None = None
     """Sequences per ``generate`` call (None: ``train.micro_batch``). A rank samples its whole share of a step
     (global_batch / world sequences) in one rollout of share/batch calls, then scores and trains in
@@ -267,6 +291,11 @@ class SamplingConfig:
     """Rescore log q of the sampled tokens with the proposal's fused forward (the function log π comes from)
     instead of using what ``generate`` recorded; exact for temperature-only sampling. With top_k/top_p the
     recorded (truncated, renormalised) log q is kept, and the run log says so."""
+    engine: str = "hf"
+    """What samples q: ``hf`` (transformers generate on the ZeRO-3 proposal, as ``generation_mode`` says) or
+    ``vllm`` (a vLLM engine per rank holding a copy of q, refreshed when q changes; needs the ``vllm`` extra)."""
+    vllm: VllmConfig = field(default_factory=VllmConfig)
+    """Settings of the vLLM engine (used when ``engine`` is ``vllm``)."""
 
     def __post_init__(self):
         if self.batch is not None and self.batch < 1:
@@ -280,6 +309,7 @@ class SamplingConfig:
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
         _choice("sampling.generation_mode", self.generation_mode, ("gathered", "sharded"))
+        _choice("sampling.engine", self.engine, ("hf", "vllm"))
 
 
 @dataclass(kw_only=True)

@@ -32,6 +32,7 @@ from fdpg_scale.training.prompts import load_prompts
 from fdpg_scale.training.backend import ZeroBackend
 from fdpg_scale.training.rollout import describe_logq_source, logq_mismatch_metrics
 from fdpg_scale.training.run_setup import deepspeed_config, prepare_output_dir
+from fdpg_scale.training.sampler import build_vllm_sampler, q_version
 from fdpg_scale.training.run_log import RunLogger
 from fdpg_scale.training.alignment import alignment_columns, features_of
 from fdpg_scale.training.target_fitting import describe_fit, fit_distributional_task
@@ -105,7 +106,8 @@ def train(cfg: RunConfig) -> None:
     backend = ZeroBackend(policy=policy, proposal=proposal, base=base, task=task, tokenizer=tokenizer,
                           settings=settings, mode=cfg.sampling.generation_mode, run_seed=cfg.seed, rank=rank,
                           world=world, accumulation=accumulation, micro_batch=cfg.train.micro_batch, prompts=prompts,
-                          sampling_batch=cfg.sampling.batch, rescore_logq=cfg.sampling.rescore_logq)
+                          sampling_batch=cfg.sampling.batch, rescore_logq=cfg.sampling.rescore_logq,
+                          vllm=build_vllm_sampler(cfg, model_dir), q_version=lambda: q_version(cfg, state))
     step_settings = StepSettings(divergence=divergence, clip=cfg.divergence.clip,
                                  outside_support_reward=cfg.divergence.outside_support_reward)
     for step in range(state.step, cfg.train.steps):

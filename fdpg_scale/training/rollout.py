@@ -33,6 +33,7 @@ import torch
 from fdpg_scale.distributed.engines import sequence_logprobs
 from fdpg_scale.distributed.generation import Rollout, SamplingSettings, sample_batches
 from fdpg_scale.models.tokens import padding_id
+from fdpg_scale.distributed.vllm_engine import VllmProposal
 from fdpg_scale.training.prompts import PromptSet
 from fdpg_scale.targets.energy import NonFiniteScoreError
 from fdpg_scale.targets.samples import Samples
@@ -123,16 +124,18 @@ def sampling_layout(*, rank: int, world: int, accumulation: int, micro_batch: in
 def collect_chunks(*, sampler, base, task, tokenizer, settings: SamplingSettings, mode: str, run_seed: int,
                    step: int, rank: int, world: int, accumulation: int, micro_batch: int, timer: PhaseTimer,
                    prompts: PromptSet | None = None, stream: int = TRAIN_STREAM, sampling_batch: int | None = None,
-                   rescore_logq: bool = True) -> list[ScoredChunk]:
+                   rescore_logq: bool = True, q_engine=None) -> list[ScoredChunk]:
     """Sample and score this rank's share of step ``step``; -> ``accumulation`` ScoredChunks of ``micro_batch``
     sequences each (collective: all ranks call).
 
-    sampler: the engine q is drawn from (the proposal engine, or the policy on-policy); base: the frozen base
+    sampler: the engine q is drawn from (the proposal engine, or the policy on-policy, or a ``VllmProposal``
+    holding q's weights: training/sampler.py); base: the frozen base
     engine a; task: a ``fdpg_scale.targets.tasks.Task``; timer: receives the "generation" and "scoring" seconds.
     prompts: a conditional target's contexts (each row continues one drawn with the chunk's seed), or None
     for unconditional generation (from BOS; every sample is context 0). sampling_batch: sequences per
-    generate call (module docstring); rescore_logq: rescore log q with the sampler's fused forward where that
-    is exact (module docstring).
+    generate call (module docstring); rescore_logq: rescore log q with q's fused forward where that is exact
+    (module docstring); q_engine: the ZeRO-3 engine that is q, which rescores (None: ``sampler`` itself; give it
+    when ``sampler`` is a vLLM copy of q, whose numerics the logged mismatch then measures).
     """
     pad = padding_id(tokenizer)
     layout = sampling_layout(rank=rank, world=world, accumulation=accumulation, micro_batch=micro_batch,
@@ -149,8 +152,12 @@ def collect_chunks(*, sampler, base, task, tokenizer, settings: SamplingSettings
             contexts.append((context_ids, [prompts.texts[c] for c in context_ids.tolist()]))
             batches.append([list(prompts.token_ids[c]) for c in context_ids.tolist()])
     with timer.phase("generation"):
-        rollouts = sample_batches(sampler, batches, settings, seeds=seeds, bos_id=tokenizer.bos_token_id,
-                                  eos_id=tokenizer.eos_token_id, pad_id=pad, mode=mode)
+        if isinstance(sampler, VllmProposal):  # sampling.engine: vllm (``mode`` is the hf path's)
+            rollouts = [sampler.sample(b, settings, seed=s, bos_id=tokenizer.bos_token_id,
+                                       eos_id=tokenizer.eos_token_id, pad_id=pad) for b, s in zip(batches, seeds)]
+        else:
+            rollouts = sample_batches(sampler, batches, settings, seeds=seeds, bos_id=tokenizer.bos_token_id,
+                                      eos_id=tokenizer.eos_token_id, pad_id=pad, mode=mode)
     rescore = logq_source(settings, rescore_logq) == "rescored"
     chunks = []
     for big, (context_ids, texts_c) in zip(rollouts, contexts):
@@ -158,12 +165,13 @@ def collect_chunks(*, sampler, base, task, tokenizer, settings: SamplingSettings
             rollout = big.rows(start, start + micro_batch)
             rows = slice(start, start + micro_batch)
             chunks.append(_score(rollout, context_ids[rows], None if texts_c is None else texts_c[rows],
-                                 sampler=sampler, base=base, task=task, tokenizer=tokenizer, pad=pad,
+                                 q_engine=sampler if q_engine is None else q_engine, base=base, task=task,
+                                 tokenizer=tokenizer, pad=pad,
                                  temperature=settings.temperature if rescore else None, timer=timer))
     return chunks
 
 
-def _score(rollout: Rollout, context_ids: torch.Tensor, contexts: list[str] | None, *, sampler, base, task,
+def _score(rollout: Rollout, context_ids: torch.Tensor, contexts: list[str] | None, *, q_engine, base, task,
            tokenizer, pad: int, temperature: float | None, timer: PhaseTimer) -> ScoredChunk:
     """One micro-batch scored: base log a, the target, and (temperature not None) log q rescored at T."""
     generated = rollout.input_ids[:, rollout.prompt_len:]
@@ -174,7 +182,7 @@ def _score(rollout: Rollout, context_ids: torch.Tensor, contexts: list[str] | No
     with timer.phase("scoring"), torch.no_grad():
         logp_base = sequence_logprobs(base, rollout.input_ids, rollout.attention_mask, rollout.gen_mask).cpu()
         if temperature is not None:
-            rescored = sequence_logprobs(sampler, rollout.input_ids, rollout.attention_mask, rollout.gen_mask,
+            rescored = sequence_logprobs(q_engine, rollout.input_ids, rollout.attention_mask, rollout.gen_mask,
                                          temperature=temperature).float().cpu()
             rollout = dataclasses.replace(rollout, logprobs=rescored.masked_fill(~rollout.gen_mask, 0.0))
         try:
