@@ -38,7 +38,8 @@ curves in the report show whether the metrics have stopped moving, and the verdi
 have not (intervals stay wide).
 
 The quick mode (``--quick``): the small base, pointwise common and reward, kl/rkl/js/tv, seeds 0 and 1,
-30 steps evaluated at 2 checkpoints on 64 samples: 16 runs, for ≤ 10 min on 2 idle cores.
+30 steps evaluated at 2 checkpoints on 64 samples: 16 runs, meant for ≤ 10 min on 2 idle cores (not yet
+measured idle: on a shared machine at load 5–14 it took 44 min, 32 of them pretraining the small base).
 
 Verdict rules (``claim_verdicts``), on the final KL(p‖π) (lower = closer to the target p, the quantity
 f-DPG drives to 0 whatever the divergence), per (task, size) cell, with 95% t-intervals over seeds.
