@@ -54,7 +54,7 @@ def test_nan_scores_skip_the_step_and_every_checkpoint_is_finite(tmp_path):
     out = tmp_path / "run"
     proc = _run("nan-step-1", out, tmp_path / "model", *NAN_SCORER, "train.on_nonfinite=skip")
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "step 1 skipped: its samples are not finite (scorer 'nan_step_1' returned log-score nan" in proc.stdout
+    assert "step 1 skipped: its samples are not finite (scorer 'nan_step_1' returned nan for sample 0" in proc.stdout
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert rows[0]["skipped"] == 1 and rows[0]["loss"] is None and rows[0]["nonfinite_skips"] == 1

@@ -2,9 +2,9 @@
 
 argv: MODE then the CLI's train arguments. MODE:
   nan-step-1: registers a test-only reward scorer ``nan_step_1`` that returns NaN for every sample while step 1
-              is scored on one rank (its first 4 calls: 2 chunks × (log-score, feature)), and the count of "e"
-              afterwards;
-  nan-step-1-rank-1: the same scorer on 2 ranks, NaN only on rank 1 during step 1 (its first 2 calls: one
+              is scored on one rank (its first 2 calls: 2 micro-batches, each stopped at its first, NaN,
+              log-score), and the count of "e" afterwards;
+  nan-step-1-rank-1: the same scorer on 2 ranks, NaN only on rank 1 during step 1 (its first call: one
               chunk per rank); rank 0 sees finite scores, and both ranks must still skip the step together;
   lr-inf:     sets train.lr to inf after the config is loaded (the loader refuses inf, as it should; this is the
               way to reach the guard's check on weights an update made non-finite).
@@ -26,7 +26,7 @@ from fdpg_scale.training import config  # noqa: E402
 
 mode, argv = sys.argv[1], sys.argv[2:]
 calls = {"n": 0}
-nan_calls = {"nan-step-1": 4, "nan-step-1-rank-1": 2 if os.environ.get("RANK") == "1" else 0}.get(mode, 0)
+nan_calls = {"nan-step-1": 2, "nan-step-1-rank-1": 1 if os.environ.get("RANK") == "1" else 0}.get(mode, 0)
 
 
 def nan_step_1(samples):
