@@ -61,7 +61,7 @@ def files(tmp_path_factory):
     f["bad_index"] = variant("bad_index", lambda d: (
         (d / "model.safetensors").unlink(), (d / "model.safetensors.index.json").write_text("[1, 2]")))
     f["no_tokenizer"] = variant("no_tokenizer", lambda d: (d / "tokenizer.json").unlink())
-    f["no_pad"] = variant("no_pad", lambda d: json_edit(d / "tokenizer_config.json", pad_token=None))
+    f["no_pad"] = variant("no_pad", lambda d: json_edit(d / "tokenizer_config.json", pad_token=None, eos_token=None))
     f["small_vocab"] = variant("small_vocab", lambda d: json_edit(d / "config.json", vocab_size=100))
     f["bert"] = variant("bert", lambda d: json_edit(d / "config.json", architectures=["BertForMaskedLM"]))
     f["no_config"] = variant("no_config", lambda d: (d / "config.json").unlink())
@@ -178,7 +178,7 @@ TRAIN_ROWS = [
     ("model-missing-shard", ["model.path={missing_shard}", "model.build="], 1, "model-00002-of-00002"),
     ("model-bad-index", ["model.path={bad_index}", "model.build="], 1, "model.safetensors.index.json"),
     ("model-no-tokenizer", ["model.path={no_tokenizer}", "model.build="], 1, "no tokenizer files"),
-    ("tokenizer-no-pad", ["model.path={no_pad}", "model.build="], 1, "no pad token"),
+    ("tokenizer-no-pad-no-eos", ["model.path={no_pad}", "model.build="], 1, "neither a pad token nor an EOS"),
     ("tokenizer-too-big", ["model.path={small_vocab}", "model.build="], 1, "vocab_size=100"),
     ("build-over-other-seed", ["model.build_seed=1"], 1, "seed 1"),
     ("build-over-foreign-dir", ["model.path={no_weights}"], 1, "no_weights"),

@@ -59,8 +59,11 @@ def fit_task(task: Task, phi: torch.Tensor, log_a: torch.Tensor, log_scores: tor
     try:
         fit = fit_lambdas(phi, list(task.moments), log_a.to(torch.float64) + log_c, log_q)
     except (ValueError, RuntimeError) as err:
-        raise ConfigError(f"target moment(s) {list(task.moments)} cannot be fitted on {phi.shape[0]} samples of the "
-                          f"initial proposal ({' '.join(str(err).split())})") from None
+        keys = ", ".join(f"target.moment={m}" if c.name == "feature" or len(task.columns) == 1
+                         else f"target.scorers[{c.name}].moment={m}"
+                         for c, m in zip(task.feature_columns, task.moments))
+        raise ConfigError(f"{keys} cannot be fitted on {phi.shape[0]} samples of the initial proposal "
+                          f"({' '.join(str(err).split())})") from None
     return task.with_lambdas(fit.lambdas), fit
 
 

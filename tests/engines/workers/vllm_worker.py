@@ -20,7 +20,7 @@ from fdpg_scale.targets.tasks import build_task  # noqa: E402
 from fdpg_scale.training.config import TargetConfig  # noqa: E402
 from fdpg_scale.training.rollout import collect_chunks  # noqa: E402
 from fdpg_scale.training.timing import PhaseTimer  # noqa: E402
-from tests.engines.common import batch, ds_config, weighted_loss  # noqa: E402
+from tests.engines.common import batch, ds_config, gathered_state_dict, weighted_loss  # noqa: E402
 
 
 def main():
@@ -65,7 +65,7 @@ def main():
     res["refreshed_again"] = engine.sample(prompts, hot, seed=2, **ids)  # same seed, same weights: same draw
 
     # 2. The tied-head trap: a push without lm_head.weight (GPT-2's head IS wte) leaves vLLM's head stale.
-    full = engines.gathered_state_dict(proposal)  # HF names; the tied head listed once (transformer.wte.weight)
+    full = gathered_state_dict(proposal)  # HF names; the tied head listed once (transformer.wte.weight)
     res["named_params"] = sorted(n for n, _ in proposal.module.hf_model.named_parameters(remove_duplicate=False))
     scaled = {n: (t * 1.5 if n.endswith("wte.weight") else t) for n, t in full.items()}
     engine.load_weights(scaled.items(), version="no-head")
@@ -81,8 +81,8 @@ def main():
     # 4. Seeds: chunk c of a step is the same draw whatever the world size and the order the chunks are drawn in
     #    (1 rank: chunks 0,1,2,3 in a row; 2 ranks: rank 0 draws 0 then 2, rank 1 draws 1 then 3).
     task = build_task(TargetConfig(kind="pointwise", scorer="contains", scorer_args={"substring": "e"}), tok)
-    common = dict(sampler=engine, base=base, task=task, tokenizer=tok, settings=hot, mode="gathered", run_seed=7,
-                  step=5, micro_batch=micro, timer=PhaseTimer())
+    common = dict(sampler=engine, q_engine=proposal, base=base, task=task, tokenizer=tok, settings=hot,
+                  mode="gathered", run_seed=7, step=5, micro_batch=micro, timer=PhaseTimer())
     res["chunks_world1"] = [c.rollout for c in collect_chunks(**common, rank=0, world=1, accumulation=4)]
     res["chunks_world2"] = {rank: [c.rollout for c in collect_chunks(**common, rank=rank, world=2, accumulation=2)]
                             for rank in (1, 0)}
