@@ -1,6 +1,6 @@
 """Fused kernels for f-DPG's hot path, installed as ``fdpg_scale.kernels`` (see kernels/README.md).
 
-Public API (DESIGN.md §2): ``token_logprobs``, ``linear_token_logprobs``, ``fdiv_weights``.
+Public API (kernels/README.md): ``token_logprobs``, ``linear_token_logprobs``, ``fdiv_weights``.
 """
 
 from .fdiv_weights import FDivWeights, fdiv_weights

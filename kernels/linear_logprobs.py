@@ -32,7 +32,7 @@ backward (grid: token blocks × vocab blocks, one program per [BLOCK_N, BLOCK_V]
     level), and dh/dW live in fp32 buffers that are cast to the input dtype at the end.
 
 Precision: loads are cast to DOT_DTYPE (a constexpr chosen by the launcher) right away. In the interpreter
-DOT_DTYPE is always fp32 (its bf16 arithmetic and bf16 tl.dot are wrong, DESIGN.md §4). On a GPU it is the
+DOT_DTYPE is always fp32 (its bf16 arithmetic and bf16 tl.dot are wrong, kernels/README.md). On a GPU it is the
 input dtype for bf16/fp16 (tensor-core dot with fp32 accumulation) and fp32 with input_precision="ieee" for
 fp32 inputs (no silent TF32: log-probs feed importance ratios where 1e-3 errors summed over a sequence
 matter). Everything after the dot (lse, softmax, dz) is fp32.

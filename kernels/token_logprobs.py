@@ -11,7 +11,7 @@ Math (derivation in kernels/reference.py). Row r with logits z_r ∈ R^V, target
     backward  one pass per row:  dz_v = g·(1[v = t] − exp(s_v − lse)) / T   (g = upstream gradient)
 
 Everything is accumulated in fp32 (loads are cast to fp32 at once: the interpreter's bf16 arithmetic is
-wrong, DESIGN.md §4); the gradient is stored in the logits' dtype.
+wrong, kernels/README.md); the gradient is stored in the logits' dtype.
 """
 
 from __future__ import annotations

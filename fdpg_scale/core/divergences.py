@@ -1,6 +1,6 @@
 """f-divergences written in log space, as f-DPG needs them.
 
-Convention (DESIGN.md §1): ``D_f(π‖p) = E_p[f(t)]`` with ``t = π(x)/p(x)``, ``f`` convex and ``f(1) = 0``.
+Convention (docs/method.md §2): ``D_f(π‖p) = E_p[f(t)]`` with ``t = π(x)/p(x)``, ``f`` convex and ``f(1) = 0``.
 Textbook scaling throughout (not disco's 2× variants). The f-DPG gradient only ever needs ``f′(t)``
 (Theorem 1: ``∇D_f = E_π[f′(π/p) ∇log π]``), so a divergence here *is* its ``f′``; ``f`` is kept for
 exact evaluation on enumerable problems and for the importance-sampled metrics.

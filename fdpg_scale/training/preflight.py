@@ -93,7 +93,6 @@ def preflight(cfg: RunConfig, *, world_size: int) -> Path:
     from fdpg_scale.training.prompts import load_prompts
 
     accumulation = cfg.train.accumulation_steps(world_size)
-    cfg.sampling_batch(world_size)
     deepspeed_config(cfg, world_size=world_size, accumulation=accumulation)
     prepare_output_dir(cfg.output_dir)
     model_dir = prepare_model_dir(cfg.model)
