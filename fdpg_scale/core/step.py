@@ -187,7 +187,7 @@ def fdpg_step(backend: FDPGBackend, state: FDPGState, settings: StepSettings, st
         ctx_log_z = log_z.to(dev)[d.context_ids.to(dev)]
         w = fdiv_weights(logp_pi.detach(), d.logq.to(dev), d.log_target.to(dev), ctx_log_z,
                          settings.divergence, baseline=baseline, clip=settings.clip,
-                         **_outside_support(settings))
+                         outside_support_reward=settings.outside_support_reward)
         backend.backward(fdpg_loss(logp_pi, w.weight))
         rows.append({"logp_pi": logp_pi.detach(), "logq": d.logq, "log_target": d.log_target,
                      "log_base": d.log_base, "context_ids": d.context_ids, "log_z": ctx_log_z,
@@ -217,12 +217,6 @@ def fdpg_step(backend: FDPGBackend, state: FDPGState, settings: StepSettings, st
                 state.proposal_version += 1
     loss = float((batch["weight"].double() * batch["logp_pi"].double()).mean())
     return StepResult(batch=batch, loss=loss, baseline_used=baseline, replaced=replaced)
-
-
-def _outside_support(settings: StepSettings) -> dict:
-    """The ``fdiv_weights`` keyword for samples with P = 0, passed only when the run chose a value."""
-    return {} if settings.outside_support_reward is None else {
-        "outside_support_reward": settings.outside_support_reward}
 
 
 def no_estimate(value: float) -> float | None:
