@@ -1,23 +1,23 @@
-"""``fdpg-scale reproduce``: the verdict rules on synthetic numbers, the t-interval, the grids, and the quick
-mode's code path (``run_grid``) end to end on a tiny base with a tiny budget."""
+"""``fdpg-scale reproduce``: the verdict rules on synthetic numbers, the t-interval, the grids, grid files
+(``--grid``), and the quick mode's code path (``run_grid``) end to end on a tiny base with a tiny budget."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fdpg_scale.apps.reproduce import (DOES_NOT_HOLD, FULL, HOLDS, INCONCLUSIVE, METRICS, QUICK, SIZES, Grid,
-                                       _settling, claim_verdicts, grid_runs, run_grid, summarize,
+                                       _settling, claim_verdicts, grid_runs, load_grid, run_grid, summarize,
                                        t_interval)
 from fdpg_scale.apps.cli import main as cli_main
 from fdpg_scale.errors import ConfigError
 from fdpg_scale.models.base_config import PretrainConfig
-from fdpg_scale.models.corpus import stdlib_dir
+from tests.helpers import grid_yaml, tiny_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -121,25 +121,10 @@ def _parameters(cfg: PretrainConfig) -> int:
         return sum(p.numel() for p in GPT2LMHeadModel(config).parameters())
 
 
-# A base that pretrains in seconds on a few stdlib files (as tests/pretrain's), and runs of 2 steps of 8
-# sequences: the quick mode's code path at a fraction of its cost (4 training processes, 8 evaluations).
-TINY = PretrainConfig(steps=20, batch_size=8, block_size=64, vocab_size=512, n_layer=2, n_embd=32, n_head=4, lr=5e-3,
-                      warmup_steps=2, eval_blocks=16)
-FILES = ("argparse.py", "textwrap.py", "shlex.py", "glob.py", "fnmatch.py", "bisect.py", "heapq.py", "queue.py")
-
-
 @pytest.mark.slow
 def test_quick_code_path_writes_report_and_results(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for name in FILES:
-        shutil.copy(stdlib_dir() / name, corpus / name)
-    grid = Grid(name="test", sizes={"tiny": TINY}, cells=((Path("configs/reproduce/pointwise-common.yaml"), "tiny"),),
-                divergences=("kl", "js"), seeds=(0, 1), steps=2, eval_points=2, eval_samples=16,
-                base_root=tmp_path / "models", corpus=corpus, prompts=4,
-                overrides=("train.global_batch=8", "train.micro_batch=4", "train.proposal_min_samples=8",
-                           "sampling.max_new_tokens=8", "target.scorer_args.substring=e"))
+    grid = tiny_grid(tmp_path)   # 4 training processes, 8 evaluations
     out = tmp_path / "out"
     report = run_grid(grid, out, command="test")
     results = json.loads((out / "results.json").read_text())
@@ -171,3 +156,70 @@ def test_quick_code_path_writes_report_and_results(tmp_path, monkeypatch):
     # ... but a grid with other settings (a quick run's directory given to the full grid) is refused.
     with pytest.raises(ConfigError, match="was run with .*choose another --out"):
         run_grid(dataclasses.replace(grid, steps=4), out, command="test")
+
+
+# ------------------------------------------------------------------------------------------ grid files
+def test_grid_file_round_trips(tmp_path, monkeypatch):
+    """Every field written out (the miniature, the quick and the full grid) reads back to an equal Grid; a
+    minimal file takes Grid's defaults, and a null size is the default PretrainConfig (the middle size)."""
+    monkeypatch.chdir(ROOT)
+    for grid in (tiny_grid(tmp_path), QUICK, FULL):
+        path = tmp_path / f"{grid.name}.yaml"
+        path.write_text(grid_yaml(grid))
+        assert set(yaml.safe_load(path.read_text())) == {f.name for f in dataclasses.fields(Grid)}
+        assert load_grid(path) == grid
+    path = tmp_path / "minimal.yaml"
+    path.write_text("name: mine\n"
+                    "sizes: {tiny: {n_layer: 2, n_embd: 32, steps: 20}, middle: }\n"
+                    "cells:\n  - [configs/reproduce/reward.yaml, tiny]\n  - [configs/reproduce/reward.yaml, middle]\n"
+                    "divergences: [js]\n")
+    assert load_grid(path) == Grid(name="mine", sizes={"tiny": PretrainConfig(n_layer=2, n_embd=32, steps=20),
+                                                       "middle": PretrainConfig()},
+                                   cells=((Path("configs/reproduce/reward.yaml"), "tiny"),
+                                          (Path("configs/reproduce/reward.yaml"), "middle")), divergences=("js",))
+
+
+_DROP = object()
+_VALID = {"name": "bad", "sizes": {"tiny": {"n_layer": 2}}, "cells": [["configs/reproduce/reward.yaml", "tiny"]]}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"seed": [0]}, "unknown key 'seed' (valid: name, sizes, cells, divergences, seeds, "),
+    ({"name": _DROP}, "missing key 'name'"),
+    ({"sizes": {"tiny": {"n_layers": 2}}}, "unknown config key 'sizes.tiny.n_layers' (valid in sizes.tiny: "),
+    ({"sizes": {"tiny": {"lr": "fast"}}}, "config key 'sizes.tiny.lr' must be of type float, got 'fast'"),
+    ({"sizes": {"tiny": {"n_head": 3}}}, "sizes.tiny: n_head (3) must divide n_embd (128)"),
+    ({"steps": "2"}, "steps must be an integer, got '2' (str)"),
+    ({"seeds": [0, True]}, "seeds[1] must be an integer, got True (bool)"),
+    ({"divergences": "kl"}, "divergences must be a list, got 'kl' (str)"),
+    ({"cells": [["configs/reproduce/nope.yaml", "tiny"]]},
+     "cells[0]: task config not found: configs/reproduce/nope.yaml"),
+    ({"cells": [["configs/reproduce/reward.yaml"]]}, "cells[0] must be a [task config file, size name] pair"),
+    ({"cells": [["configs/reproduce/reward.yaml", "huge"]]}, "names an unknown size (known: tiny)"),
+    ({"overrides": ["train.global_batc=8"]}, "overrides: unknown config key 'train.global_batc'"),
+    ({"corpus": "no/such/dir"}, "corpus: not a directory: no/such/dir"),
+    ({"seeds": [0, 0]}, "seeds repeat an entry"),
+])
+def test_grid_file_errors_name_the_file_and_key(tmp_path, monkeypatch, change, message):
+    monkeypatch.chdir(ROOT)
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({k: v for k, v in (_VALID | change).items() if v is not _DROP}))
+    with pytest.raises(ConfigError) as err:
+        load_grid(path)
+    text = str(err.value)
+    assert text.startswith(f"{path}: ") and message in text and "\n" not in text, text
+
+
+def test_cli_grid_file_counts_its_runs_and_excludes_quick(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    path = tmp_path / "grid.yaml"
+    path.write_text(grid_yaml(dataclasses.replace(tiny_grid(tmp_path), seeds=(0, 1, 2))))
+    assert cli_main(["reproduce", "--grid", str(path), "--count"]) == 0
+    assert capsys.readouterr().out.strip() == "6"                    # 1 cell × kl, js × 3 seeds
+    path.write_text("name: bad\nsizes: {tiny: {}}\ncells: [[configs/reproduce/reward.yaml, tiny]]\nsead: [0]\n")
+    assert cli_main(["reproduce", "--grid", str(path), "--count"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"fdpg-scale: config error: {path}: unknown key 'sead'") and err.count("\n") == 1, err
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["reproduce", "--quick", "--grid", str(path), "--count"])
+    assert exit_.value.code == 2 and "not allowed with argument" in capsys.readouterr().err

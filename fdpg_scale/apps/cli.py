@@ -9,7 +9,7 @@
     fdpg-scale plan --config FILE --nodes N --gpus-per-node G   per-GPU memory plan
     fdpg-scale prompts                                 conditional-task prompts from the held-out stdlib corpus
     fdpg-scale toy [--divergences kl rkl ...]          f-DPG on an enumerable toy, exact divergences per step
-    fdpg-scale reproduce [--quick] [--out DIR]         the paper's claims: tasks × sizes × divergences × seeds
+    fdpg-scale reproduce [--quick | --grid F] [--out DIR]   the paper's claims: tasks × sizes × divergences × seeds
 
 Why the options live here and not beside each job: the jobs import torch, DeepSpeed and Triton (seconds to
 load), and ``--help`` of any command should answer at once. So this module, and everything it imports at
@@ -132,8 +132,13 @@ def _toy(p: argparse.ArgumentParser) -> None:
 
 
 def _reproduce(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true",
-                   help="the miniature: small base, two tasks, two seeds (about 10 min on 2 cores)")
+    grid = p.add_mutually_exclusive_group()
+    grid.add_argument("--quick", action="store_true",
+                      help="the miniature: small base, two tasks, two seeds (about 10 min on 2 cores)")
+    grid.add_argument("--grid", type=Path, metavar="FILE",
+                      help="your own grid: a YAML file of the Grid's fields (name, sizes, cells, divergences, "
+                           "seeds, steps, ...; see docs/reproduction.md); relative paths in it are relative to "
+                           "the current directory")
     p.add_argument("--out", type=Path, default=Path("runs/reproduce"), help="output directory (default runs/reproduce)")
     stage = p.add_mutually_exclusive_group()
     stage.add_argument("--count", action="store_true", help="print the number of runs in the grid and stop")
@@ -173,8 +178,9 @@ COMMANDS = {
             "fdpg_scale.apps.toy:run"),
     "reproduce": ("reproduce the f-DPG paper's claims: bases of 3 sizes, 5 tasks, 4 divergences, seeds, verdicts",
                   "Reproduce the paper's findings at small scale: pretrain the bases, train and evaluate every run "
-                  "of the grid, write report.md and results.json with a verdict per claim. Without a stage "
-                  "option everything runs in this process, one run after another.", _reproduce,
+                  "of the grid, write report.md and results.json with a verdict per claim. The grid: the full one, "
+                  "--quick's miniature, or your own (--grid FILE). Without a stage option everything runs in "
+                  "this process, one run after another.", _reproduce,
                   "fdpg_scale.apps.reproduce:run"),
 }
 

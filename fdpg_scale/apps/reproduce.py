@@ -38,6 +38,9 @@ The quick mode (``--quick``): the small base, pointwise common and reward, kl/rk
 30 steps evaluated at 2 checkpoints on 64 samples: 16 runs, meant for ≤ 10 min on 2 idle cores (not yet
 measured idle: on a shared machine at load 5–14 it took 44 min, 32 of them pretraining the small base).
 
+Other grids (``--grid FILE``): a YAML file of ``Grid``'s fields, read by ``load_grid`` (other tasks, sizes,
+seeds, budgets); the SLURM test runs a miniature of the array this way.
+
 Verdict rules (``claim_verdicts``), on the final KL(p‖π) (lower = closer to the target p, the quantity
 f-DPG drives to 0 whatever the divergence), per (task, size) cell, with 95% t-intervals over seeds.
 "A beats B clearly" means A's interval lies wholly below B's (they do not overlap).
@@ -57,6 +60,7 @@ f-DPG drives to 0 whatever the divergence), per (task, size) cell, with 95% t-in
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shlex
@@ -64,10 +68,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from fdpg_scale.errors import ConfigError
 from fdpg_scale.models.base_config import DEFAULT_OUT, PretrainConfig
+from fdpg_scale.training.config import apply_overrides, build_section
 
-__all__ = ["Grid", "Run", "QUICK", "FULL", "SIZES", "grid_runs", "prepare", "run_cell", "t_interval",
+__all__ = ["Grid", "Run", "QUICK", "FULL", "SIZES", "load_grid", "grid_runs", "prepare", "run_cell", "t_interval",
            "summarize", "claim_verdicts", "write_results", "run_grid", "run"]
 
 TASKS = Path("configs/reproduce")
@@ -126,6 +133,14 @@ class Grid:
                                  f"(known: {', '.join(self.sizes)})")
         if not 1 <= self.eval_points <= self.steps or self.steps % self.eval_points:
             raise ValueError(f"grid {self.name!r}: eval_points ({self.eval_points}) must divide steps ({self.steps})")
+        if self.eval_samples < 1 or self.prompts < 1:
+            raise ValueError(f"grid {self.name!r}: eval_samples ({self.eval_samples}) and prompts ({self.prompts}) "
+                             f"must be >= 1")
+        # A repeated divergence, seed or (task, size) would send two runs to one directory.
+        for key, items in (("divergences", self.divergences), ("seeds", self.seeds),
+                           ("cells", [(c.stem, s) for c, s in self.cells])):
+            if len(set(items)) < len(items):
+                raise ValueError(f"grid {self.name!r}: {key} repeat an entry ({list(items)})")
 
     def base_dir(self, size: str) -> Path:
         """The cached base of ``size`` (the middle size shares the demo's directory)."""
@@ -144,6 +159,119 @@ FULL = Grid(name="full", sizes=SIZES,
 QUICK = Grid(name="quick", sizes={"small": SIZES["small"]},
              cells=((_task("pointwise-common"), "small"), (_task("reward"), "small")),
              seeds=(0, 1), steps=30, eval_points=2, eval_samples=64)
+
+
+# ----------------------------------------------------------------------------------------- grid files
+_KINDS = {str: "a string", int: "an integer", list: "a list", dict: "a mapping"}
+
+
+def _typed(value, kind: type, key: str):
+    """``value`` when it is a ``kind`` (a bool is no integer here), else a ConfigError naming ``key``."""
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{key} must be {_KINDS[kind]}, got {value!r} ({type(value).__name__})")
+
+
+def _items(value, kind: type, key: str) -> tuple:
+    """A YAML list whose every item is a ``kind``, as a tuple."""
+    return tuple(_typed(v, kind, f"{key}[{i}]") for i, v in enumerate(_typed(value, list, key)))
+
+
+def _sizes(value, key: str) -> dict[str, PretrainConfig]:
+    """{size name: PretrainConfig fields} (an empty or null entry: every default, the middle size)."""
+    sizes = {}
+    for name, fields in _typed(value, dict, key).items():
+        _typed(name, str, f"{key}: the size name {name!r}")
+        sizes[name] = build_section(PretrainConfig, {} if fields is None else fields, f"{key}.{name}.")
+    return sizes
+
+
+def _cells(value, key: str) -> tuple[tuple[Path, str], ...]:
+    """[[task config file, size name], ...], each task config an existing file."""
+    cells = []
+    for i, cell in enumerate(_typed(value, list, key)):
+        where = f"{key}[{i}]"
+        if not isinstance(cell, list) or len(cell) != 2:
+            raise ConfigError(f"{where} must be a [task config file, size name] pair, got {cell!r}")
+        config = Path(_typed(cell[0], str, f"{where}[0]"))
+        if not config.is_file():
+            raise ConfigError(f"{where}: task config not found: {config} (relative to the current directory, "
+                              f"{Path.cwd()})")
+        cells.append((config, _typed(cell[1], str, f"{where}[1]")))
+    return tuple(cells)
+
+
+def _overrides(value, key: str) -> tuple[str, ...]:
+    """``key=value`` strings whose keys exist in the run config; their values are checked when each run reads
+    its task config, but a misspelt key is caught here, before a SLURM array is submitted."""
+    overrides = _items(value, str, key)
+    try:
+        apply_overrides({}, overrides)
+    except ConfigError as err:
+        raise ConfigError(f"{key}: {err}") from None
+    return overrides
+
+
+def _corpus(value, key: str) -> Path | None:
+    """The corpus directory, or None (null) for this Python's standard library."""
+    if value is None:
+        return None
+    corpus = Path(_typed(value, str, key))
+    if not corpus.is_dir():
+        raise ConfigError(f"{key}: not a directory: {corpus}")
+    return corpus
+
+
+#: Grid field -> its reader from the YAML value (and the key, for the error message).
+_GRID_KEYS = {
+    "name": lambda v, k: _typed(v, str, k),
+    "sizes": _sizes,
+    "cells": _cells,
+    "divergences": lambda v, k: _items(v, str, k),
+    "seeds": lambda v, k: _items(v, int, k),
+    "steps": lambda v, k: _typed(v, int, k),
+    "eval_points": lambda v, k: _typed(v, int, k),
+    "eval_samples": lambda v, k: _typed(v, int, k),
+    "overrides": _overrides,
+    "base_root": lambda v, k: Path(_typed(v, str, k)),
+    "corpus": _corpus,
+    "prompts": lambda v, k: _typed(v, int, k),
+}
+
+
+def load_grid(path: str | Path) -> Grid:
+    """The grid of a YAML file (``fdpg-scale reproduce --grid FILE``): a mapping of ``Grid``'s fields, e.g.
+
+        name: mine
+        sizes: {tiny: {n_layer: 2, n_embd: 32, steps: 20}}      # size name: PretrainConfig fields
+        cells: [[configs/reproduce/reward.yaml, tiny]]            # [task config, size name]
+        divergences: [kl, js]
+        seeds: [0, 1]
+
+    name, sizes and cells are required; the other keys default as in ``Grid``. Relative paths (task
+    configs, base_root, corpus) are relative to the current directory, the project root, as the task
+    configs' own paths are. Raises a one-line ConfigError naming the file and the key for an unknown key or
+    PretrainConfig field, a wrong type, a missing task config file or an inconsistent grid."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"grid file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must be a mapping of the grid's keys, got {type(raw).__name__}")
+    fields = dataclasses.fields(Grid)
+    try:
+        unknown = [k for k in raw if k not in _GRID_KEYS]
+        if unknown:
+            raise ConfigError(f"unknown key {unknown[0]!r} (valid: {', '.join(_GRID_KEYS)})")
+        missing = [f.name for f in fields if f.default is dataclasses.MISSING and f.name not in raw]
+        if missing:
+            raise ConfigError(f"missing key {missing[0]!r}")
+        return Grid(**{k: _GRID_KEYS[k](v, k) for k, v in raw.items()})
+    except ValueError as err:   # ConfigError is one; Grid's own checks raise ValueError
+        raise ConfigError(f"{path}: {err}") from None
 
 
 @dataclass(frozen=True)
@@ -523,13 +651,21 @@ def run_grid(grid: Grid, out: Path, *, command: str) -> Path:
     return write_results(out, grid, bases, cells, command=command, seconds=time.perf_counter() - start)
 
 
-def run(args) -> int:
-    """``fdpg-scale reproduce [--quick] [--out DIR] [--count | --prepare | --cell I | --report]`` (arguments
-    parsed by ``fdpg_scale.apps.cli``)."""
+def _chosen_grid(args) -> Grid:
+    """The grid of ``--grid FILE``, else of ``--quick``, else the full one (its task configs checked)."""
+    if args.grid is not None:
+        return load_grid(args.grid)   # checks its own task configs
     grid = QUICK if args.quick else FULL
     for config, _ in grid.cells:
         if not config.is_file():
             raise FileNotFoundError(f"reproduce: task config not found: {config} (run from the project root)")
+    return grid
+
+
+def run(args) -> int:
+    """``fdpg-scale reproduce [--quick | --grid FILE] [--out DIR] [--count | --prepare | --cell I | --report]``
+    (arguments parsed by ``fdpg_scale.apps.cli``)."""
+    grid = _chosen_grid(args)
     command = "fdpg-scale " + shlex.join(args.argv)
     if args.count:
         print(len(grid_runs(grid)))

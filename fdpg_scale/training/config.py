@@ -22,7 +22,7 @@ import yaml
 from fdpg_scale.errors import ConfigError
 
 __all__ = ["ConfigError", "RunConfig", "ScorerConfig", "TargetConfig", "load_config", "apply_overrides",
-           "config_to_dict"]
+           "config_to_dict", "build_section"]
 
 
 @dataclass(kw_only=True)
@@ -386,7 +386,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
     raw = apply_overrides(raw, overrides)
-    return _build(RunConfig, raw, prefix="")
+    return build_section(RunConfig, raw, prefix="")
 
 
 def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
@@ -435,7 +435,10 @@ def _check_path(cls: type, parts: list[str], key: str) -> None:
             raise ConfigError(f"unknown config key {key!r}: {'.'.join(parts[:i + 1])} is not a section")
 
 
-def _build(cls: type, raw: Any, prefix: str):
+def build_section(cls: type, raw: Any, prefix: str):
+    """The config dataclass ``cls`` from a plain mapping, checked as a section of a config file is: unknown
+    keys, missing required keys, wrong types and ``__post_init__``'s checks are ConfigErrors naming the key
+    with ``prefix`` (e.g. ``"train."``). Also used for other files' typed sections (a reproduce grid's sizes)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
@@ -459,7 +462,7 @@ def _build(cls: type, raw: Any, prefix: str):
             raw_value = raw[name]
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, {} if raw_value is None else raw_value, key + ".")
+            kwargs[name] = build_section(hint, {} if raw_value is None else raw_value, key + ".")
         else:
             kwargs[name] = _coerce(raw_value, hint, key)
     try:
@@ -500,7 +503,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise ConfigError(f"config key {key!r} must be a list, got {value!r}")
         (item,) = typing.get_args(hint)
         if dataclasses.is_dataclass(item):
-            return [_build(item, v, f"{key}[{i}].") for i, v in enumerate(value)]
+            return [build_section(item, v, f"{key}[{i}].") for i, v in enumerate(value)]
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if hint is bool:
         if isinstance(value, bool):

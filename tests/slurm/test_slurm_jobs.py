@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from fdpg_scale.apps.reproduce import grid_runs
+from tests.helpers import grid_yaml, tiny_grid
+
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 SMOKE = ["configs/smoke.yaml", "train.steps=4", "logging.progress_bar=false", "logging.tensorboard=false"]
@@ -177,6 +180,32 @@ def test_sweep_array(cluster, tmp_path):
     for div in ("js", "rkl"):
         assert [m["step"] for m in metrics(tmp_path / f"smoke-{div}")] == [1, 2]
         assert f"divergence:\n  name: {div}" in (tmp_path / f"smoke-{div}" / "config.yaml").read_text()
+
+
+def test_reproduce_array_of_a_grid_file(cluster, tmp_path):
+    """slurm/reproduce.sh with a --grid file, as a user runs it: prepare (the tiny base, the prompts), the
+    array (one run per task: kl and js, one node each when both are free) and the report."""
+    grid = tiny_grid(tmp_path, seeds=(0,))
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(grid_yaml(grid))
+    out = tmp_path / "out"
+    prepare, array, report = _script(["slurm/reproduce.sh", f"--output={tmp_path}/%x-%j.out", "--", str(out),
+                                      "--grid", str(grid_file)])
+
+    def logs():
+        return "\n".join(f"== {p.name}\n{p.read_text()[-2000:]}" for p in sorted(tmp_path.glob("*.out")))
+
+    runs = len(grid_runs(grid))
+    assert wait_job(prepare, 300) == "COMPLETED", logs()
+    for task in range(runs):
+        assert wait_job(f"{array}_{task}", 300) == "COMPLETED", logs()
+    assert wait_job(report, 120) == "COMPLETED", logs()
+    results = json.loads((out / "results.json").read_text())
+    assert sorted(c["index"] for c in results["runs"]) == list(range(runs)) == [0, 1]
+    for cell in results["runs"]:
+        assert [p["samples"] for p in cell["curve"]] == [0, 8, 16]    # the base, then each checkpoint
+    text = (out / "report.md").read_text()
+    assert "## Verdicts" in text and "**Claim 1: " in text and "(test grid)" in text
 
 
 def test_chain_train_eval_export(cluster, tmp_path):
