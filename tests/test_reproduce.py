@@ -96,7 +96,9 @@ def test_cli_counts_runs_and_rejects_a_run_outside_the_grid(capsys, monkeypatch)
 
 def test_grids_meet_the_issue():
     params = {s: _parameters(c) for s, c in SIZES.items()}
-    assert params["large"] / params["small"] >= 10                      # sizes span ≥ 10× in parameters
+    sizes = list(SIZES)                                                  # smallest first
+    assert all(params[a] < params[b] for a, b in zip(sizes, sizes[1:]))
+    assert params[sizes[-1]] / params[sizes[0]] >= 10                   # sizes span ≥ 10× in parameters
     assert {c.stem for c, _ in FULL.cells} == {"pointwise-common", "pointwise-rare", "distributional", "reward",
                                                "conditional"}
     assert {s for _, s in FULL.cells} == set(SIZES) and len(FULL.seeds) >= 3
@@ -125,8 +127,12 @@ def _parameters(cfg: PretrainConfig) -> int:
 def test_quick_code_path_writes_report_and_results(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     grid = tiny_grid(tmp_path)   # 4 training processes, 8 evaluations
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(grid_yaml(grid))
     out = tmp_path / "out"
-    report = run_grid(grid, out, command="test")
+    # --workers 2: the runs go two at a time, each a `reproduce --grid FILE --cell I` process (a SLURM task)
+    report = run_grid(grid, out, command="test", workers=2, grid_args=["--grid", str(grid_file)])
+    assert sorted(p.name for p in (out / "logs").iterdir()) == [f"cell_{i}.log" for i in range(4)]
     results = json.loads((out / "results.json").read_text())
 
     assert [v["claim"] for v in results["verdicts"]] == [1, 2, 3]
@@ -223,3 +229,11 @@ def test_cli_grid_file_counts_its_runs_and_excludes_quick(tmp_path, monkeypatch,
     with pytest.raises(SystemExit) as exit_:
         cli_main(["reproduce", "--quick", "--grid", str(path), "--count"])
     assert exit_.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+def test_workers_need_a_grid_a_child_can_rebuild(tmp_path):
+    grid = Grid(name="t", sizes={"tiny": PretrainConfig()}, cells=((Path("configs/reproduce/reward.yaml"), "tiny"),))
+    with pytest.raises(ConfigError, match="--workers must be >= 1, got 0"):
+        run_grid(grid, tmp_path, command="test", workers=0)
+    with pytest.raises(ValueError, match="workers > 1 needs grid_args"):
+        run_grid(grid, tmp_path, command="test", workers=2)

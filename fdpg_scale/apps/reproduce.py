@@ -21,24 +21,25 @@ What runs (a *grid*: every (task, size) cell × divergence × seed is one f-DPG 
    means) and a verdict per claim.
 
 Sizing of the full grid (the issue's budget: ≤ 2 h on 2 CPU cores, pretraining included). Bases: GPT-2
-with a 2048-token BPE, 500 pretraining steps of 32 × 128 tokens each (0.8 epoch of the stdlib):
-small 2 layers × 64 (0.24 M parameters), middle 4 × 128 (1.07 M, the demo's base), large 6 × 192 (3.09 M),
-12.9× from small to large. Tasks: all five (pointwise common "def ", pointwise rare "return",
-distributional, reward, conditional) at the middle size; pointwise common (the cheapest, with the largest
-support, so Z is estimated well at every size) at all three sizes. Divergences kl, rkl, js, tv; seeds 0, 1,
-2. That is 5 × 4 × 3 + 2 × 4 × 3 = 84 runs of 60 steps × 32 sequences (1,920 samples), each evaluated
-after 30 and 60 steps on 256 samples (the rare constraint holds on ~3.6% of the base's draws: 256 leave
-about 9 of them to estimate KL(p‖π) from). Measured cost: docs/reproduction.md
-(pretraining each base, and every run's seconds in results.json). Why one task across sizes and not two
-or all: a middle-size run took about 2 minutes of one core and a large one about 4 (the runs go two at a
-time on the 2 cores, one thread each); reward at two more sizes would add 24 runs (~1 h of one core) and
-did not fit the 2 hours beside pretraining the large base (~20 min). Why 60 steps: the demo's 30 were
-still moving; more would not fit either, so the curves in the report show whether the metrics have stopped
-moving, and the verdicts say so when they have not (intervals stay wide).
+with a 2048-token BPE, 500 pretraining steps of 32 × 128 tokens each (0.8 epoch of the stdlib): tiny
+2 layers × 32 (0.095 M parameters), small 2 × 64 (0.24 M), middle 4 × 128 (1.07 M, the demo's base), 11.3×
+from tiny to middle. Tasks: all five (pointwise common "def ", pointwise rare "return", distributional,
+reward, conditional) at the middle size; pointwise common (the cheapest, with the largest support, so Z is
+estimated well at every size) at all three sizes. Divergences kl, rkl, js, tv; seeds 0, 1, 2. That is
+5 × 4 × 3 + 2 × 4 × 3 = 84 runs of 60 steps × 32 sequences (1,920 samples), each evaluated after 30 and 60
+steps on 256 samples (the rare constraint holds on ~3.6% of the base's draws: 256 leave about 9 of them
+to estimate KL(p‖π) from). The runs go two at a time, one thread each (``--workers 2``). Measured cost:
+docs/reproduction.md (pretraining each base, and every run's seconds in results.json).
 
-The quick mode (``--quick``): the small base, pointwise common and reward, kl/rkl/js/tv, seeds 0 and 1,
-30 steps evaluated at 2 checkpoints on 64 samples: 16 runs, meant for ≤ 10 min on 2 idle cores (not yet
-measured idle: on a shared machine at load 5–14 it took 44 min, 32 of them pretraining the small base).
+Why these sizes and not 0.24 M / 1.07 M / 3.09 M (6 × 192): on these 2 cores the 3 M base pretrains at
+2.25 s a step (19 min idle, more than 50 beside the runs) and its runs cost ~3× a middle one; with it the
+grid needed about 4 hours. Why one task across sizes: a middle-size run costs ~2.5 minutes of one core; a
+second task at two more sizes adds 24 runs. Why 60 steps: the demo's 30 were still moving; more would not
+fit either, so the curves in the report show whether the metrics have stopped moving, and the verdicts
+say so when they have not (intervals stay wide).
+
+The quick mode (``--quick``): the tiny base, pointwise common and reward, kl/rkl/js/tv, seeds 0 and 1,
+30 steps evaluated at 2 checkpoints on 64 samples: 16 runs, meant for ≤ 10 min on 2 idle cores.
 
 Other grids (``--grid FILE``): a YAML file of ``Grid``'s fields, read by ``load_grid`` (other tasks, sizes,
 seeds, budgets); the SLURM test runs a miniature of the array this way.
@@ -80,11 +81,12 @@ __all__ = ["Grid", "Run", "QUICK", "FULL", "SIZES", "load_grid", "grid_runs", "p
            "summarize", "claim_verdicts", "write_results", "run_grid", "run"]
 
 TASKS = Path("configs/reproduce")
-#: The base sizes (``PretrainConfig`` beyond the defaults); "middle" is the demo's own base.
+#: The base sizes (``PretrainConfig`` beyond the defaults), smallest first; "middle" is the demo's own base
+#: (the name is older than the sweep, in which it is the largest).
 SIZES = {
+    "tiny": PretrainConfig(n_layer=2, n_embd=32, n_head=4),
     "small": PretrainConfig(n_layer=2, n_embd=64, n_head=4),
     "middle": PretrainConfig(),
-    "large": PretrainConfig(n_layer=6, n_embd=192, n_head=6),
 }
 #: The table's metrics: key in eval.json's rows, label, whether lower is better (None: neither).
 METRICS = (("alignment", "alignment E[φ]"), ("kl_p_pi", "KL(p‖π)"), ("kl_pi_a", "KL(π‖a)"),
@@ -156,10 +158,10 @@ def _task(name: str) -> Path:
 FULL = Grid(name="full", sizes=SIZES,
             cells=tuple((_task(t), "middle") for t in ("pointwise-common", "pointwise-rare", "distributional",
                                                        "reward", "conditional"))
-            + tuple((_task("pointwise-common"), s) for s in ("small", "large")),
+            + tuple((_task("pointwise-common"), s) for s in ("tiny", "small")),
             eval_points=2, eval_samples=256)
-QUICK = Grid(name="quick", sizes={"small": SIZES["small"]},
-             cells=((_task("pointwise-common"), "small"), (_task("reward"), "small")),
+QUICK = Grid(name="quick", sizes={"tiny": SIZES["tiny"]},
+             cells=((_task("pointwise-common"), "tiny"), (_task("reward"), "tiny")),
              seeds=(0, 1), steps=30, eval_points=2, eval_samples=64)
 
 
@@ -645,11 +647,58 @@ def _load_cells(grid: Grid, out: Path) -> list[dict]:
     return cells
 
 
-def run_grid(grid: Grid, out: Path, *, command: str) -> Path:
-    """The whole reproduction in this process, run after run: bases, runs, report; returns ``out/report.md``."""
+def _run_cells_in_processes(grid: Grid, out: Path, workers: int, grid_args: list[str]) -> None:
+    """Every run of ``grid`` without a ``cell.json`` as ``fdpg-scale reproduce GRID_ARGS --cell I`` processes,
+    ``workers`` at a time, each with its share of the cores (``OMP_NUM_THREADS``); logs in ``out/logs``.
+
+    Why processes of ``--cell`` and not threads: each is exactly a SLURM array task, and tiny models use one
+    core poorly (Python-bound generation), so two one-thread runs finish sooner than one two-thread run.
+    A failed run does not stop the others; RuntimeError names the failed runs and their logs at the end."""
+    import os
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    todo = [i for i, r in enumerate(grid_runs(grid)) if not (r.directory(out) / "cell.json").is_file()]
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // workers)))
+
+    def one(i: int) -> int:
+        cmd = [sys.executable, "-m", "fdpg_scale.cli", "reproduce", *grid_args, "--out", str(out), "--cell", str(i)]
+        log = logs / f"cell_{i}.log"
+        with open(log, "w") as fh:
+            code = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
+        # the run's own one-line summary (its last line), or where to look
+        print(log.read_text().strip().splitlines()[-1] if code == 0 else f"[reproduce] run {i} failed (exit {code}): "
+              f"see {log}", flush=True)
+        return code
+
+    with ThreadPoolExecutor(workers) as pool:
+        codes = dict(zip(todo, pool.map(one, todo)))
+    failed = [i for i, code in codes.items() if code]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(todo)} runs failed: {', '.join(map(str, failed))}; see "
+                           f"{logs}/cell_<I>.log (rerun the same command to retry them; finished runs are kept)")
+
+
+def run_grid(grid: Grid, out: Path, *, command: str, workers: int = 1, grid_args: list[str] | None = None) -> Path:
+    """The whole reproduction: bases, runs, report; returns ``out/report.md``.
+
+    workers: 1 runs everything in this process, run after run; N > 1 runs N runs at a time, each in its own
+    ``--cell`` process, which rebuilds the grid from ``grid_args`` (the CLI flags that chose it: ``[]``,
+    ``["--quick"]`` or ``["--grid", FILE]``), so those are required then."""
+    if workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {workers}")
+    if workers > 1 and grid_args is None:
+        raise ValueError("run_grid: workers > 1 needs grid_args (the CLI flags that select the grid in a child)")
     start = time.perf_counter()
     bases = prepare(grid, out)
-    cells = [run_cell(grid, out, i) for i in range(len(grid_runs(grid)))]
+    if workers == 1:
+        cells = [run_cell(grid, out, i) for i in range(len(grid_runs(grid)))]
+    else:
+        _run_cells_in_processes(grid, out, workers, grid_args)
+        cells = _load_cells(grid, out)
     return write_results(out, grid, bases, cells, command=command, seconds=time.perf_counter() - start)
 
 
@@ -665,7 +714,8 @@ def _chosen_grid(args) -> Grid:
 
 
 def run(args) -> int:
-    """``fdpg-scale reproduce [--quick | --grid FILE] [--out DIR] [--count | --prepare | --cell I | --report]``
+    """``fdpg-scale reproduce [--quick | --grid FILE] [--out DIR] [--workers N] [--count | --prepare | --cell I |
+    --report]``
     (arguments parsed by ``fdpg_scale.apps.cli``)."""
     grid = _chosen_grid(args)
     command = "fdpg-scale " + shlex.join(args.argv)
@@ -680,5 +730,6 @@ def run(args) -> int:
         cells = _load_cells(grid, args.out)
         print(f"report: {write_results(args.out, grid, bases, cells, command=command, seconds=None)}")
     else:
-        print(f"report: {run_grid(grid, args.out, command=command)}")
+        grid_args = ["--grid", str(args.grid)] if args.grid is not None else ["--quick"] if args.quick else []
+        print(f"report: {run_grid(grid, args.out, command=command, workers=args.workers, grid_args=grid_args)}")
     return 0
