@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -40,7 +41,7 @@ import torch
 
 from fdpg_scale.distributed.generation import Rollout, SamplingSettings, pad_prompts
 
-__all__ = ["VllmEngineSettings", "VllmProposal", "WeightPushExtension", "request_seeds"]
+__all__ = ["VllmEngineSettings", "VllmProposal", "WeightPushExtension", "request_seeds", "worker_device_env"]
 
 # On a CPU-only machine vLLM's default OpenMP binding pins every engine to one core (measured: 140-190 tok/s
 # instead of 2.2-3.0k on 2 cores); "nobind" lets the OS schedule its threads. Set only where the user did
@@ -90,6 +91,40 @@ def request_seeds(seed: int, n: int) -> list[int]:
     return [int(s) >> 1 for s in np.random.SeedSequence([seed, 1]).generate_state(n, dtype=np.uint32)]
 
 
+def worker_device_env(device: torch.device | None, visible: str | None) -> dict[str, str]:
+    """The environment that puts vLLM's worker process on ``device``: {} off CUDA, else
+    ``CUDA_VISIBLE_DEVICES`` narrowed to the one physical GPU behind ``device``.
+
+    Why: the worker is a child process that takes the first GPU it sees; with several ranks per node every
+    rank's engine would land on GPU 0. ``visible`` is this process's ``CUDA_VISIBLE_DEVICES`` (None: all
+    GPUs, numbered as torch numbers them); ``device.index`` counts within it, as torch's does."""
+    if device is None or device.type != "cuda":
+        return {}
+    if device.index is None:
+        raise ValueError(f"device {device} has no index: pass the rank's cuda:<i>")
+    if visible is None:
+        return {"CUDA_VISIBLE_DEVICES": str(device.index)}
+    ids = [v.strip() for v in visible.split(",") if v.strip()]
+    if device.index >= len(ids):
+        raise ValueError(f"device {device} is not among CUDA_VISIBLE_DEVICES={visible!r} ({len(ids)} visible)")
+    return {"CUDA_VISIBLE_DEVICES": ids[device.index]}
+
+
+@contextmanager
+def _environment(values: dict[str, str]):
+    """``os.environ`` with ``values`` set inside the block (for a child process started there), then restored."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _check_cpu_head_size(model_dir: Path) -> None:
     """vLLM's CPU attention serves a fixed set of head sizes; fail before a minute of engine start-up, by name."""
     from transformers import AutoConfig
@@ -109,10 +144,12 @@ class VllmProposal:
 
     model_dir: a local Hugging Face directory (config, tokenizer, weights) of q's architecture; the weights
     are replaced by ``load_weights`` / ``refresh_from``. ``version`` is a label the caller attaches to the
-    weights last pushed (the trainer stores which q they are; ``None`` before any push).
+    weights last pushed (the trainer stores which q they are; ``None`` before any push). ``device``: the
+    rank's device; on CUDA the engine's worker process is started on that GPU (``worker_device_env``).
     """
 
-    def __init__(self, model_dir: str | Path, settings: VllmEngineSettings, *, seed: int = 0):
+    def __init__(self, model_dir: str | Path, settings: VllmEngineSettings, *, seed: int = 0,
+                 device: torch.device | None = None):
         if not isinstance(settings, VllmEngineSettings):
             raise TypeError(f"settings must be a VllmEngineSettings, got {type(settings).__name__}")
         model_dir = Path(model_dir)
@@ -134,8 +171,14 @@ class VllmProposal:
             kwargs["kv_cache_memory_bytes"] = settings.kv_cache_bytes
         if settings.max_model_len is not None:
             kwargs["max_model_len"] = settings.max_model_len
+        pinned = worker_device_env(device, os.environ.get("CUDA_VISIBLE_DEVICES"))
+        if pinned:
+            # This process keeps every GPU: its CUDA context is made now, before the variable is narrowed for
+            # the worker that LLM() spawns (a context made later would see only the one GPU).
+            torch.cuda.init()
         started = time.perf_counter()
-        self.llm = LLM(**kwargs)
+        with _environment(pinned):
+            self.llm = LLM(**kwargs)
         self.start_seconds = time.perf_counter() - started
         self.settings = settings
         self.version = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fdpg_scale.distributed.launch import device
 from fdpg_scale.distributed.vllm_engine import VllmEngineSettings, VllmProposal
 from fdpg_scale.training.config import RunConfig
 from fdpg_scale.training.state import TrainerState
@@ -23,6 +24,7 @@ def build_vllm_sampler(cfg: RunConfig, model_dir: str | Path) -> VllmProposal | 
     """A started ``VllmProposal`` for ``sampling.engine: vllm`` (None for ``hf``: q's ZeRO-3 engine samples).
 
     The vLLM engine starts with the model directory's weights; the backend pushes q's before the first draw.
+    On GPUs its worker runs on this rank's GPU (several ranks per node: one engine per GPU).
     """
     if cfg.sampling.engine == "hf":
         return None
@@ -31,7 +33,7 @@ def build_vllm_sampler(cfg: RunConfig, model_dir: str | Path) -> VllmProposal | 
                                   kv_cache_bytes=None if v.kv_cache_mib is None else v.kv_cache_mib * 2**20,
                                   gpu_memory_utilization=v.gpu_memory_utilization, max_model_len=v.max_model_len,
                                   enforce_eager=v.enforce_eager)
-    return VllmProposal(model_dir, settings, seed=cfg.seed)
+    return VllmProposal(model_dir, settings, seed=cfg.seed, device=device())
 
 
 def q_version(cfg: RunConfig, state: TrainerState) -> tuple[str, int]:
