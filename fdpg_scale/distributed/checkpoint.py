@@ -56,6 +56,7 @@ from fdpg_scale.distributed.launch import barrier, get_rank, get_world_size, is_
 from fdpg_scale.errors import CheckpointMismatchError  # defined with the other user errors; re-exported here
 
 __all__ = ["CheckpointMismatchError", "CheckpointError", "save_checkpoint", "load_checkpoint", "find_latest",
+           "verify_checkpoint",
            "find_intact", "check_fingerprint", "model_config_hash", "checkpoints_dir"]
 
 _STEP_RE = re.compile(r"^step_(\d{8})$")
@@ -114,7 +115,7 @@ def find_intact(output_dir: str | os.PathLike) -> Path | None:
     barrier()
     found = []
     for _, d in reversed(_step_dirs(ckdir)):
-        problem = _verify(d)
+        problem = verify_checkpoint(d)
         if problem is None:
             return d
         found.append(f"{d.name}: {problem}")
@@ -130,8 +131,9 @@ def find_intact(output_dir: str | os.PathLike) -> Path | None:
     return None
 
 
-def _verify(ckpt_dir: Path) -> str | None:
-    """None if ``ckpt_dir`` is intact, else the first problem in a few words (collective)."""
+def verify_checkpoint(ckpt_dir: Path) -> str | None:
+    """None if ``ckpt_dir`` is intact (every file at its recorded size and sha256), else the first problem in a
+    few words. Collective when a process group is up; a single process (export, eval) checks every file."""
     try:
         meta = json.loads((ckpt_dir / "meta.json").read_text())
         if not isinstance(meta, dict) or "step" not in meta:

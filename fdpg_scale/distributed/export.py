@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from fdpg_scale.distributed.checkpoint import find_latest
+from fdpg_scale.distributed.checkpoint import find_latest, verify_checkpoint
+from fdpg_scale.errors import CheckpointError
 
 __all__ = ["export_checkpoint", "export_latest"]
 
@@ -34,6 +35,12 @@ def export_checkpoint(ckpt_dir: str | os.PathLike, to: str | os.PathLike, *,
         raise FileNotFoundError(f"{ckpt_dir} is not a checkpoint written by fdpg_scale.distributed.checkpoint (no hf/config.json)")
     if to.exists() and any(to.iterdir()):
         raise FileExistsError(f"export destination {to} exists and is not empty")
+    # The checksums the trainer checks before it resumes: a damaged checkpoint must not become a model that
+    # loads and quietly differs from what was trained (export and eval only read; nothing is renamed here).
+    problem = verify_checkpoint(ckpt_dir)
+    if problem is not None:
+        raise CheckpointError(f"{ckpt_dir} is damaged ({problem}): not exported; pass an earlier checkpoint of the "
+                              f"run (its checkpoints/step_* directories)")
     state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir / "policy"), tag="ds")
     bad = [k for k in state if not k.startswith(_PREFIX)]
     if bad:

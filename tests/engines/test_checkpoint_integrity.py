@@ -89,6 +89,23 @@ def test_a_damaged_latest_checkpoint_is_reported_and_the_previous_one_used(kind,
     assert not capsys.readouterr().out.strip()
 
 
+def test_export_refuses_a_damaged_checkpoint_by_name_and_exports_an_intact_one(run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from fdpg_scale.distributed.export import export_checkpoint, export_latest
+
+    out = _copy(run, tmp_path)
+    ckpt = out / "checkpoints" / STEP2
+    _truncate(ckpt / "policy/ds/zero_pp_rank_0_mp_rank_00_model_states.pt")
+    with pytest.raises(CheckpointError) as info:
+        export_latest(out, tmp_path / "exported")            # what `fdpg-scale export` and `eval` call
+    text = str(info.value)
+    assert "\n" not in text and f"{STEP2} is damaged" in text and "model_states.pt" in text, text
+    assert not (tmp_path / "exported").exists() and ckpt.is_dir()   # nothing written, nothing renamed
+    export_checkpoint(out / "checkpoints" / STEP1, tmp_path / "step1")
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "step1") is not None
+
+
 def test_no_intact_checkpoint_stops_with_one_line_listing_them(run, tmp_path):
     out = _copy(run, tmp_path)
     _truncate(out / "checkpoints" / STEP2 / "trainer_state.pt")
