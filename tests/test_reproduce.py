@@ -237,3 +237,14 @@ def test_workers_need_a_grid_a_child_can_rebuild(tmp_path):
         run_grid(grid, tmp_path, command="test", workers=0)
     with pytest.raises(ValueError, match="workers > 1 needs grid_args"):
         run_grid(grid, tmp_path, command="test", workers=2)
+
+
+def test_size_table_puts_sizes_in_order_with_their_parameters():
+    from fdpg_scale.apps.reproduce import _size_table
+
+    summary = summarize(_cells({("a", "large"): {"kl": LOW, "js": HIGH}, ("a", "small"): {"kl": HIGH, "js": LOW}}))
+    bases = {"small": {"parameters": 100_000}, "large": {"parameters": 2_000_000}}
+    lines = _size_table(summary["a"], ["small", "large"], bases).splitlines()
+    assert lines[0] == "| model | small (0.10 M) | large (2.00 M) |"
+    kl_row = next(line for line in lines if line.startswith("| f-DPG kl |"))
+    assert kl_row.index("3.000") < kl_row.index("1.000")        # small's mean (HIGH) first, then large's (LOW)

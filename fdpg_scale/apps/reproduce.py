@@ -517,6 +517,19 @@ def _fmt(iv: dict) -> str:
     return f"{iv['mean']:.3f}" if iv["half"] is None else f"{iv['mean']:.3f} ± {iv['half']:.3f}"
 
 
+def _size_table(sizes: dict, order: list[str], bases: dict) -> str:
+    """KL(p‖π) and alignment of one task per divergence (rows) and base size (columns, smallest first)."""
+    names = [s for s in order if s in sizes]
+    head = " | ".join(f"{s} ({bases[s]['parameters'] / 1e6:.2f} M)" for s in names)
+    lines = [f"| model | {head} |", "|---|" + "---|" * len(names)]
+    lines.append("| base model a: KL(p‖a) | " + " | ".join(_fmt(sizes[s]["base"]["kl_p_pi"]) for s in names) + " |")
+    for d in sizes[names[0]]["divergences"]:
+        cells = [f"{_fmt(sizes[s]['divergences'][d]['kl_p_pi'])} (alignment {sizes[s]['divergences'][d]['alignment']['mean']:.2f})"
+                 for s in names]
+        lines.append(f"| f-DPG {d} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _table(row: dict) -> str:
     head = "| model | " + " | ".join(label for _, label in METRICS) + " |"
     lines = [head, "|---|" + "---|" * len(METRICS),
@@ -617,9 +630,13 @@ def write_results(out: Path, grid: Grid, bases: dict, cells: list[dict], *, comm
         parts += [f"**Claim {v['claim']}: {v['verdict']}.** {v['statement']} — {v['why']}.", ""]
     parts += ["## Bases: held-out perplexity", "", "| size | parameters | GPT-2 | unigram (add-one) |",
               "|---|---|---|---|"]
-    parts += [f"| {s} | {b['parameters'] / 1e6:.2f} M | {b['model_ppl']:.1f} | {b['unigram_ppl']:.1f} |"
-              for s, b in bases.items()]
+    parts += [f"| {s} | {bases[s]['parameters'] / 1e6:.2f} M | {bases[s]['model_ppl']:.1f} | "
+              f"{bases[s]['unigram_ppl']:.1f} |" for s in order]
     parts.append("")
+    for task, sizes in summary.items():
+        if len(sizes) > 1:
+            parts += [f"## {task} across base sizes: KL(p‖π), mean ± half-width over seeds (mean alignment)", "",
+                      _size_table(sizes, order, bases), ""]
     for task, sizes in summary.items():
         for size, row in sizes.items():
             name = f"{task}-{size}"
