@@ -77,3 +77,28 @@ def test_conditional_target_trains_per_context_and_evaluates(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     ev = json.loads((out / "eval.json").read_text())
     assert ev["contexts_with_support"].endswith("/3")
+
+
+def _eval_row(**alignment) -> dict:
+    return {**alignment, "kl_p_pi": 1.0, "kl_p_pi_se": 0.1, "kl_pi_a": 0.5, "distinct_1": 0.2, "distinct_2": 0.8,
+            "self_bleu_3": 0.3}
+
+
+def test_report_of_a_several_scorer_target_has_one_alignment_column_per_scorer(tmp_path):
+    from fdpg_scale.apps.report import plot_alignment_vs_diversity, results_table
+
+    base = _eval_row(**{"alignment/fn": 0.1, "alignment_se/fn": 0.01, "alignment/doc": 0.2, "alignment_se/doc": 0.02})
+    runs = [{"eval": {"divergence": d, "base": base,
+                      "policy": _eval_row(**{"alignment/fn": a, "alignment_se/fn": 0.03, "alignment/doc": b,
+                                             "alignment_se/doc": 0.04})}}
+            for d, a, b in (("kl", 0.6, 0.5), ("js", 0.7, 0.4))]
+    lines = results_table(runs).splitlines()
+    assert lines[0].startswith("| model | alignment doc | alignment fn | KL(p‖π) |"), lines[0]
+    assert lines[2].startswith("| base model a | 0.200 ± 0.020 | 0.100 ± 0.010 | 1.000 ± 0.100 |"), lines[2]
+    assert lines[4].startswith("| f-DPG js | 0.400 ± 0.040 | 0.700 ± 0.030 |"), lines[4]
+    png = plot_alignment_vs_diversity(runs, tmp_path / "scatter.png", title="two scorers")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a one-scorer target keeps its single column
+    one = [{"eval": {"divergence": "kl", "base": _eval_row(alignment=0.1, alignment_se=0.01),
+                     "policy": _eval_row(alignment=0.6, alignment_se=0.03)}}]
+    assert results_table(one).splitlines()[0].startswith("| model | alignment E[φ] | KL(p‖π) |")

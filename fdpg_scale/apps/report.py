@@ -10,12 +10,28 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["load_run", "results_table", "plot_alignment_vs_diversity", "plot_divergence_per_step", "write_report"]
+__all__ = ["load_run", "alignment_keys", "results_table", "plot_alignment_vs_diversity", "plot_divergence_per_step", "write_report"]
 
 #: Resolution of the report's PNG plots.
 FIGURE_DPI = 110
-TABLE_COLUMNS = (("alignment", "alignment E[φ]"), ("kl_p_pi", "KL(p‖π)"), ("kl_pi_a", "KL(π‖a)"),
-                 ("distinct_1", "Distinct-1"), ("distinct_2", "Distinct-2"), ("self_bleu_3", "Self-BLEU-3"))
+#: The table's columns after the alignment column(s).
+TABLE_COLUMNS = (("kl_p_pi", "KL(p‖π)"), ("kl_pi_a", "KL(π‖a)"), ("distinct_1", "Distinct-1"),
+                 ("distinct_2", "Distinct-2"), ("self_bleu_3", "Self-BLEU-3"))
+
+
+def alignment_keys(row: dict) -> list[str]:
+    """The alignment columns of an eval.json row: ``["alignment"]`` for a one-scorer target, else one
+    ``alignment/<scorer>`` per scorer (in name order)."""
+    if "alignment" in row:
+        return ["alignment"]
+    return sorted(k for k in row if k.startswith("alignment/"))
+
+
+def _columns(row: dict) -> list[tuple[str, str]]:
+    """(key, label) of every table column for runs whose rows look like ``row``."""
+    align = [(k, "alignment E[φ]" if k == "alignment" else f"alignment {k.split('/', 1)[1]}")
+             for k in alignment_keys(row)]
+    return align + list(TABLE_COLUMNS)
 
 
 def load_run(output_dir: str | Path) -> dict:
@@ -27,24 +43,33 @@ def load_run(output_dir: str | Path) -> dict:
 
 
 def results_table(runs: list[dict]) -> str:
-    """A Markdown table: the base model (from the first run's evaluation) then one row per run."""
-    head = "| model | " + " | ".join(label for _, label in TABLE_COLUMNS) + " |"
-    rule = "|---|" + "---|" * len(TABLE_COLUMNS)
-    rows = [_table_row("base model a", runs[0]["eval"]["base"])]
-    rows += [_table_row(f"f-DPG {run['eval']['divergence']}", run["eval"]["policy"]) for run in runs]
+    """A Markdown table: the base model (from the first run's evaluation) then one row per run; one alignment
+    column per scorer of the target."""
+    columns = _columns(runs[0]["eval"]["base"])
+    head = "| model | " + " | ".join(label for _, label in columns) + " |"
+    rule = "|---|" + "---|" * len(columns)
+    rows = [_table_row("base model a", runs[0]["eval"]["base"], columns)]
+    rows += [_table_row(f"f-DPG {run['eval']['divergence']}", run["eval"]["policy"], columns) for run in runs]
     return "\n".join([head, rule, *rows])
 
 
-def _table_row(name: str, values: dict) -> str:
+def _se_key(key: str) -> str:
+    """``alignment/x`` -> ``alignment_se/x``; ``kl_p_pi`` -> ``kl_p_pi_se`` (eval.json's names)."""
+    metric, _, scorer = key.partition("/")
+    return f"{metric}_se/{scorer}" if scorer else f"{key}_se"
+
+
+def _table_row(name: str, values: dict, columns: list[tuple[str, str]]) -> str:
     cells = []
-    for key, _ in TABLE_COLUMNS:
-        se = values.get(f"{key}_se")
+    for key, _ in columns:
+        se = values.get(_se_key(key))
         cells.append(f"{values[key]:.3f} ± {se:.3f}" if se is not None else f"{values[key]:.3f}")
     return f"| {name} | " + " | ".join(cells) + " |"
 
 
 def plot_alignment_vs_diversity(runs: list[dict], path: str | Path, *, title: str) -> Path:
-    """Scatter of alignment (y) against Distinct-2 and against Self-BLEU-3 (x), one point per divergence."""
+    """Scatter of alignment (y) against Distinct-2 and against Self-BLEU-3 (x), one point per divergence (and
+    per scorer, labelled ``divergence: scorer``, for a target of several scorers)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never a window
@@ -55,9 +80,11 @@ def plot_alignment_vs_diversity(runs: list[dict], path: str | Path, *, title: st
                            (axes[1], "self_bleu_3", "Self-BLEU-3 (lower = more diverse)")):
         points = [("base a", runs[0]["eval"]["base"])] + [(r["eval"]["divergence"], r["eval"]["policy"]) for r in runs]
         for name, values in points:
-            ax.errorbar(values[key], values["alignment"], yerr=values.get("alignment_se"), fmt="o", capsize=3,
-                        label=name, color="black" if name == "base a" else None)
-            ax.annotate(name, (values[key], values["alignment"]), textcoords="offset points", xytext=(5, 5))
+            for a in alignment_keys(values):
+                label = name if a == "alignment" else f"{name}: {a.split('/', 1)[1]}"
+                ax.errorbar(values[key], values[a], yerr=values.get(_se_key(a)), fmt="o", capsize=3,
+                            label=label, color="black" if name == "base a" else None)
+                ax.annotate(label, (values[key], values[a]), textcoords="offset points", xytext=(5, 5))
         ax.set_xlabel(label)
         ax.set_ylabel("alignment E_π[φ]")
         ax.grid(alpha=0.3)
