@@ -248,3 +248,11 @@ def test_size_table_puts_sizes_in_order_with_their_parameters():
     assert lines[0] == "| model | small (0.10 M) | large (2.00 M) |"
     kl_row = next(line for line in lines if line.startswith("| f-DPG kl |"))
     assert kl_row.index("3.000") < kl_row.index("1.000")        # small's mean (HIGH) first, then large's (LOW)
+
+
+def test_default_workers_is_one_per_usable_core_capped(monkeypatch):
+    import fdpg_scale.apps.reproduce as reproduce
+
+    for cores, expected in ((1, 1), (2, 2), (64, reproduce.MAX_DEFAULT_WORKERS)):
+        monkeypatch.setattr(reproduce, "usable_cores", lambda cores=cores: cores)
+        assert reproduce.default_workers() == expected

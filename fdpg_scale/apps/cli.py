@@ -145,9 +145,10 @@ def _reproduce(p: argparse.ArgumentParser) -> None:
     stage.add_argument("--prepare", action="store_true", help="only build the bases and the prompts")
     stage.add_argument("--cell", type=int, metavar="I", help="only train and evaluate run I (a SLURM array task)")
     stage.add_argument("--report", action="store_true", help="only write report.md and results.json from the runs")
-    p.add_argument("--workers", type=int, default=1, metavar="N",
+    p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="without a stage option: train and evaluate N runs at a time, each in its own process with "
-                        "its share of the cores (default 1: one after another, in this process)")
+                        "its share of the cores (default: one per usable core, at most 4; 1 runs them one after "
+                        "another in this process)")
 
 
 #: name -> (one-line help, description, adds the options, the job as "module:function" taking the Namespace)

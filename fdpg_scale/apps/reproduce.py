@@ -28,7 +28,7 @@ reward, conditional) at the middle size; pointwise common (the cheapest, with th
 estimated well at every size) at all three sizes. Divergences kl, rkl, js, tv; seeds 0, 1, 2. That is
 5 × 4 × 3 + 2 × 4 × 3 = 84 runs of 60 steps × 32 sequences (1,920 samples), each evaluated after 30 and 60
 steps on 256 samples (the rare constraint holds on ~3.6% of the base's draws: 256 leave about 9 of them
-to estimate KL(p‖π) from). The runs go two at a time, one thread each (``--workers 2``). Measured cost:
+to estimate KL(p‖π) from). The runs go two at a time, one thread each (``--workers``'s default on 2 cores). Measured cost:
 docs/reproduction.md (pretraining each base, and every run's seconds in results.json).
 
 Why these sizes and not 0.24 M / 1.07 M / 3.09 M (6 × 192): on these 2 cores the 3 M base pretrains at
@@ -39,7 +39,8 @@ fit either, so the curves in the report show whether the metrics have stopped mo
 say so when they have not (intervals stay wide).
 
 The quick mode (``--quick``): the tiny base, pointwise common and reward, kl/rkl/js/tv, seeds 0 and 1,
-30 steps evaluated at 2 checkpoints on 64 samples: 16 runs, meant for ≤ 10 min on 2 idle cores.
+20 steps evaluated at 2 checkpoints on 64 samples: 16 runs, meant for ≤ 10 min on 2 idle cores (a run's
+start-up, three models and two evaluations, is most of its cost at this size).
 
 Other grids (``--grid FILE``): a YAML file of ``Grid``'s fields, read by ``load_grid`` (other tasks, sizes,
 seeds, budgets); the SLURM test runs a miniature of the array this way.
@@ -162,7 +163,7 @@ FULL = Grid(name="full", sizes=SIZES,
             eval_points=2, eval_samples=256)
 QUICK = Grid(name="quick", sizes={"tiny": SIZES["tiny"]},
              cells=((_task("pointwise-common"), "tiny"), (_task("reward"), "tiny")),
-             seeds=(0, 1), steps=30, eval_points=2, eval_samples=64)
+             seeds=(0, 1), steps=20, eval_points=2, eval_samples=64)
 
 
 # ----------------------------------------------------------------------------------------- grid files
@@ -664,6 +665,24 @@ def _load_cells(grid: Grid, out: Path) -> list[dict]:
     return cells
 
 
+#: The default ``--workers`` is one per usable core, at most this many: each run holds its own three models,
+#: DeepSpeed engines and evaluation (~1.5 GB for the middle base), and more runs than that on one machine
+#: mostly contend for memory bandwidth.
+MAX_DEFAULT_WORKERS = 4
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity: a SLURM allocation or a container's share)."""
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def default_workers() -> int:
+    """``--workers`` when not given: one run per usable core, at most ``MAX_DEFAULT_WORKERS``."""
+    return max(1, min(MAX_DEFAULT_WORKERS, usable_cores()))
+
+
 def _run_cells_in_processes(grid: Grid, out: Path, workers: int, grid_args: list[str]) -> None:
     """Every run of ``grid`` without a ``cell.json`` as ``fdpg-scale reproduce GRID_ARGS --cell I`` processes,
     ``workers`` at a time, each with its share of the cores (``OMP_NUM_THREADS``); logs in ``out/logs``.
@@ -679,7 +698,7 @@ def _run_cells_in_processes(grid: Grid, out: Path, workers: int, grid_args: list
     todo = [i for i, r in enumerate(grid_runs(grid)) if not (r.directory(out) / "cell.json").is_file()]
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // workers)))
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, usable_cores() // workers)))
 
     def one(i: int) -> int:
         cmd = [sys.executable, "-m", "fdpg_scale.cli", "reproduce", *grid_args, "--out", str(out), "--cell", str(i)]
@@ -748,5 +767,6 @@ def run(args) -> int:
         print(f"report: {write_results(args.out, grid, bases, cells, command=command, seconds=None)}")
     else:
         grid_args = ["--grid", str(args.grid)] if args.grid is not None else ["--quick"] if args.quick else []
-        print(f"report: {run_grid(grid, args.out, command=command, workers=args.workers, grid_args=grid_args)}")
+        workers = default_workers() if args.workers is None else args.workers
+        print(f"report: {run_grid(grid, args.out, command=command, workers=workers, grid_args=grid_args)}")
     return 0
