@@ -28,8 +28,9 @@ reward, conditional) at the middle size; pointwise common (the cheapest, with th
 estimated well at every size) at all three sizes. Divergences kl, rkl, js, tv; seeds 0, 1, 2. That is
 5 × 4 × 3 + 2 × 4 × 3 = 84 runs of 60 steps × 32 sequences (1,920 samples), each evaluated after 30 and 60
 steps on 256 samples (the rare constraint holds on ~3.6% of the base's draws: 256 leave about 9 of them
-to estimate KL(p‖π) from). The runs go two at a time, one thread each (``--workers``'s default on 2 cores). Measured cost:
-docs/reproduction.md (pretraining each base, and every run's seconds in results.json).
+to estimate KL(p‖π) from). The runs go two at a time, one thread each (``--workers``'s default on 2
+cores). Measured cost: docs/reproduction.md (pretraining each base, and every run's seconds in
+results.json).
 
 Why these sizes and not 0.24 M / 1.07 M / 3.09 M (6 × 192): on these 2 cores the 3 M base pretrains at
 2.25 s a step (19 min idle, more than 50 beside the runs) and its runs cost ~3× a middle one; with it the
@@ -525,8 +526,8 @@ def _size_table(sizes: dict, order: list[str], bases: dict) -> str:
     lines = [f"| model | {head} |", "|---|" + "---|" * len(names)]
     lines.append("| base model a: KL(p‖a) | " + " | ".join(_fmt(sizes[s]["base"]["kl_p_pi"]) for s in names) + " |")
     for d in sizes[names[0]]["divergences"]:
-        cells = [f"{_fmt(sizes[s]['divergences'][d]['kl_p_pi'])} (alignment {sizes[s]['divergences'][d]['alignment']['mean']:.2f})"
-                 for s in names]
+        row = {s: sizes[s]["divergences"][d] for s in names}
+        cells = [f"{_fmt(row[s]['kl_p_pi'])} (alignment {row[s]['alignment']['mean']:.2f})" for s in names]
         lines.append(f"| f-DPG {d} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
