@@ -40,8 +40,9 @@ fit either, so the curves in the report show whether the metrics have stopped mo
 say so when they have not (intervals stay wide).
 
 The quick mode (``--quick``): the tiny base, pointwise common and reward, kl/rkl/js/tv, seeds 0 and 1,
-20 steps evaluated at 2 checkpoints on 64 samples: 16 runs, meant for ≤ 10 min on 2 idle cores (a run's
-start-up, three models and two evaluations, is most of its cost at this size).
+20 steps evaluated at 2 checkpoints on 64 samples: 16 runs. Measured on 2 idle cores with no base cached:
+417 s, 111 of them pretraining the tiny base (a run's start-up, three models and two evaluations, is most
+of its cost at this size).
 
 Other grids (``--grid FILE``): a YAML file of ``Grid``'s fields, read by ``load_grid`` (other tasks, sizes,
 seeds, budgets); the SLURM test runs a miniature of the array this way.
