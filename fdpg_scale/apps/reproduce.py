@@ -74,11 +74,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from fdpg_scale.errors import ConfigError
 from fdpg_scale.models.base_config import DEFAULT_OUT, PretrainConfig
-from fdpg_scale.training.config import apply_overrides, build_section
+from fdpg_scale.training.config import apply_overrides, build_section, read_yaml
 
 __all__ = ["Grid", "Run", "QUICK", "FULL", "SIZES", "load_grid", "grid_runs", "prepare", "run_cell", "t_interval",
            "summarize", "claim_verdicts", "write_results", "run_grid", "run"]
@@ -260,12 +258,7 @@ def load_grid(path: str | Path) -> Grid:
     configs' own paths are. Raises a one-line ConfigError naming the file and the key for an unknown key or
     PretrainConfig field, a wrong type, a missing task config file or an inconsistent grid."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"grid file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+    raw = read_yaml(path, "grid")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: must be a mapping of the grid's keys, got {type(raw).__name__}")
     fields = dataclasses.fields(Grid)

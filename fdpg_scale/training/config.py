@@ -22,7 +22,7 @@ import yaml
 from fdpg_scale.errors import ConfigError
 
 __all__ = ["ConfigError", "RunConfig", "ScorerConfig", "TargetConfig", "load_config", "apply_overrides",
-           "config_to_dict", "build_section"]
+           "config_to_dict", "build_section", "read_yaml"]
 
 
 @dataclass(kw_only=True)
@@ -372,15 +372,22 @@ class RunConfig:
 # --------------------------------------------------------------------------------------------- loading
 
 
+def read_yaml(path: str | Path, what: str):
+    """The parsed contents of YAML file ``path`` (None for an empty file); a one-line ConfigError naming
+    ``what`` (``config``, ``grid``) when the file is missing, or the file when it is not valid YAML."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} file not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err.__class__.__name__}: {' '.join(str(err).split())})") from None
+
+
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read a YAML config file, apply ``key=value`` overrides, validate, and return a ``RunConfig``."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err.__class__.__name__}: {err})") from None
+    raw = read_yaml(path, "config")
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
