@@ -129,6 +129,9 @@ def _toy(p: argparse.ArgumentParser) -> None:
     p.add_argument("--print-every", type=int, default=10, help="print the exact metrics every k steps")
     p.add_argument("--record", metavar="FILE", default=None,
                    help="instead: write the convergence table (the test's settings) as markdown to FILE")
+    p.add_argument("--proposal-rules", action="store_true",
+                   help="instead: how often the recorded-π and the current-π proposal rules agree with the exact "
+                        "answer (fdpg_scale.toy.proposal_rules), as JSON")
 
 
 def _reproduce(p: argparse.ArgumentParser) -> None:

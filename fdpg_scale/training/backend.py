@@ -135,3 +135,47 @@ class ZeroBackend:
     def gather_rows(self, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The global batch's rows on every rank (rank order)."""
         return all_gather_rows(rows)
+
+    @property
+    def evidence_width(self) -> int:
+        """W, the width of every evidence row: the longest context (BOS alone when unconditional) plus
+        max_new_tokens, so that rows of any chunk, step and rank concatenate and gather."""
+        longest = 1 if self.prompts is None else max(1, *(len(t) for t in self.prompts.token_ids))
+        return longest + self.settings.max_new_tokens
+
+    def evidence_rows(self, draws: Draws) -> dict[str, torch.Tensor]:
+        """{input_ids int32, attention_mask bool, gen_mask bool: [b, W]} the micro-batch's rollout, left-padded
+        to ``evidence_width`` (positions come from the attention mask, so the padding changes no log-prob)."""
+        r = draws.payload.rollout
+        extra = self.evidence_width - r.input_ids.shape[1]
+        if extra < 0:
+            raise RuntimeError(f"a rollout of width {r.input_ids.shape[1]} exceeds the evidence width "
+                               f"{self.evidence_width} (longest context + sampling.max_new_tokens)")
+        pad = torch.nn.functional.pad
+        return {"input_ids": pad(r.input_ids, (extra, 0)).to(torch.int32),
+                "attention_mask": pad(r.attention_mask, (extra, 0)).bool(),
+                "gen_mask": pad(r.gen_mask, (extra, 0)).bool()}
+
+    @torch.no_grad()
+    def rescore_sampling(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[N] log π (at the sampling temperature) of the global evidence rows, under the current policy.
+
+        Each rank scores rows [rank·N/world, (rank+1)·N/world) in micro-batches, then the shares are gathered in
+        rank order, i.e. the rows' order. N is a multiple of the global batch, so every rank runs the same number
+        of forwards (ZeRO-3's gathers are collective).
+        """
+        n = rows["input_ids"].shape[0]
+        if n % self.world:
+            raise ValueError(f"{n} evidence rows do not split over {self.world} ranks")
+        share = n // self.world
+        mine = slice(self.rank * share, (self.rank + 1) * share)
+        out = []
+        with self.timer.phase("proposal_check"):
+            for start in range(mine.start, mine.stop, self.micro_batch):
+                stop = min(start + self.micro_batch, mine.stop)
+                logp = sequence_logprobs(self.policy, rows["input_ids"][start:stop].long(),
+                                         rows["attention_mask"][start:stop].long(), rows["gen_mask"][start:stop],
+                                         temperature=self.settings.temperature)
+                out.append(logp.sum(-1).float().cpu())
+            local = torch.cat(out) if out else torch.zeros(0)
+            return all_gather_rows({"logp": local})["logp"]

@@ -34,7 +34,7 @@ from fdpg_scale.training.rollout import describe_logq_source, logq_mismatch_metr
 from fdpg_scale.training.run_setup import deepspeed_config, prepare_output_dir
 from fdpg_scale.training.sampler import build_vllm_sampler, q_version
 from fdpg_scale.training.run_log import RunLogger
-from fdpg_scale.training.alignment import alignment_columns, features_of
+from fdpg_scale.training.alignment import alignment_columns
 from fdpg_scale.training.target_fitting import describe_fit, fit_distributional_task
 from fdpg_scale.targets.tasks import build_task
 from fdpg_scale.training.state import TrainerState
@@ -101,6 +101,8 @@ def train(cfg: RunConfig) -> None:
                     f"(divergence.outside_support_reward: {divergence}'s f′ is +∞ there); their share is logged "
                     f"as outside_support_fraction")
     log.message(describe_logq_source(settings, cfg.sampling.rescore_logq))
+    if cfg.train.baseline and divergence.exact_baseline is not None:
+        log.message(f"baseline: B = {divergence.exact_baseline:g}, {divergence}'s exact E_π[r] (no moving average)")
     guard = NonFiniteGuard(cfg.train, log.message, policy)
 
     backend = ZeroBackend(policy=policy, proposal=proposal, base=base, task=task, tokenizer=tokenizer,
@@ -140,20 +142,20 @@ def _step_metrics(state: TrainerState, result: StepResult, backend: ZeroBackend,
     """One ``metrics.jsonl`` record from the step's global batch (identical on every rank)."""
     batch = result.batch
     conditional = state.log_z.num_contexts > 1
-    metrics = importance_sampled_metrics(logp_pi=batch["logp_pi"], logp_q=batch["logq"], logp_a=batch["log_base"],
-                                         log_target=batch["log_target"], log_z=batch["log_z"].double(),
-                                         features=features_of(batch),
-                                         context_ids=batch["context_ids"] if conditional else None)
-    metrics = alignment_columns(metrics, batch)           # one column per scorer (docs: "Your own target")
+    metrics = importance_sampled_metrics(logp_pi=batch.logp_pi, logp_q=batch.logq, logp_a=batch.log_base,
+                                         log_target=batch.log_target, log_z=batch.log_z.double(),
+                                         features=batch.features,
+                                         context_ids=batch.context_ids if conditional else None)
+    metrics = alignment_columns(metrics, batch.features)  # one column per scorer (docs: "Your own target")
     schedule = state.proposal_schedule
-    tokens = float(batch["extra/tokens"].sum())
+    tokens = float(batch.extras["tokens"].sum())
     timer = backend.timer
     return {
         "loss": result.loss, "log_z": no_estimate(float(state.log_z.value.mean())),
-        "baseline": result.baseline_used, "pseudo_reward_mean": float(batch["pseudo_reward"].mean()),
-        "weight_abs_max": float(batch["weight"].abs().max()),
-        "outside_support_fraction": float(torch.isneginf(batch["log_target"]).double().mean()),
-        **metrics, **logq_mismatch_metrics(batch["extra/logq_mismatch"]),
+        "baseline": result.baseline_used, "pseudo_reward_mean": float(batch.pseudo_reward.mean()),
+        "weight_abs_max": float(batch.weight.abs().max()),
+        "outside_support_fraction": float(torch.isneginf(batch.log_target).double().mean()),
+        **metrics, **logq_mismatch_metrics(batch.extras["logq_mismatch"]),
         "proposal_version": state.proposal_version, "proposal_replaced": int(result.replaced),
         "proposal_evidence": 0 if schedule is None else schedule.pending,
         "lr": lr, "tokens": tokens, "tokens_per_s": tokens / timer.total, "time/step": timer.total,
