@@ -58,7 +58,10 @@ def _export(p: argparse.ArgumentParser) -> None:
 def _eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("output_dir", help="a run's output_dir (config.yaml and checkpoints/)")
     p.add_argument("--samples", type=int, default=256, help="sequences drawn from each model (default 256)")
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--base-samples", type=int, default=2048,
+                   help="base draws behind KL(p‖π) and the rejection-sampled gain (default 2048)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the evaluation's draws (default: derived from the run's seed, fresh per run seed)")
 
 
 def _sweep(p: argparse.ArgumentParser) -> None:
