@@ -63,8 +63,7 @@ def train(cfg: RunConfig) -> None:
     proposal = None if cfg.train.on_policy else build_frozen(model_dir, ds_config)
     prompts = None if cfg.target.prompts_file is None else load_prompts(cfg.target.prompts_file, tokenizer)
     divergence = get_divergence(cfg.divergence.name, alpha=cfg.divergence.alpha)
-    settings = SamplingSettings(temperature=cfg.sampling.temperature, top_k=cfg.sampling.top_k,
-                                top_p=cfg.sampling.top_p, max_new_tokens=cfg.sampling.max_new_tokens)
+    settings = cfg.sampling.sampling_settings()
 
     state = TrainerState.fresh(cfg, num_contexts=1 if prompts is None else len(prompts))
     fingerprint = {"model": ckpt.model_config_hash(model_dir), "divergence": str(divergence),
