@@ -2,7 +2,7 @@
 
 Draws ``target.fit_samples`` sequences (over all ranks) from the initial proposal, scores them with the base
 model and the target, gathers φ [N, K], log a·c and log q on every rank, and solves the SNIS moment-matching
-problem of ``fdpg_scale.targets.energy.fit_lambdas`` (E_p[φ_k] = μ̄_k for every k at once). c(x) is the product
+problem of ``fdpg_scale.core.moment_fitting.fit_lambdas`` (E_p[φ_k] = μ̄_k for every k at once). c(x) is the product
 of the target's other factors (constraints b, rewards exp(r/β)): λ is fitted for the whole target, so that the
 moments hold under p itself. Every rank fits on the same gathered batch, so every rank gets the same λ. The
 draws use their own seed stream, independent of the training batches.
@@ -18,7 +18,7 @@ from fdpg_scale.distributed.launch import all_gather_rows
 from fdpg_scale.errors import ConfigError
 from fdpg_scale.distributed.generation import SamplingSettings
 from fdpg_scale.training.rollout import FIT_STREAM, collect_chunks
-from fdpg_scale.targets.energy import LambdaFit, fit_lambdas
+from fdpg_scale.core.moment_fitting import LambdaFit, fit_lambdas
 from fdpg_scale.targets.tasks import Task
 from fdpg_scale.training.timing import PhaseTimer
 
