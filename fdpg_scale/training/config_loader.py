@@ -113,7 +113,7 @@ def build_section(cls: type[T], raw: Any, prefix: str) -> T:
     except ConfigError:
         raise
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {err}") from None
+        raise ConfigError(f"{prefix.rstrip('.')}: {err}" if prefix else str(err)) from None
 
 
 def to_plain(obj: Any) -> Any:
