@@ -134,8 +134,8 @@ def _toy(p: argparse.ArgumentParser) -> None:
 def _reproduce(p: argparse.ArgumentParser) -> None:
     grid = p.add_mutually_exclusive_group()
     grid.add_argument("--quick", action="store_true",
-                      help="the miniature: the tiny base, two tasks, two seeds, 20 steps: 16 runs (417 s on 2 idle cores "
-                           "with no base cached, 111 s of it pretraining the base)")
+                      help="the miniature: the tiny base, two tasks, two seeds, 20 steps: 16 runs (417 s on 2 "
+                           "idle cores with no base cached, 111 s of it pretraining the base)")
     grid.add_argument("--grid", type=Path, metavar="FILE",
                       help="your own grid: a YAML file of the Grid's fields (name, sizes, cells, divergences, "
                            "seeds, steps, ...; see docs/reproduction.md); relative paths in it are relative to "

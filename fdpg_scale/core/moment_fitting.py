@@ -1,7 +1,8 @@
 """Fitting the λ of a distributional target p_λ(x) ∝ a(x) exp(λ·φ(x)) so that E_p[φ] = μ̄ (GDC, Khalifa et al.
 2021; docs/method.md §1). The scorers that use it live in ``fdpg_scale.targets.energy``.
 
-p_λ(x) ∝ a(x) exp(λ·φ(x)) is the max-entropy / min-KL(·‖a) distribution with moments E_p[φ] = μ̄. Its dual is the convex function
+p_λ(x) ∝ a(x) exp(λ·φ(x)) is the max-entropy / min-KL(·‖a) distribution with moments E_p[φ] = μ̄. Its dual
+is the convex function
 
     L(λ) = log Z(λ) − λ·μ̄,    Z(λ) = Σ_x a(x) e^{λ·φ(x)} = E_q[(a/q) e^{λ·φ}],
     ∇L = E_{p_λ}[φ] − μ̄,      ∇²L = Cov_{p_λ}(φ) ⪰ 0,

@@ -39,8 +39,8 @@ from fdpg_scale.targets.energy import NonFiniteScoreError
 from fdpg_scale.targets.samples import Samples
 from fdpg_scale.training.timing import PhaseTimer
 
-__all__ = ["RolloutPlan", "ScoredChunk", "chunk_seed", "collect_chunks", "sampling_layout", "logq_source", "describe_logq_source",
-           "logq_mismatch_metrics", "TRAIN_STREAM", "FIT_STREAM"]
+__all__ = ["RolloutPlan", "ScoredChunk", "chunk_seed", "collect_chunks", "sampling_layout", "logq_source",
+           "describe_logq_source", "logq_mismatch_metrics", "TRAIN_STREAM", "FIT_STREAM"]
 
 TRAIN_STREAM = 0
 """Seed stream of the training batches."""
@@ -185,8 +185,9 @@ def collect_chunks(*, sampler, base, task, tokenizer, plan: RolloutPlan, step: i
     holding q's weights: training/sampler.py); base: the frozen base
     engine a; task: a ``fdpg_scale.targets.tasks.Task``; timer: receives the "generation" and "scoring" seconds.
     prompts: a conditional target's contexts (each row continues one drawn with the chunk's seed), or None
-    for unconditional generation (from BOS; every sample is context 0). q_engine: the ZeRO-3 engine that is q, which rescores (None: ``sampler`` itself; give it
-    when ``sampler`` is a vLLM copy of q, whose numerics the logged mismatch then measures).
+    for unconditional generation (from BOS; every sample is context 0). q_engine: the ZeRO-3 engine that is
+    q, which rescores (None: ``sampler`` itself; give it when ``sampler`` is a vLLM copy of q, whose numerics
+    the logged mismatch then measures).
     """
     pad = padding_id(tokenizer)
     settings, micro_batch = plan.settings, plan.micro_batch

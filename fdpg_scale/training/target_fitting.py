@@ -3,8 +3,8 @@
 Draws ``target.fit_samples`` sequences (over all ranks) from the initial proposal, scores them with the base
 model and the target, gathers φ [N, K], log a·c and log q on every rank, and solves the SNIS
 moment-matching problem of ``fdpg_scale.core.moment_fitting.fit_lambdas`` (E_p[φ_k] = μ̄_k for every k at
-once). c(x) is the product of the target's other factors (constraints b, rewards exp(r/β)): λ is fitted for the whole target, so that the
-moments hold under p itself. Every rank fits on the same gathered batch, so every rank gets the same λ. The
+once). c(x) is the product of the target's other factors (constraints b, rewards exp(r/β)): λ is fitted for
+the whole target, so that the moments hold under p itself. Every rank fits on the same gathered batch, so every rank gets the same λ. The
 draws use their own seed stream, independent of the training batches.
 """
 

@@ -28,5 +28,6 @@ def test_summary_groups_runs_by_task_size_and_divergence():
     assert set(summary) == {"a", "b"} and set(summary["a"]) == {"small"} and set(summary["b"]) == {"large"}
     row = summary["a"]["small"]
     assert set(row["divergences"]) == {"kl", "js"} and set(row["base"]) == {k for k, _ in METRICS}
-    assert math.isclose(row["divergences"]["js"]["kl_p_pi"]["mean"], 3.0) and row["divergences"]["js"]["kl_p_pi"]["n"] == 3
+    js = row["divergences"]["js"]["kl_p_pi"]
+    assert math.isclose(js["mean"], 3.0) and js["n"] == 3
     assert row["base"]["kl_p_pi"]["half"] is None                            # the base: one evaluation
