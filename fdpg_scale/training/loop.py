@@ -24,13 +24,12 @@ from fdpg_scale.core.divergences import get_divergence
 from fdpg_scale.core.metrics import importance_sampled_metrics
 from fdpg_scale.core.step import StepResult, StepSettings, fdpg_step, no_estimate
 from fdpg_scale.distributed.engines import build_frozen, build_policy
-from fdpg_scale.distributed.generation import SamplingSettings
 from fdpg_scale.training.nonfinite import NonFiniteGuard
 from fdpg_scale.training.preemption import PreemptionSignal
 from fdpg_scale.training.preflight import preflight
 from fdpg_scale.training.prompts import load_prompts
 from fdpg_scale.training.backend import ZeroBackend
-from fdpg_scale.training.rollout import describe_logq_source, logq_mismatch_metrics
+from fdpg_scale.training.rollout import RolloutPlan, describe_logq_source, logq_mismatch_metrics
 from fdpg_scale.training.run_setup import deepspeed_config, prepare_output_dir
 from fdpg_scale.training.sampler import build_vllm_sampler, q_version
 from fdpg_scale.training.run_log import RunLogger
@@ -63,8 +62,7 @@ def train(cfg: RunConfig) -> None:
     proposal = None if cfg.train.on_policy else build_frozen(model_dir, ds_config)
     prompts = None if cfg.target.prompts_file is None else load_prompts(cfg.target.prompts_file, tokenizer)
     divergence = get_divergence(cfg.divergence.name, alpha=cfg.divergence.alpha)
-    settings = SamplingSettings(temperature=cfg.sampling.temperature, top_k=cfg.sampling.top_k,
-                                top_p=cfg.sampling.top_p, max_new_tokens=cfg.sampling.max_new_tokens)
+    plan = RolloutPlan.from_config(cfg, rank=rank, world=world)
 
     state = TrainerState.fresh(cfg, num_contexts=1 if prompts is None else len(prompts))
     fingerprint = {"model": ckpt.model_config_hash(model_dir), "divergence": str(divergence),
@@ -76,10 +74,7 @@ def train(cfg: RunConfig) -> None:
     if task.moment is not None:  # distributional target: λ fitted once, then kept in the trainer state
         if state.lambdas is None:
             task, fit = fit_distributional_task(task, sampler=policy if proposal is None else proposal, base=base,
-                                                tokenizer=tokenizer, settings=settings,
-                                                mode=cfg.sampling.generation_mode, run_seed=cfg.seed, rank=rank,
-                                                world=world, micro_batch=cfg.train.micro_batch,
-                                                n_samples=cfg.target.fit_samples)
+                                                tokenizer=tokenizer, plan=plan, n_samples=cfg.target.fit_samples)
             state.lambdas = fit.lambdas.tolist()
             fit_note = describe_fit(task, fit, cfg.target.fit_samples)
         else:
@@ -100,16 +95,14 @@ def train(cfg: RunConfig) -> None:
         log.message(f"samples with P(x) = 0 get the chosen pseudo-reward r = {cfg.divergence.outside_support_reward} "
                     f"(divergence.outside_support_reward: {divergence}'s f′ is +∞ there); their share is logged "
                     f"as outside_support_fraction")
-    log.message(describe_logq_source(settings, cfg.sampling.rescore_logq))
+    log.message(describe_logq_source(plan.settings, plan.rescore_logq))
     if cfg.train.baseline and divergence.exact_baseline is not None:
         log.message(f"baseline: B = {divergence.exact_baseline:g}, {divergence}'s exact E_π[r] (no moving average)")
     guard = NonFiniteGuard(cfg.train, log.message, policy)
 
-    backend = ZeroBackend(policy=policy, proposal=proposal, base=base, task=task, tokenizer=tokenizer,
-                          settings=settings, mode=cfg.sampling.generation_mode, run_seed=cfg.seed, rank=rank,
-                          world=world, accumulation=accumulation, micro_batch=cfg.train.micro_batch, prompts=prompts,
-                          sampling_batch=cfg.sampling.batch, rescore_logq=cfg.sampling.rescore_logq,
-                          vllm=build_vllm_sampler(cfg, model_dir), q_version=lambda: q_version(cfg, state))
+    backend = ZeroBackend(policy=policy, proposal=proposal, base=base, task=task, tokenizer=tokenizer, plan=plan,
+                          prompts=prompts, vllm=build_vllm_sampler(cfg, model_dir),
+                          q_version=lambda: q_version(cfg, state))
     step_settings = StepSettings(divergence=divergence, clip=cfg.divergence.clip,
                                  outside_support_reward=cfg.divergence.outside_support_reward)
     for step in range(state.step, cfg.train.steps):
