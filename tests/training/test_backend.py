@@ -91,3 +91,18 @@ def test_backend_needs_a_plan_and_a_q_version_for_vllm(backend):
         ZeroBackend(**parts, plan={"micro_batch": 2})
     with pytest.raises(ValueError, match="needs q_version"):
         ZeroBackend(**parts, plan=backend.plan, vllm=object())
+
+
+def test_evidence_rows_rescore_to_the_warped_policy_log_probs(backend):
+    """The proposal check's evidence: rows of one width for every micro-batch, and ``rescore_sampling`` on them
+    gives what ``sampling_logprobs`` gives on the rollouts themselves (left-padding changes no log-prob)."""
+    draws = backend.sample(step=3)
+    rows = [backend.evidence_rows(d) for d in draws]
+    width = backend.evidence_width
+    assert all(r["input_ids"].shape == (2, width) and r["gen_mask"].dtype == torch.bool for r in rows)
+    merged = {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
+    with torch.no_grad():
+        direct = torch.cat([backend.sampling_logprobs(d, backend.policy_logprobs(d).detach()) for d in draws])
+    rescored = backend.rescore_sampling(merged)
+    assert rescored.shape == (4,)
+    assert torch.allclose(rescored, direct.cpu(), rtol=1e-5, atol=1e-5), (rescored, direct)
