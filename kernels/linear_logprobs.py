@@ -14,6 +14,9 @@ forward  (grid: token blocks × vocab splits)
     per split: lse_s = m + log S, pick_s. The launcher combines the splits (a [splits, N] array, tiny):
         lse = logsumexp_s lse_s,  out = Σ_s pick_s − lse   (0 where t == ignore_index)
     Saved for backward: lse [N] only (plus the inputs).
+    Ignored tokens (t == ignore_index) read their hidden row as zeros, forward and backward: their output
+    is 0 whatever the row holds, and a NaN there (padding) must not reach lse, dz, d hidden or d weight
+    (0·NaN = NaN in dzᵀ·h).
     Vocab splits exist so a GPU has enough programs when N is small (N/BLOCK_N programs alone would leave
     most SMs idle); the combine is exact: logsumexp is associative.
 
@@ -100,7 +103,7 @@ def _linear_fwd_kernel(
     # strides (elements)
     stride_hn, stride_hk, stride_wv, stride_wk,
     # constants
-    inv_t,
+    inv_t, ignore_index,
     HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -108,7 +111,10 @@ def _linear_fwd_kernel(
     split = tl.program_id(1)
     rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     row_mask = rows < N
-    tgt = tl.load(T_ptr + rows, mask=row_mask, other=-1)
+    tgt = tl.load(T_ptr + rows, mask=row_mask, other=ignore_index)
+    # Ignored tokens are computed as if their hidden row were zero (their output is 0 anyway): a NaN/inf
+    # hidden row that nobody scores (padding) then leaves a finite lse, which the backward relies on.
+    live = row_mask & (tgt != ignore_index)
     v_start = split * V_PER_SPLIT
     v_end = tl.minimum(v_start + V_PER_SPLIT, V)
     m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
@@ -117,7 +123,7 @@ def _linear_fwd_kernel(
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
         col_mask = cols < v_end
-        z = _logits_tile(H_ptr, W_ptr, B_ptr, rows, cols, row_mask, col_mask, HD, stride_hn, stride_hk,
+        z = _logits_tile(H_ptr, W_ptr, B_ptr, rows, cols, live, col_mask, HD, stride_hn, stride_hk,
                          stride_wv, stride_wk, inv_t, HAS_BIAS, DOT_DTYPE, INPUT_PRECISION,
                          BLOCK_N, BLOCK_V, BLOCK_K)
         z = tl.where(col_mask[None, :], z, float("-inf"))
@@ -155,15 +161,19 @@ def _linear_bwd_kernel(
     row_mask = rows < N
     col_mask = cols < V
     tgt = tl.load(T_ptr + rows, mask=row_mask, other=ignore_index)
-    lse = tl.load(LSE_ptr + rows, mask=row_mask, other=0.0)
-    g = tl.load(G_ptr + rows, mask=row_mask, other=0.0)
-    gs = tl.where(tgt != ignore_index, g * inv_t, 0.0)
-    z = _logits_tile(H_ptr, W_ptr, B_ptr, rows, cols, row_mask, col_mask, HD, stride_hn, stride_hk,
+    # Rows that carry a gradient. Every load of hidden and every dz below is masked by this, not only by
+    # row_mask: an ignored row's dz is 0·(onehot − p), and 0·NaN = NaN, so a NaN hidden row in padding
+    # (left-padded prompts can produce them) would otherwise reach d weight through dzᵀ·h.
+    live = row_mask & (tgt != ignore_index)
+    lse = tl.load(LSE_ptr + rows, mask=live, other=0.0)
+    g = tl.load(G_ptr + rows, mask=live, other=0.0)
+    gs = tl.where(live, g * inv_t, 0.0)
+    z = _logits_tile(H_ptr, W_ptr, B_ptr, rows, cols, live, col_mask, HD, stride_hn, stride_hk,
                      stride_wv, stride_wk, inv_t, HAS_BIAS, DOT_DTYPE, INPUT_PRECISION,
                      BLOCK_N, BLOCK_V, BLOCK_K)
     onehot = tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0)
     dz = gs[:, None] * (onehot - tl.exp(z - lse[:, None]))
-    dz = tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0)
+    dz = tl.where(live[:, None] & col_mask[None, :], dz, 0.0)
     if COMPUTE_DB:
         tl.atomic_add(DB_ptr + cols, tl.sum(dz, 0), mask=col_mask)
     dz_d = dz.to(DOT_DTYPE)
@@ -174,11 +184,12 @@ def _linear_bwd_kernel(
             w = tl.load(W_ptr + cols[:, None] * stride_wv + ks[None, :] * stride_wk,
                         mask=col_mask[:, None] & k_mask[None, :], other=0.0)
             dh = tl.dot(dz_d, w.to(DOT_DTYPE), input_precision=INPUT_PRECISION)
+            # Ignored rows add exact zeros: skip their atomics (d hidden starts at zero).
             tl.atomic_add(DH_ptr + rows[:, None] * HD + ks[None, :], dh,
-                          mask=row_mask[:, None] & k_mask[None, :])
+                          mask=live[:, None] & k_mask[None, :])
         if COMPUTE_DW:
             h = tl.load(H_ptr + rows[:, None] * stride_hn + ks[None, :] * stride_hk,
-                        mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+                        mask=live[:, None] & k_mask[None, :], other=0.0)
             dw = tl.dot(tl.trans(dz_d), h.to(DOT_DTYPE), input_precision=INPUT_PRECISION)
             tl.atomic_add(DW_ptr + cols[:, None] * HD + ks[None, :], dw,
                           mask=col_mask[:, None] & k_mask[None, :])
@@ -238,7 +249,7 @@ def linear_logprobs_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: to
         args = (hidden, weight, bias if bias is not None else part_lse, targets, part_lse, part_pick,
                 n_tok, vocab, hd, v_per_split,
                 hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-                1.0 / params.temperature)
+                1.0 / params.temperature, params.ignore_index)
         consts = dict(HAS_BIAS=bias is not None, DOT_DTYPE=_dot_dtype(hidden.dtype, interpreted),
                       INPUT_PRECISION="ieee")
         blocks = _blocks(params, interpreted)
