@@ -250,16 +250,17 @@ class TrainConfig:
 @dataclass(kw_only=True)
 class VllmConfig:
     """The vLLM proposal engine (``sampling.engine: vllm``): one engine per rank, colocated with training."""
-    kv_cache_mib: int | None = 512
-    """KV-cache size of each engine in MiB (needed on CPU: vLLM would otherwise ask for 90% of RAM); null on
-    a GPU to size the cache from ``gpu_memory_utilization`` instead."""
+    kv_cache_mib: int | None = None
+    """KV-cache size of each engine in MiB; null: 512 MiB on CPU (vLLM would otherwise ask for 90% of RAM),
+    and on a GPU sized from the memory left when the engine starts (``gpu_memory_utilization``)."""
     gpu_memory_utilization: float = 0.3
-    """Fraction of the rank's GPU the engine may take (weights + KV cache) beside the ZeRO-3 engines, when
-    ``kv_cache_mib`` is null. Ignored on CPU."""
+    """On a GPU with ``kv_cache_mib`` null: the fraction of the memory still free when the engine starts
+    (after the ZeRO-3 engines) that the engine may take for its weights, its own buffers and its KV cache;
+    the rest stays for training's phases. Ignored on CPU."""
     max_model_len: int | None = None
-    """Longest prompt + continuation the engine serves; null: the model's context length."""
-    enforce_eager: bool = True
-    """No CUDA graphs / torch.compile in the engine: starts fast (CPU); set false on GPUs for speed."""
+    """Longest prompt + continuation the engine serves; null: the longest prompt + sampling.max_new_tokens."""
+    enforce_eager: bool | None = None
+    """No CUDA graphs / torch.compile in the engine; null: eager on CPU (starts fast), CUDA graphs on GPUs."""
 
     def __post_init__(self):
         if self.kv_cache_mib is not None and self.kv_cache_mib < 1:
