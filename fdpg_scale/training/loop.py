@@ -32,7 +32,7 @@ from fdpg_scale.training.prompts import load_prompts
 from fdpg_scale.training.backend import ZeroBackend
 from fdpg_scale.training.rollout import describe_logq_source, logq_mismatch_metrics
 from fdpg_scale.training.run_setup import deepspeed_config, prepare_output_dir
-from fdpg_scale.training.sampler import build_vllm_sampler, q_version
+from fdpg_scale.training.sampler import build_vllm_sampler, longest_prompt, q_version
 from fdpg_scale.training.run_log import RunLogger
 from fdpg_scale.training.alignment import alignment_columns, features_of
 from fdpg_scale.training.target_fitting import describe_fit, fit_distributional_task
@@ -107,7 +107,7 @@ def train(cfg: RunConfig) -> None:
                           settings=settings, mode=cfg.sampling.generation_mode, run_seed=cfg.seed, rank=rank,
                           world=world, accumulation=accumulation, micro_batch=cfg.train.micro_batch, prompts=prompts,
                           sampling_batch=cfg.sampling.batch, rescore_logq=cfg.sampling.rescore_logq,
-                          vllm=build_vllm_sampler(cfg, model_dir), q_version=lambda: q_version(cfg, state))
+                          vllm=build_vllm_sampler(cfg, model_dir, prompt_tokens=longest_prompt(prompts)), q_version=lambda: q_version(cfg, state))
     step_settings = StepSettings(divergence=divergence, clip=cfg.divergence.clip,
                                  outside_support_reward=cfg.divergence.outside_support_reward)
     for step in range(state.step, cfg.train.steps):
