@@ -17,11 +17,15 @@ is a function of (chunk seed, weights, prompts, settings) only, never of the eng
 and N ranks draw the same global batch (training/rollout.py numbers the chunks).
 
 Weights: ``load_weights`` pushes (name, tensor) pairs into the running engine without a restart: they travel
-to the engine's worker process as one safetensors blob, to a method that ``WeightPushExtension`` adds to vLLM's
-worker (``worker_extension_cls``, vLLM's hook for RL weight sync: no pickled callables), which hands them to
-vLLM's in-place ``reload_weights``; then the prefix cache, whose KV entries belong to the old weights, is
-dropped. ``refresh_from`` gathers a ZeRO-3 engine's parameters one at a
-time (collective: every rank calls it; each rank pushes into its own engine). A tied head (GPT-2's lm_head
+to the engine's worker process in groups of at most ``PUSH_GROUP_BYTES`` (1 GiB) in the engine's dtype
+(``push_groups``), one safetensors blob per group (one blob of a whole model would exceed msgpack's 4 GiB at
+≥ 1B parameters; tensors themselves cannot be ``collective_rpc`` arguments: vLLM's untyped decoder turns them
+into lists), to
+methods that ``WeightPushExtension`` adds to vLLM's worker (``worker_extension_cls``, vLLM's hook for RL weight
+sync: no pickled callables), which run vLLM's in-place reload over the groups; then the prefix cache, whose KV
+entries belong to the old weights, is dropped. ``refresh_from`` gathers a ZeRO-3 engine's parameters one at a
+time while the push consumes them (collective: every rank calls it; each rank pushes into its own engine), so
+a rank's host holds one group, never the whole model. A tied head (GPT-2's lm_head
 IS wte) is sent under both names: vLLM keeps a separate head tensor on CPU and leaves it on the old weights,
 with only a warning, when ``lm_head.weight`` is missing.
 
@@ -37,7 +41,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -128,15 +132,77 @@ def _weight_bytes(model_dir: Path, dtype_bytes: int) -> int:
 
 
 class WeightPushExtension:
-    """Mixed into vLLM's worker class (``worker_extension_cls``); called by name through ``collective_rpc``."""
+    """Mixed into vLLM's worker class (``worker_extension_cls``); called by name through ``collective_rpc``.
 
-    def fdpg_load_safetensors(self, blob: bytes) -> int:
-        """Reload the model in place from a safetensors blob of full tensors with HF names; -> tensors loaded."""
+    A push is ``fdpg_push_begin``, one ``fdpg_push_group`` per group of tensors, then ``fdpg_push_end``: the three
+    steps of vLLM's own in-place ``reload_weights`` (vllm/model_executor/model_loader/reload/inplace.py:
+    start a layerwise reload, ``model.load_weights``, finalise), with the weights iterator split over several
+    calls so that no call carries more than one group. One ``reload_weights`` per group would not do: each call
+    finalises every layer, so a layer whose tensors span two groups (a fused qkv or gate_up projection) would
+    be processed half loaded, and every layer outside the group logs "Failed to load weights".
+    """
+
+    def fdpg_push_begin(self) -> None:
+        from vllm.model_executor.model_loader.reload.layerwise import initialize_layerwise_reload
+
+        initialize_layerwise_reload(self.model_runner.get_model())
+        self._fdpg_loaded = set()
+
+    def fdpg_push_group(self, blob: bytes) -> int:
+        """Load one group: a safetensors blob of full tensors with Hugging Face names; -> tensors received."""
         from safetensors.torch import load
 
         weights = load(blob)
-        self.reload_weights(weights_iterator=iter(weights.items()))
+        loaded = self.model_runner.get_model().load_weights(iter(weights.items()))
+        self._fdpg_loaded |= set(loaded or ())
         return len(weights)
+
+    def fdpg_push_end(self) -> list[str]:
+        """Finish the reload; -> the model's parameters that no group loaded (sorted; [] when complete)."""
+        from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
+
+        model = self.model_runner.get_model()
+        finalize_layerwise_reload(model, self.model_runner.vllm_config.model_config)
+        for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):  # as reload_weights does
+            if hasattr(self.model_runner, reset):
+                getattr(self.model_runner, reset)()
+        return sorted({name for name, _ in model.named_parameters()} - self._fdpg_loaded)
+
+    def fdpg_square_sums(self) -> dict[str, float]:
+        """Σ w² of each of the engine's parameters, by vLLM's names (a check that a push arrived: invariant to
+        vLLM fusing or transposing checkpoint tensors)."""
+        return {name: float(p.detach().double().square().sum()) for name, p in
+                self.model_runner.get_model().named_parameters()}
+
+
+#: The largest group of tensors one push call carries (msgpack refuses a single bytes object ≥ 4 GiB, and
+#: each group is held on the host once more while it travels).
+PUSH_GROUP_BYTES = 2**30
+
+
+def push_groups(named_tensors: Iterable[tuple[str, torch.Tensor]], *, dtype: torch.dtype,
+                limit_bytes: int = PUSH_GROUP_BYTES) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Consecutive groups of (name, CPU tensor in ``dtype``), each at most ``limit_bytes`` in ``dtype``.
+
+    Streams: each tensor is converted when it is reached (on its device, then copied to the host), so the
+    host holds one group plus one tensor, never the whole model or an fp32 copy of it. A tensor larger than
+    the limit by itself travels alone (below msgpack's 4 GiB for any tensor of < 2G bf16 elements). Tensors
+    that share memory (a tied head given twice) become separate copies (safetensors refuses shared ones).
+    """
+    if limit_bytes < 1:
+        raise ValueError(f"limit_bytes must be ≥ 1, got {limit_bytes}")
+    group: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for name, t in named_tensors:
+        nbytes = t.numel() * torch.finfo(dtype).bits // 8
+        if group and size + nbytes > limit_bytes:
+            yield group
+            group, size = [], 0
+        host = t.detach().to(dtype).to("cpu", copy=True).contiguous()
+        group.append((name, host))
+        size += nbytes
+    if group:
+        yield group
 
 
 def request_seeds(seed: int, n: int) -> list[int]:
@@ -312,45 +378,54 @@ class VllmProposal:
 
     # ------------------------------------------------------------------------------------------- weights
 
-    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, version=None) -> float:
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, version=None,
+                     limit_bytes: int = PUSH_GROUP_BYTES) -> float:
         """Push full (unsharded) tensors, keyed by Hugging Face names, into the running engine; -> seconds.
 
         Every parameter of the model must be given (a tied head under both of its names: see module docstring).
+        They travel in groups of at most ``limit_bytes`` in the engine's dtype (``push_groups``), consumed from
+        ``named_tensors`` one at a time; ``self.last_push_groups`` records each group's bytes.
         """
         from safetensors.torch import save
 
         started = time.perf_counter()
-        weights = {name: t.detach().to("cpu").contiguous() for name, t in named_tensors}
-        if not weights:
+        dtype = torch.bfloat16 if self.settings.dtype == "bfloat16" else torch.float32
+        sent, sizes = 0, []
+        self.llm.collective_rpc("fdpg_push_begin")
+        for group in push_groups(named_tensors, dtype=dtype, limit_bytes=limit_bytes):
+            got = self.llm.collective_rpc("fdpg_push_group", args=(save(dict(group)),))
+            if any(n != len(group) for n in got):
+                raise RuntimeError(f"vLLM workers received {got} tensors of a group of {len(group)}")
+            sent += len(group)
+            sizes.append(sum(t.numel() * t.element_size() for _, t in group))
+        missing = self.llm.collective_rpc("fdpg_push_end")
+        if not sent:
             raise ValueError("load_weights got no tensors")
-        # safetensors refuses tensors that share memory (a tied head given as the same tensor twice): copy those
-        seen: set[int] = set()
-        for name, t in weights.items():
-            if t.data_ptr() in seen:
-                weights[name] = t.clone()
-            seen.add(weights[name].data_ptr())
-        loaded = self.llm.collective_rpc("fdpg_load_safetensors", args=(save(weights),))
-        if any(n != len(weights) for n in loaded):
-            raise RuntimeError(f"vLLM workers loaded {loaded} tensors of {len(weights)} sent")
+        if any(missing):
+            raise RuntimeError(f"vLLM push of {sent} tensors left parameters not loaded: {missing[0][:8]}")
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        self.last_push_groups = sizes
         self.version = version
         return time.perf_counter() - started
 
-    def refresh_from(self, engine, *, version=None) -> float:
+    def refresh_from(self, engine, *, version=None, limit_bytes: int = PUSH_GROUP_BYTES) -> float:
         """q's engine ← a ZeRO-3 engine's current weights (collective: all ranks call); -> seconds.
 
-        Gathers one parameter at a time (``GatheredParameters``), so a rank holds the whole model once, on
-        CPU, plus one gathered parameter.
+        Gathers one parameter at a time (``GatheredParameters``) while the push consumes them, so a rank holds
+        one group (≤ ``limit_bytes``) on the host plus one gathered parameter, in the engine's dtype.
         """
         import deepspeed
 
+        def gathered():
+            # remove_duplicate=False: a tied head is listed under its own name too (lm_head.weight), which vLLM
+            # needs. push_groups copies the tensor to the host while this generator is suspended at the yield,
+            # i.e. inside the context, before the full parameter is released.
+            for name, p in engine.module.hf_model.named_parameters(remove_duplicate=False):
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                    yield name, p.detach()
+
         started = time.perf_counter()
-        weights = []
-        # remove_duplicate=False: a tied head is listed under its own name too (lm_head.weight), which vLLM needs
-        for name, p in engine.module.hf_model.named_parameters(remove_duplicate=False):
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-                weights.append((name, p.detach().to("cpu", torch.float32, copy=True)))
-        self.load_weights(weights, version=version)
+        self.load_weights(gathered(), version=version, limit_bytes=limit_bytes)
         return time.perf_counter() - started
 
     def close(self) -> None:
