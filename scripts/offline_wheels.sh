@@ -75,7 +75,8 @@ for name, deps in requires.items():
 PY
 "$python" - "$root/pyproject.toml" "$work/project.txt" <<'PY'
 import sys, tomllib
-deps = tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]
+project = tomllib.load(open(sys.argv[1], "rb"))["project"]
+deps = project["dependencies"] + project["optional-dependencies"]["test"]  # pytest: the GPU check runs tests
 open(sys.argv[2], "w").write("\n".join(d for d in deps if not d.lower().startswith("deepspeed")) + "\n")
 PY
 # The lock as constraints, minus what the image decides (its torch, triton and transformers).
