@@ -32,7 +32,7 @@ python="${FDPG_PYTHON:-$root/.venv/bin/python}"
 IMAGE="${FDPG_IMAGE_PACKAGES:-torch==2.11.0 triton==3.6.0 transformers==5.17.0 accelerate}"
 # Used by fdpg-scale's offline analysis only (reproduce's t-test, report and reproduce plots): about 55 MiB of
 # wheels together, more than the budget. Training and the GPU check never import them.
-HEAVY_OPTIONAL="scipy matplotlib contourpy fonttools kiwisolver pillow"
+HEAVY_OPTIONAL="scipy matplotlib contourpy fonttools kiwisolver"
 MAX_MIB=48
 started=$(date +%s)
 mkdir -p "$out"
@@ -136,6 +136,28 @@ done < "$work/bundle.txt"
     echo "deepspeed==$ds_version"
     cat "$work/bundle.txt"
 } > "$out/BUNDLE.txt"
+# 4. The bundle is closed: with the image's packages as metadata-only stand-ins, everything the project
+#    needs (but HEAVY_OPTIONAL) installs from the bundle alone (--no-index, a dry run).
+"$python" - "$work/image.json" "$work/image-all" "$work/project.txt" "$HEAVY_OPTIONAL" "$work/needed.txt" <<'PY'
+import json, re, sys, zipfile
+from pathlib import Path
+out = Path(sys.argv[2]); out.mkdir()
+for item in json.load(open(sys.argv[1]))["install"]:
+    name, version = item["metadata"]["name"], item["metadata"]["version"]
+    stem = f"{re.sub(r'[-.]+', '_', name)}-{version}"
+    with zipfile.ZipFile(out / f"{stem}-py3-none-any.whl", "w") as z:
+        z.writestr(f"{stem}.dist-info/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        z.writestr(f"{stem}.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: fdpg-scale\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr(f"{stem}.dist-info/RECORD", "")
+heavy = set(sys.argv[4].split())
+names = [re.split(r"[<>=!~;\[ ]", line.strip())[0] for line in open(sys.argv[3]) if line.strip()]
+open(sys.argv[5], "w").write("\n".join(n for n in names if n not in heavy) + "\n")
+PY
+if ! msg="$("$python" -m pip install --quiet --dry-run --no-index --ignore-installed --target "$work/t2" \
+        "${target[@]}" --find-links "$out" --find-links "$work/image-all" -r "$work/needed.txt" deepspeed 2>&1)"; then
+    echo "$msg" | grep -v -E "^WARNING: Location .* is ignored" | tail -5 >&2
+    die "the bundle is not closed: pip cannot install the project from it and the image alone (above)"
+fi
 mib=$(( $(du -sk "$out" | cut -f1) / 1024 ))
 echo "offline_wheels: $(ls "$out"/*.whl | wc -l) wheels, ${mib} MiB in $out, $(( $(date +%s) - started )) s"
 [ "$mib" -le "$MAX_MIB" ] || die "the bundle is ${mib} MiB, above the ${MAX_MIB} MiB budget"
