@@ -32,6 +32,7 @@ per-section writes that way. Its figures say nothing about a GPU.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -149,8 +150,10 @@ def run_sections(out: Path, names: list[str], *, dry_run: bool, budget: float, l
             log, _ = proc.communicate()
             rc = None
         (out / "sections" / f"{name}.log").write_text(log)
-        if result_file.is_file():
+        if result_file.is_file():  # complete, or what a section stopped at its limit had written so far
             result = json.loads(result_file.read_text())
+            if rc is None:
+                result.update(status="timeout", reason=f"stopped at its {limit:.0f} s limit (rows so far kept)")
         elif rc is None:
             result = {"status": "timeout", "reason": f"stopped at its {limit:.0f} s limit", "log_tail": log[-2000:]}
         else:
@@ -307,8 +310,11 @@ def section_compiled_tests(dev: str, dry: bool, work: Path) -> dict:
             "tail": proc.stdout[-1500:]}
 
 
-def _timing_rows(shapes, dev: str, dry: bool, reps: int) -> list[dict]:
-    """fwd+bwd of each path at each shape, in this process (autotuning once per kernel and shape)."""
+def _timing_rows(shapes, dev: str, dry: bool, reps: int, partial: Path | None = None) -> list[dict]:
+    """fwd+bwd of each path at each shape, in this process (autotuning once per kernel and shape).
+
+    partial: rewritten after every row ({"status": "partial", "rows": [...]}), so that a section stopped at
+    its limit (the first Triton call autotunes and compiles for a minute or more) keeps the rows it has."""
     import torch
 
     from fdpg_scale.kernels.linear_logprobs import LinearLogprobsParams, LinearLogprobsTriton
@@ -340,6 +346,8 @@ def _timing_rows(shapes, dev: str, dry: bool, reps: int) -> list[dict]:
                 if dev == "cuda":
                     torch.cuda.empty_cache()
             rows.append(row)
+            if partial is not None:
+                partial.write_text(json.dumps({"status": "partial", "rows": rows}, indent=1))
         del hidden, weight
         if dev == "cuda":
             torch.cuda.empty_cache()
@@ -396,13 +404,14 @@ def _time_fwd_bwd(fn, hidden, weight, g, dev: str, reps: int) -> dict:
     return row
 
 
-def section_timing(dev: str, dry: bool, work: Path) -> dict:
-    rows = _timing_rows([TINY["timing"] if dry else TIMING_SHAPE], dev, dry, reps=2 if dry else 5)
+def section_timing(dev: str, dry: bool, work: Path, partial: Path | None = None) -> dict:
+    rows = _timing_rows([TINY["timing"] if dry else TIMING_SHAPE], dev, dry, reps=2 if dry else 5, partial=partial)
     return {"status": "ok" if all("time_ms" in r for r in rows if r["path"] != "naive") else "failed", "rows": rows}
 
 
-def section_more_shapes(dev: str, dry: bool, work: Path) -> dict:
-    rows = _timing_rows(TINY["more_shapes"] if dry else MORE_SHAPES, dev, dry, reps=2 if dry else 5)
+def section_more_shapes(dev: str, dry: bool, work: Path, partial: Path | None = None) -> dict:
+    rows = _timing_rows(TINY["more_shapes"] if dry else MORE_SHAPES, dev, dry, reps=2 if dry else 5,
+                        partial=partial)
     return {"status": "ok" if all("time_ms" in r for r in rows if r["path"] != "naive") else "failed", "rows": rows}
 
 
@@ -428,6 +437,8 @@ def section_dw_repeat(dev: str, dry: bool, work: Path) -> dict:
 
 def _inputs(n: int, h: int, v: int, dtype: torch.dtype, device: str, seed: int = 0):
     """hidden [n, h] and weight [v, h] of unit-scale logits (std ≈ 3), targets [n], upstream gradient g [n]."""
+    import torch
+
     gen = torch.Generator(device="cpu").manual_seed(seed)
     hidden = torch.randn(n, h, generator=gen).to(device=device, dtype=dtype)
     weight = (torch.randn(v, h, generator=gen) * (3.0 / math.sqrt(h))).to(device=device, dtype=dtype)
@@ -438,6 +449,8 @@ def _inputs(n: int, h: int, v: int, dtype: torch.dtype, device: str, seed: int =
 
 def _reference64(hidden, weight, targets, g, rows, chunk: int):
     """float64 log-probs [N], dh [N, H] and dW[rows] [R, H] of out·g, chunked over tokens (no [N, V] fp64)."""
+    import torch
+
     w64 = weight.double()
     out = torch.empty(hidden.shape[0], dtype=torch.float64, device=hidden.device)
     dh = torch.empty(hidden.shape, dtype=torch.float64, device=hidden.device)
@@ -457,11 +470,15 @@ def _reference64(hidden, weight, targets, g, rows, chunk: int):
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    import torch
+
     return float((a.double() - b).norm() / b.norm().clamp_min(1e-300))
 
 
 def check_large_index(shapes, dtype: torch.dtype, device: str, chunk: int) -> dict:
     """Fused log-probs and gradients at shapes whose flat offsets pass 2^31, against float64."""
+    import torch
+
     from fdpg_scale.kernels import linear_token_logprobs
 
     rows_out = []
@@ -492,6 +509,8 @@ def check_large_index(shapes, dtype: torch.dtype, device: str, chunk: int) -> di
 
 def check_dw_repeat(shape, dtype: torch.dtype, device: str, repeats: int = 3) -> dict:
     """The same fwd+bwd ``repeats`` times: bitwise-equal dW? max |dW_i − dW_0| relative to max |dW_0|."""
+    import torch
+
     from fdpg_scale.kernels import linear_token_logprobs
 
     n, h, v = shape
@@ -515,16 +534,15 @@ def check_dw_repeat(shape, dtype: torch.dtype, device: str, repeats: int = 3) ->
 def _run_one(name: str, out: Path, work: Path, dry: bool) -> int:
     """Child process: run one section, write DIR/sections/NAME.json (status, figures or the error)."""
     fn = globals()[f"section_{name}"]
-    # torch is imported in section processes only (the --no-gpu summary needs no torch); the float64 checks
-    # below refer to it as a module global.
-    import torch
-    globals()["torch"] = torch
+    result_file = out / "sections" / f"{name}.json"
+    # sections that write partial results as they go get the file (timing: the rows so far)
+    kwargs = {"partial": result_file} if "partial" in inspect.signature(fn).parameters else {}
     try:
-        result = fn("cpu" if dry else "cuda", dry, work)
+        result = fn("cpu" if dry else "cuda", dry, work, **kwargs)
         result.setdefault("status", "ok")
     except Exception as err:  # the finding is the error itself
         result = {"status": "failed", "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
-    (out / "sections" / f"{name}.json").write_text(json.dumps(result, indent=1, default=str))
+    result_file.write_text(json.dumps(result, indent=1, default=str))
     return 0
 
 

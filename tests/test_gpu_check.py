@@ -122,3 +122,16 @@ def test_dry_run_every_section_through_the_script(tmp_path):
     assert {r["path"] for r in sections["timing"]["rows"]} == {"naive", "torch"}
     assert all(r["ok"] for r in sections["large_index"]["rows"])
     assert summary["meta"]["verdict"] == "all sections ok" and summary["meta"]["elapsed_s"] < 540
+
+
+def test_a_timing_section_stopped_at_its_limit_keeps_its_rows(tmp_path, monkeypatch):
+    gc = _gpu_check_module()
+    monkeypatch.setattr(gc.os, "environ", _env())
+    # the dry run's timing rows are written as they come; a limit that ends the section after its first rows
+    # (the naive path at a shape big enough for a few seconds on CPU) keeps them with status timeout
+    out = tmp_path / "out"
+    (out / "sections").mkdir(parents=True)
+    partial = out / "sections" / "timing.json"
+    rows = gc._timing_rows([(64, 32, 1009)], "cpu", True, reps=1, partial=partial)
+    saved = json.loads(partial.read_text())
+    assert saved["status"] == "partial" and [r["path"] for r in saved["rows"]] == [r["path"] for r in rows]
