@@ -51,13 +51,17 @@ fi
 [ -n "$wheels" ] || die "--wheels DIR (scripts/offline_wheels.sh) is required on a GPU node"
 [ -d "$wheels" ] || die "--wheels $wheels is not a directory"
 
-# Install: the bundle without an index, then the project without dependencies. Its record is install.json.
+# Install: the bundle without an index (what the node already has is kept), the bundle's setuptools inside the
+# venv (an image's old one may not build editable installs), then the project without dependencies.
+# Its record is install.json.
 log="$out/install.log"
 install_status=ok
 {
     "$python" -m venv --system-site-packages "$venv" \
     && "$venv/bin/python" -m pip install --no-index --find-links "$wheels" --disable-pip-version-check \
         $(grep -v '^#' "$wheels/BUNDLE.txt" | cut -d= -f1) \
+    && "$venv/bin/python" -m pip install --no-index --find-links "$wheels" --disable-pip-version-check \
+        --upgrade setuptools \
     && "$venv/bin/python" -m pip install --no-index --no-deps --no-build-isolation --disable-pip-version-check \
         -e "$root" \
     && "$venv/bin/python" -c "import deepspeed, fdpg_scale.kernels, transformers; print('imports ok')"
