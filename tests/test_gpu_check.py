@@ -99,7 +99,7 @@ def test_section_limits_fit_the_total_budget():
     limits = dict(gc.SECTIONS)
     assert list(limits)[:6] == ["probe", "smoke_train", "srun_env", "padded_llama", "compiled_tests", "timing"]
     assert all(0 < s <= gc.TOTAL_SECONDS for s in limits.values())
-    # the sections the issue of a first GPU run needs most fit the budget together, with the install's time
+    # the sections a first GPU run needs most fit the budget together, with the install's time
     assert sum(limits[n] for n in ("probe", "smoke_train", "srun_env", "padded_llama")) <= 540 - 120
 
 
