@@ -14,6 +14,9 @@ forward  (grid: token blocks × vocab splits)
     per split: lse_s = m + log S, pick_s. The launcher combines the splits (a [splits, N] array, tiny):
         lse = logsumexp_s lse_s,  out = Σ_s pick_s − lse   (0 where t == ignore_index)
     Saved for backward: lse [N] only (plus the inputs).
+    Ignored tokens (t == ignore_index) read their hidden row as zeros, forward and backward: their output
+    is 0 whatever the row holds, and a NaN there (padding) must not reach lse, dz, d hidden or d weight
+    (0·NaN = NaN in dzᵀ·h).
     Vocab splits exist so a GPU has enough programs when N is small (N/BLOCK_N programs alone would leave
     most SMs idle); the combine is exact: logsumexp is associative.
 
@@ -40,6 +43,8 @@ matter). Everything after the dot (lse, softmax, dz) is fp32.
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +53,30 @@ import triton.language as tl
 
 from ._triton_utils import check_triton_device, is_interpreted, resolve_impl
 from .reference import IGNORE_INDEX, check_linear_inputs, linear_token_logprobs_torch
+
+# Memory ordering of the backward's atomic adds. Each add is an independent fp32 accumulation that nothing
+# reads before the kernel ends, so no ordering is needed and "relaxed" is correct; Triton's default is
+# "acq_rel", a fence per atomic. At 8192 tokens × 4096 hidden × 131072 vocab the backward issues about
+# 6.9e10 of them, so the ordering may cost more than the tensor-core math; public reports give 1.3–2× from
+# "relaxed". It stays "acq_rel" until measured on a GPU (benchmarks/README.md, "GPU"). The switch, for the
+# whole process: FDPG_TRITON_ATOMICS=relaxed|acq_rel, read here once at import and logged when set; code
+# may also pass LinearLogprobsParams(atomic_sem=...) (scripts/gpu_check.sh times both).
+ATOMIC_SEMS = ("acq_rel", "relaxed")
+ATOMICS_ENV = "FDPG_TRITON_ATOMICS"
+
+
+def _atomic_sem_from_env() -> str:
+    value = os.environ.get(ATOMICS_ENV)
+    if value is None:
+        return "acq_rel"
+    if value not in ATOMIC_SEMS:
+        raise ValueError(f"{ATOMICS_ENV}={value!r}: must be one of {ATOMIC_SEMS}")
+    logging.getLogger(__name__).warning("%s=%s: the fused linear log-prob backward uses %s atomic adds",
+                                        ATOMICS_ENV, value, value)
+    return value
+
+
+DEFAULT_ATOMIC_SEM = _atomic_sem_from_env()
 
 # Block sizes when interpreting (autotune needs a GPU driver). Small enough that odd test shapes hit
 # partial blocks in every dimension, large enough to keep the interpreter's per-op overhead bearable.
@@ -100,7 +129,7 @@ def _linear_fwd_kernel(
     # strides (elements)
     stride_hn, stride_hk, stride_wv, stride_wk,
     # constants
-    inv_t,
+    inv_t, ignore_index,
     HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -108,7 +137,10 @@ def _linear_fwd_kernel(
     split = tl.program_id(1)
     rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     row_mask = rows < N
-    tgt = tl.load(T_ptr + rows, mask=row_mask, other=-1)
+    tgt = tl.load(T_ptr + rows, mask=row_mask, other=ignore_index)
+    # Ignored tokens are computed as if their hidden row were zero (their output is 0 anyway): a NaN/inf
+    # hidden row that nobody scores (padding) then leaves a finite lse, which the backward relies on.
+    live = row_mask & (tgt != ignore_index)
     v_start = split * V_PER_SPLIT
     v_end = tl.minimum(v_start + V_PER_SPLIT, V)
     m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
@@ -117,7 +149,7 @@ def _linear_fwd_kernel(
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
         col_mask = cols < v_end
-        z = _logits_tile(H_ptr, W_ptr, B_ptr, rows, cols, row_mask, col_mask, HD, stride_hn, stride_hk,
+        z = _logits_tile(H_ptr, W_ptr, B_ptr, rows, cols, live, col_mask, HD, stride_hn, stride_hk,
                          stride_wv, stride_wk, inv_t, HAS_BIAS, DOT_DTYPE, INPUT_PRECISION,
                          BLOCK_N, BLOCK_V, BLOCK_K)
         z = tl.where(col_mask[None, :], z, float("-inf"))
@@ -143,7 +175,7 @@ def _linear_bwd_kernel(
     # constants
     inv_t, ignore_index,
     HAS_BIAS: tl.constexpr, COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, ATOMIC_SEM: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -155,17 +187,21 @@ def _linear_bwd_kernel(
     row_mask = rows < N
     col_mask = cols < V
     tgt = tl.load(T_ptr + rows, mask=row_mask, other=ignore_index)
-    lse = tl.load(LSE_ptr + rows, mask=row_mask, other=0.0)
-    g = tl.load(G_ptr + rows, mask=row_mask, other=0.0)
-    gs = tl.where(tgt != ignore_index, g * inv_t, 0.0)
-    z = _logits_tile(H_ptr, W_ptr, B_ptr, rows, cols, row_mask, col_mask, HD, stride_hn, stride_hk,
+    # Rows that carry a gradient. Every load of hidden and every dz below is masked by this, not only by
+    # row_mask: an ignored row's dz is 0·(onehot − p), and 0·NaN = NaN, so a NaN hidden row in padding
+    # (left-padded prompts can produce them) would otherwise reach d weight through dzᵀ·h.
+    live = row_mask & (tgt != ignore_index)
+    lse = tl.load(LSE_ptr + rows, mask=live, other=0.0)
+    g = tl.load(G_ptr + rows, mask=live, other=0.0)
+    gs = tl.where(live, g * inv_t, 0.0)
+    z = _logits_tile(H_ptr, W_ptr, B_ptr, rows, cols, live, col_mask, HD, stride_hn, stride_hk,
                      stride_wv, stride_wk, inv_t, HAS_BIAS, DOT_DTYPE, INPUT_PRECISION,
                      BLOCK_N, BLOCK_V, BLOCK_K)
     onehot = tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0)
     dz = gs[:, None] * (onehot - tl.exp(z - lse[:, None]))
-    dz = tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0)
+    dz = tl.where(live[:, None] & col_mask[None, :], dz, 0.0)
     if COMPUTE_DB:
-        tl.atomic_add(DB_ptr + cols, tl.sum(dz, 0), mask=col_mask)
+        tl.atomic_add(DB_ptr + cols, tl.sum(dz, 0), mask=col_mask, sem=ATOMIC_SEM)
     dz_d = dz.to(DOT_DTYPE)
     for k0 in range(0, HD, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -174,21 +210,22 @@ def _linear_bwd_kernel(
             w = tl.load(W_ptr + cols[:, None] * stride_wv + ks[None, :] * stride_wk,
                         mask=col_mask[:, None] & k_mask[None, :], other=0.0)
             dh = tl.dot(dz_d, w.to(DOT_DTYPE), input_precision=INPUT_PRECISION)
+            # Ignored rows add exact zeros: skip their atomics (d hidden starts at zero).
             tl.atomic_add(DH_ptr + rows[:, None] * HD + ks[None, :], dh,
-                          mask=row_mask[:, None] & k_mask[None, :])
+                          mask=live[:, None] & k_mask[None, :], sem=ATOMIC_SEM)
         if COMPUTE_DW:
             h = tl.load(H_ptr + rows[:, None] * stride_hn + ks[None, :] * stride_hk,
-                        mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+                        mask=live[:, None] & k_mask[None, :], other=0.0)
             dw = tl.dot(tl.trans(dz_d), h.to(DOT_DTYPE), input_precision=INPUT_PRECISION)
             tl.atomic_add(DW_ptr + cols[:, None] * HD + ks[None, :], dw,
-                          mask=col_mask[:, None] & k_mask[None, :])
+                          mask=col_mask[:, None] & k_mask[None, :], sem=ATOMIC_SEM)
 
 
 # The token count N is left out of the autotune keys on purpose: it changes with every batch (packed or
 # padded sequences) and re-tuning per distinct N would cost seconds each time; V and H are fixed per model.
 _linear_fwd_tuned = triton.autotune(configs=_FWD_CONFIGS, key=["V", "HD", "HAS_BIAS"])(_linear_fwd_kernel)
 # Autotuning runs the kernel several times: the atomic accumulators must be zeroed before each run.
-_linear_bwd_tuned = triton.autotune(configs=_BWD_CONFIGS, key=["V", "HD", "HAS_BIAS"],
+_linear_bwd_tuned = triton.autotune(configs=_BWD_CONFIGS, key=["V", "HD", "HAS_BIAS", "ATOMIC_SEM"],
                                     reset_to_zero=["DH_ptr", "DW_ptr", "DB_ptr"])(_linear_bwd_kernel)
 
 
@@ -238,7 +275,7 @@ def linear_logprobs_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: to
         args = (hidden, weight, bias if bias is not None else part_lse, targets, part_lse, part_pick,
                 n_tok, vocab, hd, v_per_split,
                 hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-                1.0 / params.temperature)
+                1.0 / params.temperature, params.ignore_index)
         consts = dict(HAS_BIAS=bias is not None, DOT_DTYPE=_dot_dtype(hidden.dtype, interpreted),
                       INPUT_PRECISION="ieee")
         blocks = _blocks(params, interpreted)
@@ -271,7 +308,8 @@ def linear_logprobs_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: t
                 n_tok, vocab, hd, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
                 1.0 / params.temperature, params.ignore_index)
         consts = dict(HAS_BIAS=bias is not None, COMPUTE_DH=need_h, COMPUTE_DW=need_w, COMPUTE_DB=need_b,
-                      DOT_DTYPE=_dot_dtype(hidden.dtype, interpreted), INPUT_PRECISION="ieee")
+                      DOT_DTYPE=_dot_dtype(hidden.dtype, interpreted), INPUT_PRECISION="ieee",
+                      ATOMIC_SEM=params.atomic_sem)
         blocks = _blocks(params, interpreted)
         if blocks is not None:
             grid = (triton.cdiv(n_tok, blocks["BLOCK_N"]) * triton.cdiv(vocab, blocks["BLOCK_V"]),)
@@ -303,8 +341,13 @@ class LinearLogprobsParams:
     """Hidden elements per tl.dot step (power of two ≥ 16)."""
     num_splits: int | None = None
     """Vocab splits of the forward grid; None: enough programs to fill the GPU (2 when interpreting)."""
+    atomic_sem: str = DEFAULT_ATOMIC_SEM
+    """Memory ordering of the backward's atomic adds: "acq_rel" (Triton's default) or "relaxed" (see
+    ``ATOMICS_ENV``). Default: the process's ``FDPG_TRITON_ATOMICS``, else "acq_rel"."""
 
     def __post_init__(self):
+        if self.atomic_sem not in ATOMIC_SEMS:
+            raise ValueError(f"atomic_sem must be one of {ATOMIC_SEMS}, got {self.atomic_sem!r}")
         if self.block_v is not None and (self.block_v > _SPLIT_ALIGN or _SPLIT_ALIGN % self.block_v):
             raise ValueError(f"block_v must be a power of two ≤ {_SPLIT_ALIGN}, got {self.block_v}")
 

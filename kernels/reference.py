@@ -15,6 +15,9 @@ With an upstream gradient g (one number per token) the logit gradient is dz = g�
     d bias   = Σ_tokens dz
 
 Tokens whose target is ``ignore_index`` (−100) get log-prob 0 and no gradient (g is zeroed for them).
+Zeroing g alone is not enough: 0·NaN = NaN, so a NaN in an ignored row (padding) would still reach the
+gradients. The linear op therefore reads an ignored token's hidden row as zeros (forward and backward,
+so its lse stays finite and consistent), and the token op's backward writes exact zeros for its rows.
 
 Memory: neither reference holds the full [N, V] logits; each saves only the per-token lse (and the
 inputs). The linear op runs forward and backward over the same tiles, token blocks (``LINEAR_TOKENS``) ×
@@ -246,6 +249,14 @@ def _linear_chunk(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, inv_
     return torch.addmm(b, h, w.t(), beta=inv_t, alpha=inv_t, out=out)
 
 
+def _live_rows(h: torch.Tensor, valid: torch.Tensor, cd: torch.dtype) -> torch.Tensor:
+    """h [n, H] in the compute dtype with the rows of ignored tokens (valid [n] False) set to zero.
+
+    A fresh tensor (never a view of the caller's hidden), [n, H]: small next to the [n, V] chunk math.
+    """
+    return torch.where(valid[:, None], h.to(cd), 0.0)
+
+
 class LinearLogprobsTorch(torch.autograd.Function):
     """Chunked log softmax((h·Wᵀ + b)/T)[t] with a backward that recomputes each chunk's logits."""
 
@@ -267,7 +278,7 @@ class LinearLogprobsTorch(torch.autograd.Function):
         for s in range(0, n_tok, tok_rows):
             e = min(s + tok_rows, n_tok)
             n = e - s
-            h = hidden[s:e].to(cd)
+            h = _live_rows(hidden[s:e], valid[s:e], cd)
             m = torch.full((n,), float("-inf"), dtype=cd, device=hidden.device)
             acc = torch.zeros(n, dtype=cd, device=hidden.device)
             picked = torch.zeros(n, dtype=cd, device=hidden.device)
@@ -313,7 +324,7 @@ class LinearLogprobsTorch(torch.autograd.Function):
         for s in range(0, n_tok, tok_rows):
             e = min(s + tok_rows, n_tok)
             n = e - s
-            h = hidden[s:e].to(cd)
+            h = _live_rows(hidden[s:e], valid[s:e], cd)
             neg_gs = -gs[s:e]
             h_neg_gs = h * neg_gs[:, None] if (dw is not None) else None
             for v0 in range(0, vocab, cols):
@@ -410,6 +421,8 @@ class TokenLogprobsTorch(torch.autograd.Function):
             z = _scaled_copy(logits[s:e], inv_t, buf[: e - s])
             dz = _neg_scaled_softmax_(z, gs[s:e])
             dz.scatter_add_(1, tgt[s:e, None], gs[s:e, None])  # + gs·onehot(t)
+            # Ignored rows: exact zeros, not 0·softmax(row), which is NaN when the row holds a NaN.
+            dz[~valid[s:e]] = 0.0
             dlogits[s:e] = dz
         return dlogits, None, None
 

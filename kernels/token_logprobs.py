@@ -78,12 +78,14 @@ def _token_bwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     tgt = tl.load(T_ptr + row)
     lse = tl.load(LSE_ptr + row)
-    gs = tl.where(tgt != ignore_index, tl.load(G_ptr + row) * inv_t, 0.0)
+    live = tgt != ignore_index
+    gs = tl.where(live, tl.load(G_ptr + row) * inv_t, 0.0)
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         mask = cols < V
         x = tl.load(Z_ptr + row * stride_zn + cols, mask=mask, other=0.0).to(tl.float32) * inv_t
-        dz = gs * (tl.where(cols == tgt, 1.0, 0.0) - tl.exp(x - lse))
+        # An ignored row gets exact zeros: gs = 0 alone gives 0·NaN = NaN when the row holds a NaN.
+        dz = tl.where(live, gs * (tl.where(cols == tgt, 1.0, 0.0) - tl.exp(x - lse)), 0.0)
         tl.store(DZ_ptr + row * stride_dn + cols, dz.to(DZ_ptr.dtype.element_ty), mask=mask)
 
 

@@ -20,6 +20,10 @@ Resident all along:
 
 Then one phase at a time, so the peak is the resident parts plus the largest phase:
 
+- with ``sampling.engine: vllm`` instead of the generation phase below, resident: the engine's full copy of
+  q, P·b; its own buffers (activations, CUDA graphs), an allowance of VLLM_GPU_OVERHEAD_BYTES; its KV cache,
+  ``sampling.vllm.kv_cache_mib`` or else at least 2·L·n_kv·d_head·s'·B·b for the B sequences of one call,
+  s' = ``sampling.vllm.max_model_len`` or s (the engine takes more when free memory allows);
 - generation: the gathered model P·b (``sampling.generation_mode: gathered``; ``sharded`` gathers about one
   layer at a time: the largest layer's parameters); the KV cache 2·L·n_kv·d_head·s·B·b for the
   B = ``sampling.batch`` sequences of one generate call; the fp32 [B, V] logits of a step, ×4 (generate's
@@ -206,10 +210,12 @@ def plan_memory(cfg: RunConfig, arch: Architecture, *, nodes: int, gpus_per_node
         "parameters (proposal)": ("resident", 0 if (offload_par or cfg.train.on_policy) else shard * b),
         "parameters (base)": ("resident", 0 if offload_par else shard * b),
         "gradient reduce bucket": ("resident", int(zero.get("reduce_bucket_size", 5 * 10 ** 8)) * g),
-        f"gathered for generation ({cfg.sampling.generation_mode})": ("generation", gathered),
-        f"KV cache (generation, {sampling_batch} sequences)": (
-            "generation", 2 * L * arch.kv_heads * arch.head_dim * s * sampling_batch * b),
-        "logits (generation, fp32)": ("generation", 4 * sampling_batch * arch.vocab * 4),
+        **(_vllm_parts(cfg, arch, P=P, seq_len=s, sampling_batch=sampling_batch, b=b)
+           if cfg.sampling.engine == "vllm" else {
+            f"gathered for generation ({cfg.sampling.generation_mode})": ("generation", gathered),
+            f"KV cache (generation, {sampling_batch} sequences)": (
+                "generation", 2 * L * arch.kv_heads * arch.head_dim * s * sampling_batch * b),
+            "logits (generation, fp32)": ("generation", 4 * sampling_batch * arch.vocab * 4)}),
         "live-parameter cache (ZeRO-3)": ("training", live * b),
         "activations (training)": ("training", int(act)),
         "fused head backward (dW fp32 + cast, dh)": ("training", arch.vocab * h * (4 + b) + m * s * h * 4),
@@ -223,6 +229,29 @@ def plan_memory(cfg: RunConfig, arch: Architecture, *, nodes: int, gpus_per_node
     return MemoryPlan(parameters=P, world_size=world, seq_len=s, gpu={k: v for k, (_, v) in parts.items()},
                       phase={k: ph for k, (ph, _) in parts.items()}, host=host,
                       gpu_memory_gib=gpu_memory_gib, reserve_gib=reserve_gib)
+
+
+def _vllm_parts(cfg: RunConfig, arch: Architecture, *, P: int, seq_len: int, sampling_batch: int,
+                b: int) -> dict[str, tuple[str, int]]:
+    """The vLLM engine's resident parts (``sampling.engine: vllm``), which replace the hf generation phase.
+
+    The engine keeps a full copy of q (P·b), its own buffers (VLLM_GPU_OVERHEAD_BYTES) and a KV cache:
+    ``sampling.vllm.kv_cache_mib`` when set, else at least what one generate call's ``sampling_batch``
+    sequences of ``seq_len`` tokens need (the engine then takes more if the free memory allows:
+    distributed/vllm_engine.gpu_kv_cache_bytes).
+    """
+    from fdpg_scale.distributed.vllm_engine import VLLM_GPU_OVERHEAD_BYTES
+
+    v = cfg.sampling.vllm
+    if v.kv_cache_mib is not None:
+        kv_key, kv = f"KV cache (vLLM, sampling.vllm.kv_cache_mib={v.kv_cache_mib})", v.kv_cache_mib * 2**20
+    else:
+        length = v.max_model_len or seq_len
+        kv_key = f"KV cache (vLLM, at least {sampling_batch} sequences of {length} tokens)"
+        kv = 2 * arch.layers * arch.kv_heads * arch.head_dim * length * sampling_batch * b
+    return {"parameters (vLLM copy of q)": ("resident", P * b),
+            "vLLM buffers (activations, CUDA graphs)": ("resident", VLLM_GPU_OVERHEAD_BYTES),
+            kv_key: ("resident", kv)}
 
 
 def resolve_architecture_file(cfg: RunConfig, config_path: str | Path, arch_name: str | None) -> Path:

@@ -42,9 +42,19 @@ class LaunchInfo:
     master_port: int
     source: str
 
-    def env(self) -> dict[str, str]:
-        """The variables torch.distributed's env:// rendezvous reads."""
-        return {"RANK": str(self.rank), "WORLD_SIZE": str(self.world_size), "LOCAL_RANK": str(self.local_rank),
+    def env(self, visible_gpus: int | None = None) -> dict[str, str]:
+        """The variables torch.distributed's env:// rendezvous and DeepSpeed read.
+
+        visible_gpus: the GPUs this process sees (None on CPU). DeepSpeed takes ``LOCAL_RANK`` as a device
+        ordinal: ``init_process_group(device_id=...)`` (deepspeed/comm/torch.py), ``zero.Init``'s
+        ``set_device(LOCAL_RANK)`` (runtime/zero/partition_parameters.py) and the engine's device
+        (runtime/engine.py). With one GPU per task (``srun --gpus-per-task=1``) the SLURM local id runs up to
+        the node's task count while each task sees one device, so ``LOCAL_RANK`` is exported as the index
+        among the visible GPUs (``device_index``), never the raw local id. ``self.local_rank`` keeps the
+        position on the node.
+        """
+        local = self.local_rank if visible_gpus is None else device_index(self.local_rank, visible_gpus)
+        return {"RANK": str(self.rank), "WORLD_SIZE": str(self.world_size), "LOCAL_RANK": str(local),
                 "MASTER_ADDR": self.master_addr, "MASTER_PORT": str(self.master_port)}
 
 
@@ -164,10 +174,11 @@ def init_distributed(env: Mapping[str, str] | None = None) -> LaunchInfo:
     from deepspeed.accelerator import get_accelerator
 
     info = resolve_launch(os.environ if env is None else env)
-    os.environ.update(info.env())
     accel = get_accelerator()
-    if accel.device_name() == "cuda":
-        accel.set_device(device_index(info.local_rank, accel.device_count()))
+    visible = accel.device_count() if accel.device_name() == "cuda" else None
+    os.environ.update(info.env(visible_gpus=visible))
+    if visible is not None:
+        accel.set_device(device_index(info.local_rank, visible))
         backend = "nccl"
     elif accel.device_name() == "cpu":
         backend = "gloo"

@@ -45,12 +45,14 @@ class VllmEngineOptions:
     """How a vLLM engine is started, as a user chooses it (``sampling.vllm.*`` in the run config); the engine's
     full settings (``vllm_engine.VllmEngineSettings``) add what the run derives: dtype and KV-cache bytes."""
     gpu_memory_utilization: float = 0.3
-    """Fraction of the rank's GPU the engine may take (weights + KV cache) beside the ZeRO-3 engines, when no
-    KV-cache size is given. Ignored on CPU."""
+    """On a GPU with no KV-cache size given: the fraction of the memory still free when the engine starts
+    (after the ZeRO-3 engines) that it may take for its weights, its own buffers and its KV cache; the rest
+    stays for training's phases. Ignored on CPU."""
     max_model_len: int | None = None
-    """Longest prompt + continuation the engine serves; null: the model's context length."""
-    enforce_eager: bool = True
-    """No CUDA graphs / torch.compile in the engine: starts fast (CPU); set false on GPUs for speed."""
+    """Longest prompt + continuation the engine serves; null: the model's context length (the run config
+    passes the longest prompt + ``sampling.max_new_tokens``)."""
+    enforce_eager: bool | None = None
+    """No CUDA graphs / torch.compile in the engine; null: eager on CPU (starts fast), CUDA graphs on GPUs."""
 
     def __post_init__(self):
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

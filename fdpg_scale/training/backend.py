@@ -15,7 +15,7 @@ import torch
 from fdpg_scale.core.collectives import LocalCollective, TorchDistCollective
 from fdpg_scale.core.step import Draws
 from fdpg_scale.distributed.engines import copy_policy_into_proposal, sequence_logprobs, train_step
-from fdpg_scale.distributed.launch import all_gather_rows
+from fdpg_scale.distributed.launch import all_gather_rows, device
 from fdpg_scale.distributed.vllm_engine import VllmProposal
 from fdpg_scale.targets.tasks import Task
 from fdpg_scale.training.prompts import PromptSet
@@ -59,7 +59,8 @@ class ZeroBackend:
         self.vllm, self.q_version = vllm, q_version
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         self.collective = TorchDistCollective() if distributed else LocalCollective()
-        self.timer = PhaseTimer()
+        self._device = device()  # the timer synchronises it around each phase when it is a GPU
+        self.timer = PhaseTimer(self._device)
         self._stepped = False
 
     @property
@@ -69,7 +70,7 @@ class ZeroBackend:
 
     def sample(self, step: int) -> list[Draws]:
         """This rank's ``accumulation`` micro-batches of step ``step``, sampled and scored (collective)."""
-        self.timer = PhaseTimer()
+        self.timer = PhaseTimer(self._device)
         if self.vllm is not None and self.vllm.version != self.q_version():   # q changed: push it (collective)
             with self.timer.phase("refresh"):
                 self.vllm.refresh_from(self.sampler, version=self.q_version())

@@ -259,10 +259,11 @@ def _checked(section: str, check) -> None:
 class VllmConfig(VllmEngineOptions):
     """The vLLM proposal engine (``sampling.engine: vllm``): one engine per rank, colocated with training.
     Its options beyond the KV cache (``gpu_memory_utilization``, ``max_model_len``, ``enforce_eager``) are
-    the engine's own (``distributed.settings.VllmEngineOptions``)."""
-    kv_cache_mib: int | None = 512
-    """KV-cache size of each engine in MiB (needed on CPU: vLLM would otherwise ask for 90% of RAM); null on
-    a GPU to size the cache from ``gpu_memory_utilization`` instead."""
+    the engine's own (``distributed.settings.VllmEngineOptions``); ``max_model_len`` null here means the
+    longest prompt + ``sampling.max_new_tokens``."""
+    kv_cache_mib: int | None = None
+    """KV-cache size of each engine in MiB; null: 512 MiB on CPU (vLLM would otherwise ask for 90% of RAM),
+    and on a GPU sized from the memory left when the engine starts (``gpu_memory_utilization``)."""
 
     def __post_init__(self):
         _checked("sampling.vllm", super().__post_init__)

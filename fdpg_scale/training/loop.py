@@ -31,7 +31,7 @@ from fdpg_scale.training.prompts import load_prompts
 from fdpg_scale.training.backend import ZeroBackend
 from fdpg_scale.training.rollout import RolloutPlan, describe_logq_source, logq_mismatch_metrics
 from fdpg_scale.training.run_setup import deepspeed_config, prepare_output_dir
-from fdpg_scale.training.sampler import build_vllm_sampler, q_version
+from fdpg_scale.training.sampler import build_vllm_sampler, longest_prompt, q_version
 from fdpg_scale.training.run_log import RunLogger
 from fdpg_scale.training.alignment import alignment_columns
 from fdpg_scale.training.target_fitting import describe_fit, fit_distributional_task
@@ -101,7 +101,7 @@ def train(cfg: RunConfig) -> None:
     guard = NonFiniteGuard(cfg.train, log.message, policy)
 
     backend = ZeroBackend(policy=policy, proposal=proposal, base=base, task=task, tokenizer=tokenizer, plan=plan,
-                          prompts=prompts, vllm=build_vllm_sampler(cfg, model_dir),
+                          prompts=prompts, vllm=build_vllm_sampler(cfg, model_dir, prompt_tokens=longest_prompt(prompts)),
                           q_version=lambda: q_version(cfg, state))
     step_settings = StepSettings(divergence=divergence, clip=cfg.divergence.clip,
                                  outside_support_reward=cfg.divergence.outside_support_reward)

@@ -17,22 +17,30 @@ from fdpg_scale.distributed.vllm_engine import VllmEngineSettings, VllmProposal
 from fdpg_scale.training.config import RunConfig
 from fdpg_scale.training.state import TrainerState
 
-__all__ = ["build_vllm_sampler", "q_version"]
+__all__ = ["build_vllm_sampler", "longest_prompt", "q_version"]
 
 
-def build_vllm_sampler(cfg: RunConfig, model_dir: str | Path) -> VllmProposal | None:
+def build_vllm_sampler(cfg: RunConfig, model_dir: str | Path, *, prompt_tokens: int = 1) -> VllmProposal | None:
     """A started ``VllmProposal`` for ``sampling.engine: vllm`` (None for ``hf``: q's ZeRO-3 engine samples).
 
     The vLLM engine starts with the model directory's weights; the backend pushes q's before the first draw.
     On GPUs its worker runs on this rank's GPU (several ranks per node: one engine per GPU).
+    prompt_tokens: the longest prompt (BOS included); with ``max_new_tokens`` it bounds the engine's
+    sequences (``sampling.vllm.max_model_len`` null), so the KV cache is sized for what is sampled.
     """
     if cfg.sampling.engine == "hf":
         return None
     v = cfg.sampling.vllm
     settings = VllmEngineSettings(dtype="bfloat16" if cfg.model.dtype == "bf16" else "float32",
                                   kv_cache_bytes=None if v.kv_cache_mib is None else v.kv_cache_mib * 2**20,
-                                  **v.engine_options())
+                                  **{**v.engine_options(),
+                                     "max_model_len": v.max_model_len or prompt_tokens + cfg.sampling.max_new_tokens})
     return VllmProposal(model_dir, settings, seed=cfg.seed, device=device())
+
+
+def longest_prompt(prompts) -> int:
+    """Tokens of the longest prompt of a ``PromptSet`` (BOS included); 1 (BOS alone) without prompts."""
+    return max((len(ids) for ids in prompts.token_ids), default=1) if prompts is not None else 1
 
 
 def q_version(cfg: RunConfig, state: TrainerState) -> tuple[str, int]:

@@ -164,16 +164,18 @@ for dt, dot in (("fp32", tl.float32), ("bf16", tl.bfloat16)):
     strides = dict(stride_hn="i32", stride_hk="i32", stride_wv="i32", stride_wk="i32", inv_t="fp32")
     blocks = dict(BLOCK_N="constexpr", BLOCK_V="constexpr", BLOCK_K="constexpr")
     fwd_sig = dict(**common, PLSE_ptr="*fp32", PPICK_ptr="*fp32", **shapes, V_PER_SPLIT="i32", **strides,
-                   HAS_BIAS="constexpr", DOT_DTYPE="constexpr", INPUT_PRECISION="constexpr", **blocks)
+                   ignore_index="i32", HAS_BIAS="constexpr", DOT_DTYPE="constexpr", INPUT_PRECISION="constexpr", **blocks)
     compile_one(L._linear_fwd_kernel, fwd_sig, dict(HAS_BIAS=True, DOT_DTYPE=dot, INPUT_PRECISION="ieee"),
                 L._FWD_CONFIGS[0])
     bwd_sig = dict(**common, LSE_ptr="*fp32", G_ptr="*fp32", DH_ptr="*fp32", DW_ptr="*fp32", DB_ptr="*fp32",
                    **shapes, **strides, ignore_index="i32", HAS_BIAS="constexpr", COMPUTE_DH="constexpr",
                    COMPUTE_DW="constexpr", COMPUTE_DB="constexpr", DOT_DTYPE="constexpr",
-                   INPUT_PRECISION="constexpr", **blocks)
-    compile_one(L._linear_bwd_kernel, bwd_sig, dict(HAS_BIAS=True, COMPUTE_DH=True, COMPUTE_DW=True,
-                                                    COMPUTE_DB=True, DOT_DTYPE=dot, INPUT_PRECISION="ieee"),
-                L._BWD_CONFIGS[0])
+                   INPUT_PRECISION="constexpr", ATOMIC_SEM="constexpr", **blocks)
+    for sem in L.ATOMIC_SEMS:
+        compile_one(L._linear_bwd_kernel, bwd_sig, dict(HAS_BIAS=True, COMPUTE_DH=True, COMPUTE_DW=True,
+                                                        COMPUTE_DB=True, DOT_DTYPE=dot, INPUT_PRECISION="ieee",
+                                                        ATOMIC_SEM=sem),
+                    L._BWD_CONFIGS[0])
     tok = dict(T_ptr="*i64")
     compile_one(T._token_fwd_kernel, dict(Z_ptr=f"*{dt}", **tok, OUT_ptr="*fp32", LSE_ptr="*fp32", V="i32",
                                           stride_zn="i32", inv_t="fp32", ignore_index="i32",
