@@ -35,8 +35,9 @@ def verdict_lines(verdicts: list[dict]) -> list[str]:
         for t in v["tests"]:
             g = "—" if t["g"] is None else f"{t['g']:+.2f} [{t['g_lo']:+.2f}, {t['g_hi']:+.2f}]"
             mark = " *" if t["significant"] else ""
+            ci = "(no interval)" if t["lo"] is None else f"[{t['lo']:+.3f}, {t['hi']:+.3f}]"
             parts.append(f"| {t['cell']} | {t['comparison']} | {t['metric']} | {t['test']} | {t['n']} | "
-                         f"{t['diff']:+.3f} [{t['lo']:+.3f}, {t['hi']:+.3f}] | {g} | {_num(t['p'], '.3g')} | "
+                         f"{t['diff']:+.3f} {ci} | {g} | {_num(t['p'], '.3g')} | "
                          f"{_num(t['p_holm'], '.3g')}{mark} |")
         parts += ["", "(* significant after Holm's correction at α = 0.05.)", ""]
     return parts

@@ -110,7 +110,8 @@ def paired_t(a: list[float], b: list[float]) -> dict:
     res = ttest_rel(a, b) if sd > 0 else None
     g = hedges_g(a, b)
     return {"test": "paired", "n": n, "diff": diff, "lo": diff - half, "hi": diff + half,
-            "t": None if res is None else float(res.statistic), "df": n - 1, "p": None if res is None else _p(res.pvalue),
+            "t": None if res is None else float(res.statistic), "df": n - 1,
+            "p": None if res is None else _p(res.pvalue),
             "g": g["g"], "g_lo": g["lo"], "g_hi": g["hi"]}
 
 
@@ -137,6 +138,10 @@ def welch_t(a: list[float], b: list[float]) -> dict:
     return out | {"lo": diff - half, "hi": diff + half, "t": float(res.statistic), "df": df, "p": _p(res.pvalue)}
 
 
+def _mean_of(values: dict[int, float]) -> float:
+    return sum(values.values()) / len(values)
+
+
 def compare(a: dict[int, float], b: dict[int, float]) -> dict:
     """``a`` against ``b``, each {seed: value}: the paired t-test when both hold the same seeds, else Welch's.
 
@@ -144,7 +149,13 @@ def compare(a: dict[int, float], b: dict[int, float]) -> dict:
     base and the same seed (the same initial sampling stream), so part of a seed's luck is shared and the
     per-seed difference removes it; the pairing is fixed by the design, not chosen after seeing the data.
     Where the seeds differ (a run missing, another grid) nothing pairs them, and Welch's test does not assume
-    equal variances (the divergences' spreads differ several-fold in the recorded grid)."""
+    equal variances (the divergences' spreads differ several-fold in the recorded grid).
+
+    With a single value on either side there is nothing to test: the row has "test": "none", the difference
+    of the means, and None for the interval, t, p and g."""
+    if min(len(a), len(b)) < 2:
+        return {"test": "none", "n": min(len(a), len(b)), "diff": _mean_of(a) - _mean_of(b), "lo": None, "hi": None,
+                "t": None, "df": None, "p": None, "g": None, "g_lo": None, "g_hi": None}
     if set(a) == set(b):
         seeds = sorted(a)
         return paired_t([a[s] for s in seeds], [b[s] for s in seeds])

@@ -98,3 +98,13 @@ def test_every_verdict_names_its_claim_figures_and_tests():
     assert verdicts[1]["figures"]["a/small"] == {"js": 1.0, "kl": 3.0, "js/kl": 0.333}
     with pytest.raises(ValueError, match=r"no parameter count for sizes \['huge'\]"):
         claim_verdicts(synthetic_cells(spec), ["small", "huge"], PARAMETERS)
+
+
+def test_one_seed_cannot_decide_anything():
+    spec = {("a", "small"): {"kl": [1.0], "js": [3.0]}, ("a", "large"): {"kl": [1.0], "js": [5.0]}}
+    verdicts = _verdicts(spec)
+    assert [v["verdict"] for v in verdicts] == [INCONCLUSIVE] * 3
+    for v in verdicts:
+        assert all(t["p"] is None and not t["significant"] for t in v["tests"]), v["tests"]
+    assert verdicts[1]["tests"][0]["test"] == "none" and verdicts[1]["tests"][0]["diff"] == -2.0
+    assert "(no interval)" in verdicts[2]["why"] and "p n/a" in verdicts[2]["why"]
