@@ -4,11 +4,14 @@ verdicts judged again from a recorded results.json (``fdpg-scale reproduce --rej
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from fdpg_scale.apps.cli import main as cli_main
-from fdpg_scale.experiments.report import _settling, _size_table, _table, verdict_lines
+from fdpg_scale.experiments.grid import Grid
+from fdpg_scale.experiments.report import _settling, _size_table, _table, verdict_lines, write_results
 from fdpg_scale.experiments.stats import METRICS, summarize
 from fdpg_scale.experiments.verdicts import claim_verdicts
+from fdpg_scale.models.base_config import PretrainConfig
 from tests.experiments.synthetic import HIGH, LOW, WIDE, synthetic_cells
 
 
@@ -81,3 +84,23 @@ def test_cli_rejudge_rejects_a_file_that_is_not_results_json(tmp_path, capsys):
                                        f"fdpg-scale reproduce\n")
     assert cli_main(["reproduce", "--rejudge", str(tmp_path / "nope.json"), "--out", str(tmp_path)]) == 2
     assert "results file not found" in capsys.readouterr().err
+
+
+def test_write_results_judges_the_runs_and_renders_the_tests(tmp_path):
+    spec = {("a", "small"): {"kl": LOW, "js": HIGH}, ("a", "large"): {"kl": LOW, "js": HIGH}}
+    cells = synthetic_cells(spec)
+    for c in cells:
+        c["seconds"] = {"train": 1.0, "eval": 1.0}
+        c["curve"] = [{"samples": 0, "alignment": 0.5, "kl_p_pi": 2.0},
+                      {"samples": 8, "alignment": 0.5, "kl_p_pi": c["policy"]["kl_p_pi"]}]
+    grid = Grid(name="t", sizes={"small": PretrainConfig(), "large": PretrainConfig()},
+                cells=((Path("a.yaml"), "small"), (Path("a.yaml"), "large")), divergences=("kl", "js"))
+    bases = {"small": {"parameters": 1000, "model_ppl": 9.0, "unigram_ppl": 99.0},
+             "large": {"parameters": 8000, "model_ppl": 8.0, "unigram_ppl": 99.0}}
+    report = write_results(tmp_path, grid, bases, cells, command="test", seconds=None)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["verdicts"] == json.loads(json.dumps(claim_verdicts(cells, ["small", "large"],
+                                                                       {"small": 1000, "large": 8000})))
+    assert results["verdicts"][2]["verdict"] == "holds"
+    text = report.read_text()
+    assert "**Claim 3: holds.**" in text and "| a | slope of (js − kl) per ln(parameters) | kl_p_pi | slope | 6 |" in text
