@@ -152,6 +152,9 @@ def _reproduce(p: argparse.ArgumentParser) -> None:
     stage.add_argument("--prepare", action="store_true", help="only build the bases and the prompts")
     stage.add_argument("--cell", type=int, metavar="I", help="only train and evaluate run I (a SLURM array task)")
     stage.add_argument("--report", action="store_true", help="only write report.md and results.json from the runs")
+    stage.add_argument("--rejudge", type=Path, metavar="RESULTS",
+                       help="only judge the claims again, by the current rules, from a recorded results.json's "
+                            "per-run records (nothing runs): writes OUT/verdicts.json and OUT/verdicts.md")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="without a stage option: train and evaluate N runs at a time, each in its own process with "
                         "its share of the cores (default: one per usable core, at most 4; 1 runs them one after "

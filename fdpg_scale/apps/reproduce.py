@@ -12,7 +12,7 @@ import json
 import shlex
 
 from fdpg_scale.experiments.grid import FULL, QUICK, Grid, grid_runs, load_grid
-from fdpg_scale.experiments.report import write_results
+from fdpg_scale.experiments.report import rejudge, write_results
 from fdpg_scale.experiments.runner import default_workers, load_cells, prepare, run_cell, run_grid
 
 __all__ = ["run"]
@@ -31,8 +31,13 @@ def _chosen_grid(args) -> Grid:
 
 def run(args) -> int:
     """``fdpg-scale reproduce [--quick | --grid FILE] [--out DIR] [--workers N] [--count | --prepare | --cell I |
-    --report]``
+    --report | --rejudge RESULTS]``
     (arguments parsed by ``fdpg_scale.apps.cli``)."""
+    if args.rejudge is not None:   # a recorded results.json holds everything the verdicts need: no grid
+        if not args.rejudge.is_file():
+            raise FileNotFoundError(f"reproduce --rejudge: results file not found: {args.rejudge}")
+        print(f"verdicts: {rejudge(args.rejudge, args.out)}")
+        return 0
     grid = _chosen_grid(args)
     command = "fdpg-scale " + shlex.join(args.argv)
     if args.count:

@@ -2,8 +2,9 @@
 (``fdpg-scale reproduce``), and the plainer sweep of configs × divergences (``fdpg-scale sweep``).
 
 One job per module: ``grid`` (what runs, and its YAML file), ``runner`` (bases, runs in worker processes or
-as SLURM array tasks), ``stats`` (intervals over seeds), ``verdicts`` (the claims' rules), ``report``
-(results.json, report.md, plots). The commands themselves are thin: fdpg_scale/apps/reproduce.py and
+as SLURM array tasks), ``stats`` (intervals over seeds; paired and Welch t-tests, Holm's correction, effect
+sizes), ``verdicts`` (the claims' rules), ``report`` (results.json, report.md, plots; ``--rejudge``: the
+verdicts again from a recorded results.json). The commands themselves are thin: fdpg_scale/apps/reproduce.py and
 fdpg_scale/apps/sweep.py.
 
 The paper's claims, tested here on bases the project pretrains itself (nothing is downloaded):
@@ -24,7 +25,7 @@ What runs (a *grid*: every (task, size) cell × divergence × seed is one f-DPG 
 4. report: ``OUT/results.json`` and ``OUT/report.md``: per (task, size) the mean ± 95% t-interval over seeds,
    the curves, whether KL(p‖π) still moved over the last checkpoint interval (beyond the final interval's
    half-width), the alignment–diversity frontier (``apps.report.plot_alignment_vs_diversity`` on the
-   means) and a verdict per claim.
+   means) and a verdict per claim, with its tests (p, Holm-adjusted p, effect sizes with intervals).
 
 Sizing of the full grid (its budget: ≤ 2 h on 2 CPU cores, pretraining included). Bases: GPT-2
 with a 2048-token BPE, 500 pretraining steps of 32 × 128 tokens each (0.8 epoch of the stdlib): tiny

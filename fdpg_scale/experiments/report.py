@@ -1,19 +1,46 @@
-"""The reproduction's report: ``results.json`` (every number) and ``report.md`` with its tables and plots."""
+"""The reproduction's report: ``results.json`` (every number) and ``report.md`` with its tables and plots; and
+the claims judged again from a recorded ``results.json`` under the current rules (``rejudge``)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from fdpg_scale.errors import ConfigError
 from fdpg_scale.experiments.grid import Grid
 from fdpg_scale.experiments.stats import CONFIDENCE, METRICS, summarize
 from fdpg_scale.experiments.verdicts import claim_verdicts
 
-__all__ = ["write_results"]
+__all__ = ["write_results", "verdict_lines", "rejudge"]
 
 
 def _fmt(iv: dict) -> str:
     return f"{iv['mean']:.3f}" if iv["half"] is None else f"{iv['mean']:.3f} ± {iv['half']:.3f}"
+
+
+def _num(value, spec: str = ".3f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def verdict_lines(verdicts: list[dict]) -> list[str]:
+    """Markdown of the verdicts: per claim its verdict line, and a table of its tests (mean difference or
+    slope with its 95% interval, Hedges' g with its approximate interval, p and Holm-adjusted p)."""
+    parts = []
+    for v in verdicts:
+        parts += [f"**Claim {v['claim']}: {v['verdict']}.** {v['statement']} — {v['why']}.", ""]
+        if not v.get("tests"):
+            continue
+        parts += ["| cell | comparison | metric | test | n | difference [95% CI] | Hedges' g [95% CI] | p | Holm p |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for t in v["tests"]:
+            g = "—" if t["g"] is None else f"{t['g']:+.2f} [{t['g_lo']:+.2f}, {t['g_hi']:+.2f}]"
+            mark = " *" if t["significant"] else ""
+            ci = "(no interval)" if t["lo"] is None else f"[{t['lo']:+.3f}, {t['hi']:+.3f}]"
+            parts.append(f"| {t['cell']} | {t['comparison']} | {t['metric']} | {t['test']} | {t['n']} | "
+                         f"{t['diff']:+.3f} {ci} | {g} | {_num(t['p'], '.3g')} | "
+                         f"{_num(t['p_holm'], '.3g')}{mark} |")
+        parts += ["", "(* significant after Holm's correction at α = 0.05.)", ""]
+    return parts
 
 
 def _size_table(sizes: dict, order: list[str], bases: dict) -> str:
@@ -107,7 +134,7 @@ def write_results(out: Path, grid: Grid, bases: dict, cells: list[dict], *, comm
     seconds: the whole command's wall time, or None when the runs ran as separate jobs (a SLURM array)."""
     summary = summarize(cells)
     order = [s for s in grid.sizes if s in bases]
-    verdicts = claim_verdicts(summary, order)
+    verdicts = claim_verdicts(cells, order, {s: bases[s]["parameters"] for s in order})
     results = {"grid": grid.name, "command": command, "wall_seconds": seconds, "confidence": CONFIDENCE,
                "settings": {"divergences": list(grid.divergences), "seeds": list(grid.seeds), "steps": grid.steps,
                             "eval_points": grid.eval_points, "eval_samples": grid.eval_samples,
@@ -125,8 +152,7 @@ def write_results(out: Path, grid: Grid, bases: dict, cells: list[dict], *, comm
              f"{CONFIDENCE:.0%} t-interval over seeds. Numbers: `results.json`. Rules of the verdicts: "
              f"`fdpg_scale/experiments/verdicts.py`.", "",
              "## Verdicts", ""]
-    for v in verdicts:
-        parts += [f"**Claim {v['claim']}: {v['verdict']}.** {v['statement']} — {v['why']}.", ""]
+    parts += verdict_lines(verdicts)
     parts += ["## Bases: held-out perplexity", "", "| size | parameters | GPT-2 | unigram (add-one) |",
               "|---|---|---|---|"]
     parts += [f"| {s} | {bases[s]['parameters'] / 1e6:.2f} M | {bases[s]['model_ppl']:.1f} | "
@@ -147,4 +173,36 @@ def write_results(out: Path, grid: Grid, bases: dict, cells: list[dict], *, comm
                       f"![alignment–diversity frontier]({frontier.name})", ""]
     path = out / "report.md"
     path.write_text("\n".join(parts))
+    return path
+
+
+def rejudge(results: Path, out: Path) -> Path:
+    """The claims judged again, by the current rules of ``experiments.verdicts``, from the per-run records
+    (``runs``) and the bases (``bases``: parameter counts, which order the sizes) of a recorded
+    ``results.json``; nothing is trained or evaluated. Writes ``out/verdicts.json`` ({"source", "alpha",
+    "verdicts"}) and ``out/verdicts.md`` (the verdicts with their tests' tables); returns the latter.
+
+    ConfigError (one line, naming the file and the key) when ``results`` is not a reproduction's results.json."""
+    from fdpg_scale.experiments.verdicts import ALPHA
+
+    try:
+        recorded = json.loads(Path(results).read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{results}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    for key in ("runs", "bases"):
+        if not isinstance(recorded, dict) or key not in recorded:
+            raise ConfigError(f"{results}: no {key!r} key: not the results.json of fdpg-scale reproduce")
+    bases = recorded["bases"]
+    sizes = {c["size"] for c in recorded["runs"]}
+    unknown = sorted(sizes - set(bases))
+    if unknown:
+        raise ConfigError(f"{results}: runs at sizes {unknown} have no entry under 'bases'")
+    order = sorted(sizes, key=lambda s: bases[s]["parameters"])
+    verdicts = claim_verdicts(recorded["runs"], order, {s: bases[s]["parameters"] for s in order})
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "verdicts.json").write_text(json.dumps({"source": str(results), "alpha": ALPHA, "verdicts": verdicts},
+                                                  indent=1))
+    path = out / "verdicts.md"
+    path.write_text("\n".join([f"# Verdicts of `{results}` by the rules of `fdpg_scale/experiments/verdicts.py`",
+                               "", *verdict_lines(verdicts)]))
     return path
