@@ -30,7 +30,7 @@ from fdpg_scale.distributed.generation import pad_prompts
 from fdpg_scale.errors import ConstraintNeverSatisfied
 from fdpg_scale.kernels.reference import IGNORE_INDEX
 from fdpg_scale.kernels import token_logprobs
-from fdpg_scale.models.tokens import padding_id
+from fdpg_scale.models.tokens import padding_id, start_id
 from fdpg_scale.training.prompts import PromptSet, load_prompts
 from fdpg_scale.targets.samples import Samples
 from fdpg_scale.targets.tasks import Task, build_task
@@ -52,15 +52,16 @@ def sample_and_score(model, tokenizer, task: Task, *, n: int, max_new_tokens: in
                      prompts: PromptSet | None = None, batch_size: int = BATCH_SIZE) -> dict:
     """Draw ``n`` sequences from ``model`` (temperature 1, no truncation) and score them.
 
-    Unconditional: every draw continues BOS. Conditional (``prompts``): draw i continues prompt i mod C, so
-    every context gets n/C draws. Returns {"samples": Samples, "logp": [n] log model(x|c), "log_scores": [n],
-    "features": {scorer name: [n]}, "prompt_ids", "prompt_mask" (the left-padded contexts, to rescore with
-    another model)}.
+    Unconditional: every draw continues the start token (BOS, else EOS). Conditional (``prompts``): draw i
+    continues prompt i mod C, so every context gets n/C draws. Returns {"samples": Samples, "logp": [n] log
+    model(x|c), "log_scores": [n], "features": {scorer name: [n]}, "prompt_ids", "prompt_mask" (the
+    left-padded contexts, to rescore with another model)}.
     """
     context_ids = torch.arange(n) % (1 if prompts is None else len(prompts))
     pad = padding_id(tokenizer)
-    rows = [[tokenizer.bos_token_id] if prompts is None else list(prompts.token_ids[c]) for c in context_ids.tolist()]
-    prompt_ids, prompt_mask = pad_prompts(rows, bos_id=tokenizer.bos_token_id, pad_id=pad)
+    start = start_id(tokenizer)   # BOS, else EOS (models/tokens.py)
+    rows = [[start] if prompts is None else list(prompts.token_ids[c]) for c in context_ids.tolist()]
+    prompt_ids, prompt_mask = pad_prompts(rows, bos_id=start, pad_id=pad)
     width = prompt_ids.shape[1]
     ids, masks, logps = [], [], []
     rng_state = torch.random.get_rng_state()

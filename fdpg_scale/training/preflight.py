@@ -5,8 +5,9 @@ What the config dataclasses cannot see alone, because it needs the world size or
 - the global batch splits over the world size (``train.global_batch``), and ``sampling.batch`` divides each
   rank's share;
 - ``model.path`` (built first when ``model.build`` asks) is a causal LM directory *with weights*;
-- its tokenizer files exist (transformers otherwise builds an empty tokenizer silently), the tokenizer has a
-  pad or an EOS token (the sampler pads batches with it), and it has no more tokens than the model's embedding;
+- its tokenizer files exist (transformers otherwise builds an empty tokenizer silently), its BOS, EOS and pad
+  tokens give a start token and a padding token (BOS else EOS, pad else EOS: ``models/tokens.py``), and it has
+  no more tokens than the model's embedding;
 - the longest prompt plus ``sampling.max_new_tokens`` fits the model's positions;
 - the DeepSpeed JSON, the target's scorer arguments and the prompts file are valid;
 - ``output_dir`` is writable.
@@ -20,7 +21,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fdpg_scale.models.tokens import padding_id
+from fdpg_scale.models.tokens import special_token_problem
 from fdpg_scale.errors import ConfigError
 from fdpg_scale.training.config import RunConfig
 from fdpg_scale.training.run_setup import deepspeed_config, prepare_model_dir, prepare_output_dir
@@ -61,11 +62,9 @@ def _check_tokenizer(tokenizer, config: dict, model_dir: Path) -> None:
     where = f"model.path {str(model_dir)!r}"
     if len(tokenizer) == 0:
         raise ConfigError(f"{where}: the tokenizer has no tokens")
-    try:  # the sampler pads with the pad token, else EOS (real GPT-2 and Llama tokenizers have no pad token)
-        padding_id(tokenizer)
-    except ValueError:
-        raise ConfigError(f"{where}: the tokenizer defines neither a pad token nor an EOS token; set \"pad_token\" "
-                          f"or \"eos_token\" in its tokenizer_config.json") from None
+    problem = special_token_problem(tokenizer)   # BOS, EOS and pad together: each missing one falls back to EOS
+    if problem is not None:
+        raise ConfigError(f"{where}: {problem}")
     vocab = config.get("vocab_size")
     if isinstance(vocab, int) and len(tokenizer) > vocab:
         raise ConfigError(f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's embedding has "
@@ -76,7 +75,7 @@ def _check_positions(cfg: RunConfig, config: dict, prompt_len: int, model_dir: P
     limit = next((config[k] for k in _POSITION_KEYS if isinstance(config.get(k), int)), None)
     need = prompt_len + cfg.sampling.max_new_tokens
     if limit is not None and need > limit:
-        what = "the longest prompt" if cfg.target.prompts_file else "the BOS token"
+        what = "the longest prompt" if cfg.target.prompts_file else "the start token"
         raise ConfigError(f"sampling.max_new_tokens={cfg.sampling.max_new_tokens} plus {what} ({prompt_len} "
                           f"tokens) is {need}, more than the {limit} positions of model.path {str(model_dir)!r}")
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from fdpg_scale.errors import ConfigError
+from fdpg_scale.models.tokens import start_id
 
 __all__ = ["PromptSet", "load_prompts"]
 
@@ -22,7 +23,8 @@ class PromptSet:
     texts: tuple[str, ...]
     """The prompts as text (what scorers see as ``Samples.contexts``)."""
     token_ids: tuple[tuple[int, ...], ...]
-    """Each prompt tokenised, BOS first (what the model is conditioned on)."""
+    """Each prompt tokenised, the start token first (BOS, else EOS: ``models/tokens.py``); what the model is
+    conditioned on."""
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -52,5 +54,6 @@ def load_prompts(path: str | Path, tokenizer) -> PromptSet:
         texts.append(prompt)
     if not texts:
         raise ConfigError(f"target.prompts_file {str(path)!r} holds no prompt")
-    ids = tuple((tokenizer.bos_token_id, *tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    start = start_id(tokenizer)
+    ids = tuple((start, *tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
     return PromptSet(texts=tuple(texts), token_ids=ids)

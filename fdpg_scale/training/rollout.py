@@ -32,7 +32,7 @@ import torch
 
 from fdpg_scale.distributed.engines import sequence_logprobs
 from fdpg_scale.distributed.generation import Rollout, SamplingSettings, sample_batches
-from fdpg_scale.models.tokens import padding_id
+from fdpg_scale.models.tokens import padding_id, start_id
 from fdpg_scale.distributed.vllm_engine import VllmProposal
 from fdpg_scale.training.prompts import PromptSet
 from fdpg_scale.targets.energy import NonFiniteScoreError
@@ -132,7 +132,7 @@ def collect_chunks(*, sampler, base, task, tokenizer, settings: SamplingSettings
     holding q's weights: training/sampler.py); base: the frozen base
     engine a; task: a ``fdpg_scale.targets.tasks.Task``; timer: receives the "generation" and "scoring" seconds.
     prompts: a conditional target's contexts (each row continues one drawn with the chunk's seed), or None
-    for unconditional generation (from BOS; every sample is context 0). sampling_batch: sequences per
+    for unconditional generation (from the start token; every sample is context 0). sampling_batch: sequences per
     generate call (module docstring); rescore_logq: rescore log q with q's fused forward where that is exact
     (module docstring); q_engine: the ZeRO-3 engine that is q, which rescores (None: ``sampler`` itself; give it
     when ``sampler`` is a vLLM copy of q, whose numerics the logged mismatch then measures).
@@ -153,10 +153,10 @@ def collect_chunks(*, sampler, base, task, tokenizer, settings: SamplingSettings
             batches.append([list(prompts.token_ids[c]) for c in context_ids.tolist()])
     with timer.phase("generation"):
         if isinstance(sampler, VllmProposal):  # sampling.engine: vllm (``mode`` is the hf path's)
-            rollouts = [sampler.sample(b, settings, seed=s, bos_id=tokenizer.bos_token_id,
+            rollouts = [sampler.sample(b, settings, seed=s, bos_id=start_id(tokenizer),
                                        eos_id=tokenizer.eos_token_id, pad_id=pad) for b, s in zip(batches, seeds)]
         else:
-            rollouts = sample_batches(sampler, batches, settings, seeds=seeds, bos_id=tokenizer.bos_token_id,
+            rollouts = sample_batches(sampler, batches, settings, seeds=seeds, bos_id=start_id(tokenizer),
                                       eos_id=tokenizer.eos_token_id, pad_id=pad, mode=mode)
     rescore = logq_source(settings, rescore_logq) == "rescored"
     chunks = []
