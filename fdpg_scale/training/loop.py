@@ -28,7 +28,7 @@ from fdpg_scale.distributed.generation import SamplingSettings
 from fdpg_scale.training.nonfinite import NonFiniteGuard
 from fdpg_scale.training.preemption import PreemptionSignal
 from fdpg_scale.training.preflight import preflight
-from fdpg_scale.training.prompts import load_prompts
+from fdpg_scale.training.prompts import load_target_prompts
 from fdpg_scale.training.backend import ZeroBackend
 from fdpg_scale.training.rollout import describe_logq_source, logq_mismatch_metrics
 from fdpg_scale.training.run_setup import deepspeed_config, prepare_output_dir
@@ -54,14 +54,15 @@ def train(cfg: RunConfig) -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    task = build_task(cfg.target, tokenizer, device=device())  # before the engines: a bad scorer fails fast
+    prompts = load_target_prompts(cfg.target, tokenizer)
+    task = build_task(cfg.target, tokenizer, device=device(),  # before the engines: a bad scorer fails fast
+                      metadata_columns=() if prompts is None else tuple(prompts.metadata))
     ds_config = deepspeed_config(cfg, world_size=world, accumulation=accumulation)
     policy = build_policy(model_dir, ds_config, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                           warmup_steps=cfg.train.warmup_steps, lr_schedule=cfg.train.lr_schedule,
                           total_steps=cfg.train.steps, gradient_checkpointing=cfg.train.gradient_checkpointing)
     base = build_frozen(model_dir, ds_config)
     proposal = None if cfg.train.on_policy else build_frozen(model_dir, ds_config)
-    prompts = None if cfg.target.prompts_file is None else load_prompts(cfg.target.prompts_file, tokenizer)
     divergence = get_divergence(cfg.divergence.name, alpha=cfg.divergence.alpha)
     settings = SamplingSettings(temperature=cfg.sampling.temperature, top_k=cfg.sampling.top_k,
                                 top_p=cfg.sampling.top_p, max_new_tokens=cfg.sampling.max_new_tokens)

@@ -9,7 +9,8 @@ What the config dataclasses cannot see alone, because it needs the world size or
   tokens give a start token and a padding token (BOS else EOS, pad else EOS: ``models/tokens.py``), and it has
   no more tokens than the model's embedding;
 - the longest prompt plus ``sampling.max_new_tokens`` fits the model's positions;
-- the DeepSpeed JSON, the target's scorer arguments and the prompts file are valid;
+- the DeepSpeed JSON and the prompts (``target.prompts`` or ``target.prompts_file``: columns, rows, chat
+  template) are valid, and the target's scorers take their arguments and the prompts' metadata columns;
 - ``output_dir`` is writable.
 
 ``slurm/train.sbatch`` runs the same checks in one process before it starts any rank, so a bad input is
@@ -75,7 +76,7 @@ def _check_positions(cfg: RunConfig, config: dict, prompt_len: int, model_dir: P
     limit = next((config[k] for k in _POSITION_KEYS if isinstance(config.get(k), int)), None)
     need = prompt_len + cfg.sampling.max_new_tokens
     if limit is not None and need > limit:
-        what = "the longest prompt" if cfg.target.prompts_file else "the start token"
+        what = "the longest prompt" if cfg.target.conditional else "the start token"
         raise ConfigError(f"sampling.max_new_tokens={cfg.sampling.max_new_tokens} plus {what} ({prompt_len} "
                           f"tokens) is {need}, more than the {limit} positions of model.path {str(model_dir)!r}")
 
@@ -89,7 +90,7 @@ def preflight(cfg: RunConfig, *, world_size: int) -> Path:
     from transformers import AutoTokenizer
 
     from fdpg_scale.targets.tasks import build_task
-    from fdpg_scale.training.prompts import load_prompts
+    from fdpg_scale.training.prompts import load_target_prompts
 
     accumulation = cfg.train.accumulation_steps(world_size)
     deepspeed_config(cfg, world_size=world_size, accumulation=accumulation)
@@ -102,9 +103,8 @@ def preflight(cfg: RunConfig, *, world_size: int) -> Path:
         raise ConfigError(f"model.path {str(model_dir)!r}: the tokenizer does not load "
                           f"({' '.join(str(err).split())[:300]})") from None
     _check_tokenizer(tokenizer, config, model_dir)
-    build_task(cfg.target, tokenizer)
-    prompt_len = 1
-    if cfg.target.prompts_file is not None:
-        prompt_len = max(len(ids) for ids in load_prompts(cfg.target.prompts_file, tokenizer).token_ids)
+    prompts = load_target_prompts(cfg.target, tokenizer)
+    build_task(cfg.target, tokenizer, metadata_columns=() if prompts is None else tuple(prompts.metadata))
+    prompt_len = 1 if prompts is None else max(len(ids) for ids in prompts.token_ids)
     _check_positions(cfg, config, prompt_len, model_dir)
     return model_dir

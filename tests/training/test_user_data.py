@@ -48,9 +48,21 @@ def strip_special_tokens(model_dir: Path, *names: str) -> None:
             path.write_text(json.dumps(data, indent=1))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def datasets_cache(tmp_path_factory):
+    """What the ``datasets`` library parses is cached here, not in the user's home (HF_DATASETS_CACHE)."""
+    import datasets
+
+    path = tmp_path_factory.mktemp("datasets-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(datasets.config, "HF_DATASETS_CACHE", path)
+        yield path
+
+
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    """The tiny model, copies of it with special tokens removed, and prompt files."""
+def files(tmp_path_factory, datasets_cache):
+    """The tiny model, copies of it with special tokens removed or a chat template added, prompt data and a
+    scorer module."""
     root = tmp_path_factory.mktemp("user_data")
     model = build_tiny_model_dir(root / "model", "gpt2", seed=0)
 
@@ -62,9 +74,79 @@ def files(tmp_path_factory):
 
     f = {"root": root, "model": model, "no_bos": variant("no_bos", "bos"),
          "no_bos_no_eos": variant("no_bos_no_eos", "bos", "eos"),
-         "no_special": variant("no_special", "bos", "eos", "pad")}
+         "no_special": variant("no_special", "bos", "eos", "pad"), "chat": variant("chat")}
+    add_chat_template(f["chat"])
     (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("def f(", "import ")))
+    write_prompt_data(root)
+    (root / "user_scorers_mod.py").write_text(SCORER_MODULE)
+    # A Hugging Face cache holding the tiny model and a tiny classifier under Hub ids, as `hf download` leaves it.
+    from fdpg_scale.models.tiny_classifier import build_tiny_classifier_dir
+
+    f["hub"] = root / "hub"
+    shutil.copytree(model, fake_hub_entry(f["hub"], "models", "someone/tiny-gpt2"), dirs_exist_ok=True)
+    build_tiny_classifier_dir(root / "classifier")
+    shutil.copytree(root / "classifier", fake_hub_entry(f["hub"], "models", "someone/tiny-classifier"),
+                    dirs_exist_ok=True)
     return f
+
+
+# A small Jinja chat template, as a chat model's tokenizer carries one (Qwen's writes <|im_start|>role ...).
+CHAT_TEMPLATE = ("{% for m in messages %}<|bos|>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|bos|>assistant:{% endif %}")
+
+
+def add_chat_template(model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(model_dir)
+
+
+# Prompts with a reference answer per row: the answer a scorer compares with.
+ANSWERS = {"def f(": "x", "import ": "os", "class A": ":"}
+
+
+def write_prompt_data(root: Path) -> None:
+    """The same prompts as parquet, CSV, JSON Lines, a JSON list, a saved DatasetDict (train/test) and a fake
+    Hub dataset; plus broken files."""
+    import datasets
+
+    table = datasets.Dataset.from_dict({"question": list(ANSWERS), "answer": list(ANSWERS.values()),
+                                        "source": ["a", "b", "c"]})
+    table.to_parquet(str(root / "prompts.parquet"))
+    table.to_csv(str(root / "prompts.csv"), index=False)
+    table.to_json(str(root / "rows.jsonl"))
+    (root / "rows.json").write_text(json.dumps(table.to_list()))
+    datasets.DatasetDict(train=table, test=table.select([2])).save_to_disk(str(root / "saved"))
+    datasets.Dataset.from_dict({"question": ["ok", None], "answer": ["a", "b"]}).to_parquet(str(root / "null.parquet"))
+    (root / "prompts.txt").write_text("def f(\n")
+    (root / "broken.jsonl").write_text('{"question": "a"}\n{"question": \n')
+    chats = [[{"role": "system", "content": "be brief"}, {"role": "user", "content": "def f("}], "import "]
+    (root / "chats.jsonl").write_text("".join(json.dumps({"prompt": c}) + "\n" for c in chats))
+    (root / "bad_chat.jsonl").write_text(json.dumps({"prompt": [{"role": "user"}]}) + "\n")
+
+
+# A user's scorer module: it checks that every sample's answer is its own prompt's (the metadata travels with
+# the context through sampling), then rewards the completions that contain it.
+SCORER_MODULE = f"""
+ANSWERS = {ANSWERS!r}
+
+
+def answer_reward(texts, contexts, answer):
+    for c, a in zip(contexts, answer):
+        if ANSWERS[c] != a:
+            raise AssertionError(f"sample of prompt {{c!r}} got the answer {{a!r}}")
+    return [float(a in t) for t, a in zip(texts, answer)]
+
+
+def takes_answer_only(texts, answer):
+    return [0.0 for _ in texts]
+
+
+def takes_any(texts, **columns):
+    return [float(len(columns)) for _ in texts]
+"""
 
 
 # ------------------------------------------------------------------------------------- special tokens
@@ -116,11 +198,178 @@ def test_prompts_and_unconditional_samples_start_from_eos_without_bos(files):
     assert out["prompt_ids"].tolist() == [[tok.eos_token_id]] * 3
 
 
+# ------------------------------------------------------------------------------------- prompt datasets
+@pytest.mark.parametrize("source, split", [("prompts.parquet", "train"), ("prompts.csv", "train"),
+                                           ("rows.jsonl", "train"), ("rows.json", "train"), ("saved", "train"),
+                                           ("saved", "test")])
+def test_every_source_gives_the_same_prompts_and_metadata(files, source, split):
+    from transformers import AutoTokenizer
+
+    from fdpg_scale.training.config import TargetConfig
+    from fdpg_scale.training.prompts import load_target_prompts
+
+    tok = AutoTokenizer.from_pretrained(files["model"])
+    target = TargetConfig(prompts=str(files["root"] / source), split=split, prompt_column="question")
+    prompts = load_target_prompts(target, tok)
+    rows = slice(None) if split == "train" else slice(2, 3)
+    assert prompts.texts == tuple(list(ANSWERS)[rows])
+    assert prompts.metadata == {"answer": tuple(list(ANSWERS.values())[rows]), "source": ("a", "b", "c")[rows]}
+    assert prompts.token_ids[0] == (tok.bos_token_id, *tok(prompts.texts[0], add_special_tokens=False)["input_ids"])
+    assert prompts.metadata_of([1, 0, 1] if split == "train" else [0])["answer"] == \
+        (["os", "x", "os"] if split == "train" else [":"])
+    only = load_target_prompts(TargetConfig(prompts=target.prompts, split=split, prompt_column="question",
+                                            metadata_columns=["answer"]), tok)
+    assert list(only.metadata) == ["answer"]
+
+
+def test_the_jsonl_prompts_file_keeps_working_beside_prompts(files):
+    from transformers import AutoTokenizer
+
+    from fdpg_scale.training.config import TargetConfig
+    from fdpg_scale.training.prompts import load_prompts, load_target_prompts
+
+    tok = AutoTokenizer.from_pretrained(files["model"])
+    old = load_target_prompts(TargetConfig(prompts_file=str(files["root"] / "prompts.jsonl")), tok)
+    new = load_target_prompts(TargetConfig(prompts=str(files["root"] / "prompts.jsonl")), tok)
+    assert old == load_prompts(files["root"] / "prompts.jsonl", tok)
+    assert (old.texts, old.token_ids) == (new.texts, new.token_ids) and old.metadata == new.metadata == {}
+    assert load_target_prompts(TargetConfig(), tok) is None
+
+
+def test_a_hub_dataset_id_is_read_from_the_local_cache(files, tmp_path, monkeypatch):
+    """A Hub dataset's cache layout (datasets--owner--name/snapshots/<commit>/..., refs/main), built by hand."""
+    from huggingface_hub import constants
+    from transformers import AutoTokenizer
+
+    from fdpg_scale.training.config import TargetConfig
+    from fdpg_scale.training.prompts import load_target_prompts
+
+    snapshot = fake_hub_entry(tmp_path / "hub", "datasets", "someone/prompts")
+    (snapshot / "data").mkdir()
+    shutil.copy(files["root"] / "prompts.parquet", snapshot / "data" / "train-00000-of-00001.parquet")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    prompts = load_target_prompts(TargetConfig(prompts="someone/prompts", prompt_column="question"),
+                                  AutoTokenizer.from_pretrained(files["model"]))
+    assert prompts.texts == tuple(ANSWERS) and prompts.metadata["answer"] == tuple(ANSWERS.values())
+
+
+def fake_hub_entry(cache: Path, kind: str, repo_id: str) -> Path:
+    """The snapshot folder of ``repo_id`` in a Hugging Face cache at ``cache`` (as ``hf download`` lays it out:
+    ``<kind>--owner--name/snapshots/<commit>/`` and ``refs/main`` naming the commit); returns it, empty."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / f"{kind}--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    return snapshot
+
+
+# ------------------------------------------------------------------------------------- chat templates
+def test_prompts_go_through_the_chat_template_when_the_tokenizer_has_one(files):
+    from transformers import AutoTokenizer
+
+    from fdpg_scale.training.config import TargetConfig
+    from fdpg_scale.training.prompts import load_target_prompts
+
+    tok = AutoTokenizer.from_pretrained(files["chat"])
+    chats = str(files["root"] / "chats.jsonl")
+    prompts = load_target_prompts(TargetConfig(prompts=chats), tok)
+    first = tok.decode(prompts.token_ids[0])
+    assert first == "<|bos|>system: be brief\n<|bos|>user: def f(\n<|bos|>assistant:", first
+    assert tok.decode(prompts.token_ids[1]) == "<|bos|>user: import \n<|bos|>assistant:"
+    assert prompts.texts == ("def f(", "import ")        # what scorers see: the last message's content
+    off = load_target_prompts(TargetConfig(prompts=str(files["root"] / "prompts.jsonl"), chat_template=False), tok)
+    assert off.token_ids[0] == (tok.bos_token_id, *tok("def f(", add_special_tokens=False)["input_ids"])
+    # The same prompt file on the template-less model: plain text after the start token.
+    plain = load_target_prompts(TargetConfig(prompts=str(files["root"] / "prompts.jsonl")),
+                                AutoTokenizer.from_pretrained(files["model"]))
+    assert plain.token_ids == off.token_ids
+
+
+# ---------------------------------------------------------------------------------------- Hub ids
+def test_hub_ids_of_a_model_and_a_classifier_resolve_to_their_cached_snapshots(files, tmp_path, monkeypatch):
+    import torch
+    from huggingface_hub import constants
+
+    from fdpg_scale.targets.hf_classifier import HFClassifier
+    from fdpg_scale.targets.samples import Samples
+    from fdpg_scale.training.config import load_config
+    from fdpg_scale.training.run_setup import prepare_model_dir
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(files["hub"]))
+    cfg = load_config(SMOKE, ["model.path=someone/tiny-gpt2", "model.build=null", f"output_dir={tmp_path}"])
+    model_dir = preflight(cfg, world_size=1)
+    assert model_dir.parent.parent.name == "models--someone--tiny-gpt2" and (model_dir / "config.json").is_file()
+    by_id = HFClassifier(path="someone/tiny-classifier", label="positive")
+    by_dir = HFClassifier(path=str(files["root"] / "classifier"), label="positive")
+    samples = Samples(token_ids=torch.zeros(2, 1, dtype=torch.long), mask=torch.ones(2, 1), texts=["def f", "x"])
+    assert torch.equal(by_id(samples), by_dir(samples))
+    # A local directory wins over a Hub id of the same name (the id is only looked up when no such path exists).
+    monkeypatch.chdir(files["root"])
+    (files["root"] / "someone").mkdir(exist_ok=True)
+    shutil.copytree(files["model"], files["root"] / "someone" / "tiny-gpt2", dirs_exist_ok=True)
+    assert prepare_model_dir(cfg.model) == Path("someone/tiny-gpt2")
+
+
 # -------------------------------------------------------------------------------- one-line bad inputs
 # (id, overrides, world size, what the one line must contain); "{x}" is filled from the `files` fixture.
+P = "target.prompt_column=question"
 ROWS = [
     ("tokenizer-no-bos-no-eos", ["model.path={no_bos_no_eos}"], 1, "neither a BOS token nor an EOS token"),
     ("tokenizer-no-special-tokens", ["model.path={no_special}"], 1, "no BOS, EOS or pad token"),
+    # ---- prompt datasets
+    ("prompts-missing-file", ["target.prompts={root}/absent.parquet"], 1, "absent.parquet': no such file"),
+    ("prompts-unknown-type", ["target.prompts={root}/prompts.txt"], 1, "unknown file type '.txt'"),
+    ("prompts-unparsable", ["target.prompts={root}/broken.jsonl"], 1, "broken.jsonl': cannot be read"),
+    ("prompts-no-prompt-column", ["target.prompts={root}/prompts.parquet"], 1,
+     "has no column 'prompt' (target.prompt_column; its columns: question, answer, source)"),
+    ("prompts-no-metadata-column", ["target.prompts={root}/prompts.parquet", P, "target.metadata_columns=[answr]"], 1,
+     "has no column 'answr' (target.metadata_columns"),
+    ("prompts-metadata-is-prompt", ["target.prompts={root}/prompts.parquet", P, "target.metadata_columns=[question]"],
+     1, "target.metadata_columns lists target.prompt_column 'question'"),
+    ("prompts-null-row", ["target.prompts={root}/null.parquet", P], 1, "row 1 (counting from 0), column 'question'"),
+    ("prompts-unknown-split", ["target.prompts={root}/saved", P, "target.split=validation"], 1,
+     "has no split 'validation' (target.split; its splits: train, test)"),
+    ("prompts-file-split", ["target.prompts={root}/prompts.parquet", P, "target.split=test"], 1, "split 'test'"),
+    ("prompts-unknown-hub-id", ["target.prompts=nobody/no-such-prompts"], 1,
+     "the Hub dataset 'nobody/no-such-prompts' is not in the local Hugging Face cache (looked in"),
+    ("prompts-and-prompts-file", ["target.prompts={root}/prompts.parquet", "target.prompts_file={root}/prompts.jsonl"],
+     1, "target.prompts and target.prompts_file are both set"),
+    ("prompts-distributional", ["target.prompts={root}/prompts.parquet", "target.kind=distributional",
+                                "target.moment=0.5"], 1, "target.prompts (a conditional target)"),
+    ("prompt-column-empty", ["target.prompts={root}/prompts.parquet", "target.prompt_column="], 1,
+     "target.prompt_column"),
+    # ---- metadata columns and the scorers that receive them
+    ("scorer-misses-a-column", ["target.prompts={root}/prompts.parquet", P, "target.kind=reward",
+                                "target.scorer=user_scorers_mod:takes_answer_only", "target.scorer_args={{}}"], 1,
+     "does not take the prompt column 'source'"),
+    ("scorer-column-clashes-with-args", ["target.prompts={root}/prompts.parquet", P, "target.kind=reward",
+                                         "target.scorer=user_scorers_mod:takes_any",
+                                         "target.scorer_args={{answer: 1}}"], 1,
+     "the prompt column 'answer' has the name of a scorer_args key"),
+    ("scorer-contexts-unconditional", ["target.kind=reward", "target.scorer=user_scorers_mod:answer_reward",
+                                       "target.scorer_args={{}}"], 1,
+     "needs contexts, but the target is unconditional"),
+    # ---- chat templates
+    ("chat-template-missing", ["target.prompts={root}/prompts.parquet", P, "target.chat_template=true"], 1,
+     "target.chat_template is true, but the tokenizer"),
+    ("chat-template-unconditional", ["model.path={chat}", "target.chat_template=true"], 1,
+     "the target has no prompts"),
+    ("messages-without-template", ["target.prompts={root}/chats.jsonl"], 1,
+     "row 0 (counting from 0), column 'prompt' is a list of messages, but prompts are not rendered"),
+    ("messages-template-off", ["model.path={chat}", "target.prompts={root}/chats.jsonl", "target.chat_template=false"],
+     1, "is a list of messages"),
+    ("messages-bad-message", ["model.path={chat}", "target.prompts={root}/bad_chat.jsonl"], 1,
+     "row 0 (counting from 0), column 'prompt' must be a non-empty string or a list of"),
+    ("chat-template-not-bool", ["target.chat_template=maybe"], 1, "target.chat_template"),
+    # ---- Hub ids: read from the local cache only
+    ("model-hub-id-not-cached", ["model.path=someone/absent-model"], 1,
+     "model.path 'someone/absent-model' is not a local path, and the Hub model 'someone/absent-model' is not in "
+     "the local Hugging Face cache (looked in {hub})"),
+    ("classifier-hub-id-not-cached", ["target.kind=reward", "target.scorer=hf-classifier",
+                                      "target.scorer_args={{path: someone/absent-classifier, label: positive}}"], 1,
+     "the Hub model 'someone/absent-classifier' is not in the local Hugging Face cache (looked in {hub})"),
 ]
 
 
@@ -138,7 +387,11 @@ def _one_line(err: str) -> str:
 
 @pytest.mark.parametrize("case, args, world, culprit", ROWS, ids=[r[0] for r in ROWS])
 def test_train_rejects_in_one_line(case, args, world, culprit, files, tmp_path, monkeypatch, capsys):
+    from huggingface_hub import constants
+
     monkeypatch.setattr(loop, "train", lambda cfg: preflight(cfg, world_size=world))
+    monkeypatch.syspath_prepend(str(files["root"]))      # the user's scorer module
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(files["hub"]))
     overrides = _fill(args, files)
     defaults = [f"model.path={files['model']}", "model.build=null", f"output_dir={tmp_path / 'run'}"]
     defaults = [d for d in defaults if not any(o.startswith(d.split("=")[0] + "=") for o in overrides)]
@@ -146,7 +399,27 @@ def test_train_rejects_in_one_line(case, args, world, culprit, files, tmp_path, 
     status = cli.main(["train", "--config", str(SMOKE), *defaults, *overrides])
     line = _one_line(capsys.readouterr().err)
     assert status == EXIT_BAD_INPUT, (status, line)
-    assert culprit in line, line
+    assert culprit.format(hub=files["hub"]) in line, line
+
+
+def test_the_readme_example_data_passes_the_pre_start_checks(tmp_path, monkeypatch, capsys):
+    """README, "Your own model and data": the data script's model has no BOS and a chat template, and the
+    README's overrides pass every check `train` makes before its engines start."""
+    from transformers import AutoTokenizer
+
+    subprocess.run([sys.executable, "examples/build_user_data.py", str(tmp_path / "data")], cwd=ROOT, check=True,
+                   capture_output=True, timeout=300)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "data" / "chat-model")
+    assert tok.bos_token_id is None and tok.chat_template is not None
+    checked = []
+    monkeypatch.setattr(loop, "train", lambda cfg: checked.append(preflight(cfg, world_size=1)))
+    monkeypatch.chdir(ROOT)                              # examples.my_scorers resolves from the repository root
+    status = cli.main(["train", "--config", str(SMOKE), f"output_dir={tmp_path / 'run'}",
+                       f"model.path={tmp_path / 'data' / 'chat-model'}", "model.build=null",
+                       f"target.prompts={tmp_path / 'data' / 'prompts.parquet'}", "target.prompt_column=question",
+                       "target.kind=reward", "target.scorer=examples.my_scorers:mentions_answer",
+                       "target.scorer_args={}"])
+    assert status == 0 and checked == [tmp_path / "data" / "chat-model"], capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------- processes
@@ -173,7 +446,7 @@ def test_train_eval_export_with_a_tokenizer_without_bos(files, tmp_path):
     _run(*TRAIN, f"model.path={files['no_bos']}", f"output_dir={out}")
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     _run("eval", str(out), "--samples", "8")
-    assert json.loads((out / "eval.json").read_text())
+    assert json.loads((out / "eval.json").read_text())["n"] == 8
     _run("export", str(out), "--to", str(tmp_path / "hf"))
     assert AutoTokenizer.from_pretrained(tmp_path / "hf").bos_token_id is None
 
@@ -181,4 +454,35 @@ def test_train_eval_export_with_a_tokenizer_without_bos(files, tmp_path):
     _run(*TRAIN, f"model.path={files['no_bos']}", f"output_dir={conditional}",
          f"target.prompts_file={files['root'] / 'prompts.jsonl'}")
     _run("eval", str(conditional), "--samples", "8")
-    assert json.loads((conditional / "eval.json").read_text())
+    assert json.loads((conditional / "eval.json").read_text())["contexts_with_support"].endswith("/2")
+
+
+@pytest.mark.slow
+def test_train_and_eval_on_a_parquet_prompt_set_with_answers_through_a_chat_template(files, datasets_cache, tmp_path):
+    """A chat model's tokenizer, parquet prompts with an ``answer`` column, and a scorer that reads it: the
+    scorer raises if any sample's answer is not its own prompt's, so a finished run shows the rows stayed aligned."""
+    out = tmp_path / "run"
+    env = {"PYTHONPATH": str(files["root"]), "HF_DATASETS_CACHE": str(datasets_cache)}
+    _run(*TRAIN, f"model.path={files['chat']}", f"output_dir={out}",
+         f"target.prompts={files['root'] / 'prompts.parquet'}", "target.prompt_column=question",
+         "target.metadata_columns=[answer]", "target.kind=reward", "target.scorer=user_scorers_mod:answer_reward",
+         "target.scorer_args={}", env=env)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all("alignment" in r for r in rows)
+    _run("eval", str(out), "--samples", "6", env=env)
+    report = json.loads((out / "eval.json").read_text())
+    assert report["contexts_with_support"].endswith("/3") and 0.0 <= report["policy"]["alignment"] <= 1.0
+
+
+@pytest.mark.slow
+def test_train_and_eval_a_hub_id_model_with_a_hub_id_classifier_offline(files, tmp_path):
+    """model.path and the classifier's path are Hub ids, read from a cache laid out as `hf download` does
+    (HF_HUB_CACHE), with the Hub switched off (HF_HUB_OFFLINE=1)."""
+    out = tmp_path / "run"
+    env = {"HF_HUB_CACHE": str(files["hub"]), "HF_HUB_OFFLINE": "1"}
+    log = _run(*TRAIN, "model.path=someone/tiny-gpt2", f"output_dir={out}", "target.kind=reward",
+               "target.scorer=hf-classifier", "target.scorer_args={path: someone/tiny-classifier, label: positive}",
+               env=env)
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2], log
+    _run("eval", str(out), "--samples", "4", env=env)
+    assert json.loads((out / "eval.json").read_text())["n"] == 4
