@@ -30,7 +30,7 @@ from fdpg_scale.errors import ConfigError
 from fdpg_scale.targets.samples import Samples
 from fdpg_scale.targets.user_scorers import checked_values
 
-__all__ = ["HFClassifier", "build_hf_classifier"]
+__all__ = ["HFClassifier", "build_hf_classifier", "local_model_dir"]
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -55,7 +55,7 @@ class HFClassifier:
             raise ConfigError(f"{self.where}: batch_size must be an integer ≥ 1, got {batch_size!r}")
         if threshold is not None and not (isinstance(threshold, (int, float)) and math.isfinite(threshold)):
             raise ConfigError(f"{self.where}: threshold must be a finite number, got {threshold!r}")
-        local = _local_dir(path, self.where)
+        local = local_model_dir(path, self.where)
         if not local.is_dir():
             raise ConfigError(f"{self.where}: no such directory (a local Hugging Face classifier directory or a Hub "
                               f"id in the local cache is expected; nothing is downloaded)")
@@ -89,23 +89,26 @@ class HFClassifier:
         self.multi_label = config.problem_type == "multi_label_classification"
 
     @torch.no_grad()
-    def scores(self, texts: list[str]) -> torch.Tensor:
-        """float32 [len(texts)]: the score of each text (before any threshold), on the CPU."""
+    def logits(self, texts: list[str], *, add_special_tokens: bool = True) -> torch.Tensor:
+        """float32 [len(texts), num_labels]: the model's raw outputs for each text, on the CPU, ``batch_size``
+        texts per forward. add_special_tokens: False for texts a chat template rendered (they hold their own)."""
         out = []
         for start in range(0, len(texts), self.batch_size):
             batch = [_nonempty(t, self.tokenizer) for t in texts[start:start + self.batch_size]]
             enc = self.tokenizer(batch, return_tensors="pt", padding=True, truncation=self.max_length is not None,
-                                 max_length=self.max_length)
-            logits = self.model(input_ids=enc["input_ids"].to(self.device),
-                                attention_mask=enc["attention_mask"].to(self.device)).logits.float()
-            if logits.shape[-1] == 1:
-                score = logits[:, 0]
-            elif self.multi_label:
-                score = torch.sigmoid(logits[:, self.label_index])
-            else:
-                score = torch.softmax(logits, dim=-1)[:, self.label_index]
-            out.append(score.cpu())
-        return torch.cat(out) if out else torch.zeros(0)
+                                 max_length=self.max_length, add_special_tokens=add_special_tokens)
+            out.append(self.model(input_ids=enc["input_ids"].to(self.device),
+                                  attention_mask=enc["attention_mask"].to(self.device)).logits.float().cpu())
+        return torch.cat(out) if out else torch.zeros(0, self.model.config.num_labels)
+
+    def scores(self, texts: list[str]) -> torch.Tensor:
+        """float32 [len(texts)]: the score of each text (before any threshold), on the CPU."""
+        logits = self.logits(texts)
+        if logits.shape[-1] == 1:
+            return logits[:, 0]
+        if self.multi_label:
+            return torch.sigmoid(logits[:, self.label_index])
+        return torch.softmax(logits, dim=-1)[:, self.label_index]
 
     def __call__(self, samples: Samples) -> torch.Tensor:
         """float32 [B]: the scores of ``samples.texts`` (1/0 against ``threshold`` when set), checked finite."""
@@ -120,7 +123,7 @@ class HFClassifier:
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
-def _local_dir(path: str, where: str) -> Path:
+def local_model_dir(path: str, where: str) -> Path:
     """``path`` when it exists; else, for a Hub id (``owner/name``), its snapshot in the local Hugging Face cache
     (one-line ConfigError naming the id and the cache when it is not there; nothing is downloaded).
 

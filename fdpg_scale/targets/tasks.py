@@ -4,7 +4,8 @@ quantities whose means under π report alignment, one per scorer.
 A scorer is a function of a batch of decoded samples giving one number per sample. A config names it as
 
 - a built-in of ``SCORERS`` (``contains``, ``count``, ``parses_as_python``);
-- ``hf-classifier``: a local Hugging Face sequence classifier (``fdpg_scale.targets.hf_classifier``);
+- ``hf-classifier``: a Hugging Face sequence classifier of the completion (``fdpg_scale.targets.hf_classifier``);
+- ``hf-reward-model``: a Hugging Face reward model of prompt + completion (``fdpg_scale.targets.hf_reward_model``);
 - ``package.module:function``: your own function of the texts (``fdpg_scale.targets.user_scorers``);
 
 with its keyword arguments in ``scorer_args``. Its *kind* says how it enters the target:
@@ -68,6 +69,7 @@ SCORERS: dict[str, Callable[..., torch.Tensor]] = {"contains": contains, "count"
                                                    "parses_as_python": parses_as_python}
 
 HF_CLASSIFIER = "hf-classifier"
+HF_REWARD_MODEL = "hf-reward-model"
 KINDS = ("pointwise", "reward", "feature")
 
 
@@ -199,11 +201,15 @@ def _values(e: _Entry, *, conditional: bool, device, metadata_columns: tuple[str
         from fdpg_scale.targets.hf_classifier import build_hf_classifier  # imports transformers
 
         return build_hf_classifier(e.scorer_args, where=f"{e.where}.scorer", device=device)
+    if e.scorer == HF_REWARD_MODEL:
+        from fdpg_scale.targets.hf_reward_model import build_hf_reward_model  # imports transformers
+
+        return build_hf_reward_model(e.scorer_args, where=f"{e.where}.scorer", device=device)
     if ":" in e.scorer:
         return FunctionScorer.from_spec(e.scorer, e.scorer_args, where=f"{e.where}.scorer", conditional=conditional,
                                         metadata_columns=metadata_columns)
     raise ConfigError(f"{e.where}.scorer {e.scorer!r} is unknown; valid: a built-in ({', '.join(SCORERS)}), "
-                      f"{HF_CLASSIFIER!r} or 'package.module:function'")
+                      f"{HF_CLASSIFIER!r}, {HF_REWARD_MODEL!r} or 'package.module:function'")
 
 
 def build_task(cfg: TargetConfig, tokenizer=None, *, device: str | torch.device = "cpu",

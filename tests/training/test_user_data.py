@@ -85,9 +85,30 @@ def files(tmp_path_factory, datasets_cache):
     f["hub"] = root / "hub"
     shutil.copytree(model, fake_hub_entry(f["hub"], "models", "someone/tiny-gpt2"), dirs_exist_ok=True)
     build_tiny_classifier_dir(root / "classifier")
+    f["reward"] = build_reward_head(root / "reward", num_labels=1)
+    f["reward_chat"] = build_reward_head(root / "reward_chat", num_labels=1)
+    add_chat_template(f["reward_chat"])
+    f["reward_two"] = build_reward_head(root / "reward_two", num_labels=2)
+    shutil.copytree(f["reward_chat"], fake_hub_entry(f["hub"], "models", "someone/tiny-reward"), dirs_exist_ok=True)
     shutil.copytree(root / "classifier", fake_hub_entry(f["hub"], "models", "someone/tiny-classifier"),
                     dirs_exist_ok=True)
     return f
+
+
+def build_reward_head(path: Path, *, num_labels: int) -> Path:
+    """A GPT-2 reward model (``GPT2ForSequenceClassification``, random weights) with the tiny tokenizer."""
+    import torch
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from fdpg_scale.models.tiny import train_tiny_tokenizer
+
+    tok = train_tiny_tokenizer()
+    config = GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=64, vocab_size=len(tok), num_labels=num_labels,
+                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    GPT2ForSequenceClassification(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
 
 
 # A small Jinja chat template, as a chat model's tokenizer carries one (Qwen's writes <|im_start|>role ...).
@@ -312,6 +333,50 @@ def test_hub_ids_of_a_model_and_a_classifier_resolve_to_their_cached_snapshots(f
     assert prepare_model_dir(cfg.model) == Path("someone/tiny-gpt2")
 
 
+# ------------------------------------------------------------------------------------- reward models
+def _pairs():
+    import torch
+
+    from fdpg_scale.targets.samples import Samples
+
+    return Samples(token_ids=torch.zeros(3, 1, dtype=torch.long), mask=torch.ones(3, 1), texts=["x = 1", "x = 1", ""],
+                   context_ids=torch.tensor([0, 1, 0]), contexts=["def f(", "import ", "def f("])
+
+
+def test_the_reward_model_scores_prompt_plus_completion_frozen(files):
+    """r = the head's logit on the prompt followed by the completion: the same completion scores differently
+    after different prompts, and equals the model's own forward on the joined text."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from fdpg_scale.targets.hf_reward_model import HFRewardModel
+
+    rm = HFRewardModel(path=str(files["reward"]))
+    r = rm(_pairs())
+    assert r.shape == (3,) and r.dtype == torch.float32 and r[0] != r[1]
+    tok = AutoTokenizer.from_pretrained(files["reward"])
+    model = AutoModelForSequenceClassification.from_pretrained(files["reward"]).eval()
+    with torch.no_grad():
+        expected = [model(**tok(t, return_tensors="pt")).logits[0, 0] for t in ("def f(x = 1", "import x = 1")]
+    torch.testing.assert_close(r[:2], torch.stack(expected))
+    assert not rm.classifier.model.training and not any(p.requires_grad for p in rm.classifier.model.parameters())
+
+
+def test_the_reward_model_renders_the_pair_with_its_own_chat_template(files):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from fdpg_scale.targets.hf_reward_model import HFRewardModel
+
+    rm = HFRewardModel(path=str(files["reward_chat"]))
+    assert rm.texts(_pairs())[0] == "<|bos|>user: def f(\n<|bos|>assistant: x = 1\n"
+    tok = AutoTokenizer.from_pretrained(files["reward_chat"])
+    model = AutoModelForSequenceClassification.from_pretrained(files["reward_chat"]).eval()
+    with torch.no_grad():
+        expected = model(**tok(rm.texts(_pairs())[1], return_tensors="pt", add_special_tokens=False)).logits[0, 0]
+    torch.testing.assert_close(rm(_pairs())[1], expected)
+
+
 # -------------------------------------------------------------------------------- one-line bad inputs
 # (id, overrides, world size, what the one line must contain); "{x}" is filled from the `files` fixture.
 P = "target.prompt_column=question"
@@ -363,6 +428,18 @@ ROWS = [
     ("messages-bad-message", ["model.path={chat}", "target.prompts={root}/bad_chat.jsonl"], 1,
      "row 0 (counting from 0), column 'prompt' must be a non-empty string or a list of"),
     ("chat-template-not-bool", ["target.chat_template=maybe"], 1, "target.chat_template"),
+    # ---- reward models
+    ("reward-model-needs-label", ["target.kind=reward", "target.scorer=hf-reward-model",
+                                  "target.scorer_args={{path: {reward_two}}}"], 1,
+     "the model has 2 outputs; name the reward's in scorer_args.label"),
+    ("reward-model-unknown-arg", ["target.kind=reward", "target.scorer=hf-reward-model",
+                                  "target.scorer_args={{path: {reward}, threshold: 0.5}}"], 1,
+     "unknown scorer_args ['threshold']"),
+    ("reward-model-no-path", ["target.kind=reward", "target.scorer=hf-reward-model", "target.scorer_args={{}}"], 1,
+     "scorer_args ['path'] is required"),
+    ("reward-model-not-cached", ["target.kind=reward", "target.scorer=hf-reward-model",
+                                 "target.scorer_args={{path: someone/absent-reward}}"], 1,
+     "the Hub model 'someone/absent-reward' is not in the local Hugging Face cache"),
     # ---- Hub ids: read from the local cache only
     ("model-hub-id-not-cached", ["model.path=someone/absent-model"], 1,
      "model.path 'someone/absent-model' is not a local path, and the Hub model 'someone/absent-model' is not in "
@@ -475,14 +552,21 @@ def test_train_and_eval_on_a_parquet_prompt_set_with_answers_through_a_chat_temp
 
 
 @pytest.mark.slow
-def test_train_and_eval_a_hub_id_model_with_a_hub_id_classifier_offline(files, tmp_path):
-    """model.path and the classifier's path are Hub ids, read from a cache laid out as `hf download` does
-    (HF_HUB_CACHE), with the Hub switched off (HF_HUB_OFFLINE=1)."""
+def test_train_and_eval_hub_ids_with_a_classifier_and_a_reward_model_of_the_prompts_offline(files, datasets_cache,
+                                                                                            tmp_path):
+    """model.path, the classifier's and the reward model's paths are Hub ids, read from a cache laid out as
+    `hf download` does (HF_HUB_CACHE), with the Hub switched off (HF_HUB_OFFLINE=1); the reward model scores
+    prompt + completion through its own chat template."""
     out = tmp_path / "run"
-    env = {"HF_HUB_CACHE": str(files["hub"]), "HF_HUB_OFFLINE": "1"}
-    log = _run(*TRAIN, "model.path=someone/tiny-gpt2", f"output_dir={out}", "target.kind=reward",
-               "target.scorer=hf-classifier", "target.scorer_args={path: someone/tiny-classifier, label: positive}",
-               env=env)
-    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2], log
-    _run("eval", str(out), "--samples", "4", env=env)
-    assert json.loads((out / "eval.json").read_text())["n"] == 4
+    env = {"HF_HUB_CACHE": str(files["hub"]), "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(datasets_cache)}
+    scorers = ("target.scorers=[{scorer: hf-classifier, kind: reward, scorer_args: {path: someone/tiny-classifier, "
+               "label: positive}}, {scorer: hf-reward-model, kind: reward, scorer_args: {path: someone/tiny-reward}}]")
+    log = _run(*TRAIN, "model.path=someone/tiny-gpt2", f"output_dir={out}", "target.scorer_args={}", scorers,
+               f"target.prompts={files['root'] / 'prompts.parquet'}", "target.prompt_column=question",
+               "target.metadata_columns=[]", env=env)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2], log
+    assert all("alignment/hf-classifier" in r and "alignment/hf-reward-model" in r for r in rows), rows[0]
+    _run("eval", str(out), "--samples", "6", env=env)
+    report = json.loads((out / "eval.json").read_text())
+    assert report["n"] == 6 and "alignment/hf-reward-model" in report["policy"]
