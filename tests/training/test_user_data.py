@@ -570,3 +570,22 @@ def test_train_and_eval_hub_ids_with_a_classifier_and_a_reward_model_of_the_prom
     _run("eval", str(out), "--samples", "6", env=env)
     report = json.loads((out / "eval.json").read_text())
     assert report["n"] == 6 and "alignment/hf-reward-model" in report["policy"]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ranks_read_the_parquet_prompts_and_keep_each_samples_answer(files, datasets_cache, tmp_path):
+    """torchrun on 2 ranks: both read the dataset (one datasets cache), and the scorer's check that every sample's
+    answer is its own prompt's holds on each rank's share."""
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT", "SLURM_PROCID")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(files["root"]), HF_DATASETS_CACHE=str(datasets_cache / "two"))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "fdpg_scale.cli", *TRAIN, f"model.path={files['chat']}", f"output_dir={out}",
+                           f"target.prompts={files['root'] / 'prompts.parquet'}", "target.prompt_column=question",
+                           "target.metadata_columns=[answer]", "target.kind=reward",
+                           "target.scorer=user_scorers_mod:answer_reward", "target.scorer_args={}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
