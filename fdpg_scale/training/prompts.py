@@ -38,7 +38,7 @@ class PromptSet:
     """The prompts as text (what scorers see as ``Samples.contexts``)."""
     token_ids: tuple[tuple[int, ...], ...]
     """Each prompt tokenised (module docstring); what the model is conditioned on."""
-    metadata: dict[str, tuple] = field(default_factory=dict)
+    metadata: dict[str, tuple] = field(default_factory=dict, hash=False)
     """column name -> one value per prompt: the dataset columns that function scorers receive."""
 
     def __len__(self) -> int:
