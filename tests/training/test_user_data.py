@@ -377,6 +377,16 @@ def test_the_reward_model_renders_the_pair_with_its_own_chat_template(files):
     torch.testing.assert_close(rm(_pairs())[1], expected)
 
 
+def test_plan_reads_the_architecture_of_a_cached_hub_id(files, monkeypatch, capsys):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(files["hub"]))
+    status = cli.main(["plan", "--config", str(SMOKE), "--nodes", "1", "--gpus-per-node", "1",
+                       "model.path=someone/tiny-gpt2", "model.build=null"])
+    out = capsys.readouterr().out
+    assert status == 0 and "models--someone--tiny-gpt2" in out.splitlines()[0], out
+
+
 # -------------------------------------------------------------------------------- one-line bad inputs
 # (id, overrides, world size, what the one line must contain); "{x}" is filled from the `files` fixture.
 P = "target.prompt_column=question"
