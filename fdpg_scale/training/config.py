@@ -1,7 +1,7 @@
 """Typed run configuration: dataclasses with validation, loaded from YAML plus ``key=value`` overrides.
 
 A config file is a YAML mapping whose sections mirror the dataclasses below (``model:``, ``divergence:``,
-``target:``, ``train:``, ``sampling:``, ``deepspeed:``, ``logging:``) plus the top-level ``seed`` and
+``target:``, ``train:``, ``sampling:``, ``deepspeed:``, ``logging:``, ``eval:``) plus the top-level ``seed`` and
 ``output_dir``. Unknown keys and wrong types are rejected with the dotted key's name; nothing is ever
 ``eval``-ed. Overrides use the same dotted names: ``train.steps=20 divergence.name=js``.
 """
@@ -369,6 +369,21 @@ class LoggingConfig:
 
 
 @dataclass(kw_only=True)
+class EvalConfig:
+    """Evaluation during training (training/in_run_eval.py): fresh samples from π, logged as ``eval/*``."""
+    every: int = 0
+    """Evaluate after every this many optimizer steps (and after the last); 0: never during training."""
+    samples: int = 64
+    """Sequences drawn from π per evaluation, over all ranks: a multiple of train.micro_batch × world size."""
+
+    def __post_init__(self):
+        if self.every < 0:
+            raise ConfigError(f"eval.every must be ≥ 0 (0: off), got {self.every}")
+        if self.samples < 1:
+            raise ConfigError(f"eval.samples must be ≥ 1, got {self.samples}")
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     model: ModelConfig
     divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
@@ -377,6 +392,7 @@ class RunConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
     output_dir: str = "runs/default"
     """Where metrics.jsonl, TensorBoard events and checkpoints go; a rerun with the same directory resumes."""
