@@ -27,6 +27,7 @@ from fdpg_scale.distributed.engines import build_frozen, build_policy
 from fdpg_scale.distributed.generation import SamplingSettings
 from fdpg_scale.training.nonfinite import NonFiniteGuard
 from fdpg_scale.training.preemption import PreemptionSignal
+from fdpg_scale.training.in_run_eval import evaluate_policy, is_due
 from fdpg_scale.training.preflight import preflight
 from fdpg_scale.training.prompts import load_target_prompts
 from fdpg_scale.training.backend import ZeroBackend
@@ -114,11 +115,18 @@ def train(cfg: RunConfig) -> None:
     for step in range(state.step, cfg.train.steps):
         result = fdpg_step(backend, state, step_settings, step, guard)
         state.step = step + 1
+        evaluation = {}       # eval.every: fresh samples from π, logged as eval/* in the step's row
+        if is_due(state.step, every=cfg.eval.every, total=cfg.train.steps):
+            evaluation = evaluate_policy(policy=policy, base=base, task=task, tokenizer=tokenizer, prompts=prompts,
+                                         mode=cfg.sampling.generation_mode, run_seed=cfg.seed, step=state.step,
+                                         rank=rank, world=world, micro_batch=cfg.train.micro_batch,
+                                         samples=cfg.eval.samples, max_new_tokens=cfg.sampling.max_new_tokens)
         if result.skipped:   # non-finite values (train.on_nonfinite: skip): nothing of this step reached the state
             log.log(state.step, {"loss": None, "log_z": no_estimate(float(state.log_z.value.mean())), "skipped": 1,
-                                 **guard.metrics()})
+                                 **guard.metrics(), **evaluation})
         else:
-            log.log(state.step, {**_step_metrics(state, result, backend, lr=policy.get_lr()[0]), **guard.metrics()})
+            log.log(state.step, {**_step_metrics(state, result, backend, lr=policy.get_lr()[0]), **guard.metrics(),
+                                 **evaluation})
 
         stop = preemption.requested()
         if stop or state.step == cfg.train.steps or state.step % cfg.train.save_every == 0:

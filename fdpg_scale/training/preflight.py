@@ -3,7 +3,7 @@
 What the config dataclasses cannot see alone, because it needs the world size or the files on disk:
 
 - the global batch splits over the world size (``train.global_batch``), and ``sampling.batch`` divides each
-  rank's share;
+  rank's share; so do ``eval.samples`` when ``eval.every`` is on;
 - ``model.path`` (built first when ``model.build`` asks) is a causal LM directory *with weights*;
 - its tokenizer files exist (transformers otherwise builds an empty tokenizer silently), its BOS, EOS and pad
   tokens give a start token and a padding token (BOS else EOS, pad else EOS: ``models/tokens.py``), and it has
@@ -94,6 +94,10 @@ def preflight(cfg: RunConfig, *, world_size: int) -> Path:
 
     accumulation = cfg.train.accumulation_steps(world_size)
     deepspeed_config(cfg, world_size=world_size, accumulation=accumulation)
+    if cfg.eval.every:
+        from fdpg_scale.training.in_run_eval import eval_accumulation
+
+        eval_accumulation(cfg.eval.samples, micro_batch=cfg.train.micro_batch, world=world_size)
     prepare_output_dir(cfg.output_dir)
     model_dir = prepare_model_dir(cfg.model)
     config = check_model_files(model_dir)

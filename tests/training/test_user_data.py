@@ -387,6 +387,14 @@ def test_plan_reads_the_architecture_of_a_cached_hub_id(files, monkeypatch, caps
     assert status == 0 and "models--someone--tiny-gpt2" in out.splitlines()[0], out
 
 
+# --------------------------------------------------------------------------- evaluation during training
+def test_evaluations_follow_every_n_steps_and_the_last():
+    from fdpg_scale.training.in_run_eval import is_due
+
+    assert [s for s in range(1, 8) if is_due(s, every=3, total=7)] == [3, 6, 7]
+    assert not any(is_due(s, every=0, total=7) for s in range(1, 8))
+
+
 # -------------------------------------------------------------------------------- one-line bad inputs
 # (id, overrides, world size, what the one line must contain); "{x}" is filled from the `files` fixture.
 P = "target.prompt_column=question"
@@ -450,6 +458,11 @@ ROWS = [
     ("reward-model-not-cached", ["target.kind=reward", "target.scorer=hf-reward-model",
                                  "target.scorer_args={{path: someone/absent-reward}}"], 1,
      "the Hub model 'someone/absent-reward' is not in the local Hugging Face cache"),
+    # ---- evaluation during training
+    ("eval-samples-indivisible", ["eval.every=1", "eval.samples=12"], 2,
+     "eval.samples=12 is not a multiple of train.micro_batch × world size = 4 × 2 = 8"),
+    ("eval-every-negative", ["eval.every=-1"], 1, "eval.every must be ≥ 0"),
+    ("eval-samples-zero", ["eval.samples=0"], 1, "eval.samples must be ≥ 1"),
     # ---- Hub ids: read from the local cache only
     ("model-hub-id-not-cached", ["model.path=someone/absent-model"], 1,
      "model.path 'someone/absent-model' is not a local path, and the Hub model 'someone/absent-model' is not in "
@@ -599,3 +612,24 @@ def test_two_ranks_read_the_parquet_prompts_and_keep_each_samples_answer(files, 
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+@pytest.mark.slow
+def test_evaluation_during_training_logs_eval_metrics_and_changes_no_training_number(files, datasets_cache,
+                                                                                     tmp_path):
+    """eval.every=1 on a conditional target: every step's row carries eval/*, and every training number equals
+    a run without evaluation's (the evaluation draws from its own seed stream)."""
+    common = (f"model.path={files['model']}", f"target.prompts={files['root'] / 'prompts.parquet'}",
+              "target.prompt_column=question", "target.metadata_columns=[]")
+    env = {"HF_DATASETS_CACHE": str(datasets_cache)}
+    _run(*TRAIN, *common, f"output_dir={tmp_path / 'plain'}", env=env)
+    _run(*TRAIN, *common, f"output_dir={tmp_path / 'eval'}", "eval.every=1", "eval.samples=8", env=env)
+    plain, evaluated = ([json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+                        for name in ("plain", "eval"))
+    for a, b in zip(plain, evaluated, strict=True):
+        for key in ("loss", "log_z", "kl_p_pi", "alignment", "pseudo_reward_mean"):
+            assert a[key] == b[key], (key, a[key], b[key])
+        for key in ("eval/alignment", "eval/kl_pi_a", "eval/kl_p_pi", "eval/ess", "eval/distinct_1",
+                    "eval/self_bleu_3"):
+            assert key in b and b[key] is not None, (key, sorted(b))
+        assert 0.0 <= b["eval/alignment"] <= 1.0 and b["eval/ess"] <= 8.0
