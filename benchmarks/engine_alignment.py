@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fdpg_scale.apps.evaluate import evaluate_run  # noqa: E402
-from fdpg_scale.apps.sweep import train_run  # noqa: E402
+from fdpg_scale.experiments.runner import train_run  # noqa: E402
 
 ENGINES = ("hf", "vllm")
 

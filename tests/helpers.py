@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from fdpg_scale.apps.reproduce import Grid
+from fdpg_scale.experiments.grid import Grid
 from fdpg_scale.models.base_config import PretrainConfig
 from fdpg_scale.models.corpus import stdlib_dir
 

@@ -52,7 +52,8 @@ def test_unsatisfiable_constraint_is_reported_with_its_rate(tmp_path):
     run_train(tmp_path, out, "train.steps=1", "target.scorer_args.substring=QQQQQQQQQQ")
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert record["log_z"] is None            # no sample with P > 0 yet: no estimate, logged as null, not 0.0
-    proc = subprocess.run([sys.executable, "-m", "fdpg_scale.cli", "eval", str(out), "--samples", "16"], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "fdpg_scale.cli", "eval", str(out), "--samples", "16",
+                           "--base-samples", "16"], cwd=ROOT,
                           env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "holds on 0/16 base samples" in proc.stderr.strip().splitlines()[-1]

@@ -1,5 +1,5 @@
 """Imports point down the layers only: kernels < errors < core < {targets, models} < {distributed, toy}
-< training < apps.
+< training < {apps, experiments}.
 
 Every ``import`` and ``from ... import`` under fdpg_scale/ and kernels/ is read from the source (module level
 and inside functions alike; only ``if TYPE_CHECKING:`` blocks are skipped, they never run). A module may
@@ -19,7 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {"kernels": 0, "errors": 1, "core": 2, "divergences": 2, "targets": 3, "models": 3,
           "distributed": 4, "toy": 4, "training": 5, "apps": 6, "cli": 6}
 #: The two top-level shims are thin re-exports of their public paths: they sit in the layer they re-export.
-PACKAGE_OF = {"divergences": "core", "cli": "apps"}
+#: experiments (the reproduce and sweep jobs, one job per module) sits in the command layer with apps: it runs
+#: apps' jobs (pretrain-base, eval, the sweep report's plots) and apps' thin reproduce/sweep commands call it.
+PACKAGE_OF = {"divergences": "core", "cli": "apps", "experiments": "apps"}
 #: Libraries the kernels must not import: the ZeRO-3 handling of the lm_head lives with the distributed code,
 #: and the kernels work on plain tensors, not on models.
 KERNELS_MUST_NOT_IMPORT = ("deepspeed", "transformers")

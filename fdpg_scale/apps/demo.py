@@ -5,7 +5,7 @@
 2. align it to the pointwise task of ``configs/demo.yaml`` with f-DPG under DeepSpeed ZeRO-3 on 2 CPU ranks,
    once per divergence (forward KL, reverse KL, Jensen–Shannon by default);
 3. evaluate base and policies and write ``report.md``: the results table, alignment against diversity per
-   divergence, and KL(p‖π) per step (``fdpg_scale.apps.sweep``).
+   divergence, and KL(p‖π) per step (``fdpg_scale.experiments.runner.run_sweep``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-from fdpg_scale.apps.sweep import run_sweep
+from fdpg_scale.experiments.runner import run_sweep
 
 __all__ = ["run"]
 

@@ -9,10 +9,19 @@ policy π and ``n`` from the base model a (temperature 1, no truncation: the mod
 - ``kl_pi_a`` = KL(π‖a) = E_π[log π − log a];
 - ``kl_p_pi`` = KL(p‖π), by importance sampling from the base: p/a = s(x)/Z with s the target's score
   (p ≪ a always holds, which is why a and not π is the proposal here), Z = E_a[s] estimated on the same draws
-  (per context for a conditional target, whose draws cycle through the prompts; averaged over contexts);
+  (per context for a conditional target, whose draws cycle through the prompts; averaged over contexts).
+  It rests on the base draws with s > 0 only (a rare constraint leaves few of 256): ``n_base`` (default 2048)
+  base draws, and ``kl_p_pi_draws`` says how many had s > 0;
+- ``kl_gain_rs`` = KL(p‖a) − KL(p‖π) = E_p[log π − log a] (Z cancels), an independent estimate for a pointwise
+  constraint (every s ∈ {0, 1}): a second, fresh set of ``n_base`` base draws is rejection-sampled (a draw
+  that meets the constraint *is* a draw from p), with its standard error and ``kl_gain_rs_draws``; None for
+  other targets;
 - diversity of π's samples: Distinct-1/2 and Self-BLEU-3 (lower = more diverse).
 The same columns for the base model itself give the reference row (alignment before training, KL(p‖a)).
 Results go to ``OUTPUT_DIR/eval.json``.
+
+Seeds: by default the evaluation's draws are seeded from the run's own ``seed`` (``eval_seed``), so runs of
+different seeds are evaluated on fresh draws and an interval over seeds includes the evaluation's own variance.
 """
 
 from __future__ import annotations
@@ -38,12 +47,14 @@ from fdpg_scale.targets.tasks import Task, build_task
 from fdpg_scale.training.config import RunConfig, load_config
 from fdpg_scale.training.alignment import column
 
-__all__ = ["evaluate_run", "sample_and_score", "run"]
+__all__ = ["evaluate_run", "eval_seed", "sample_and_score", "run", "BASE_SAMPLES"]
 
 #: Generated samples scored per forward pass.
 BATCH_SIZE = 64
 #: Policy samples quoted in eval.json.
 SHOWN_SAMPLES = 8
+#: Base draws behind KL(p‖π) and the rejection-sampled gain (a 1-in-30 constraint leaves ~70 of them).
+BASE_SAMPLES = 2048
 #: Self-BLEU scores at most this many hypotheses (each against all other samples): O(m·N) instead of O(N²).
 SELF_BLEU_HYPOTHESES = 100
 
@@ -126,6 +137,7 @@ def _row(policy: dict, base: dict, *, log_z: torch.Tensor, pi_on_base: torch.Ten
     w = torch.where(supported, torch.exp(base["log_scores"].to(torch.float64) - lz), torch.zeros_like(lz))  # p/a
     log_p = base["logp"] + base["log_scores"].to(torch.float64) - lz
     kl_terms = torch.where(w > 0, w * (log_p - pi_on_base), torch.zeros_like(w))[supported]
+    draws = int((w > 0).sum())
     features = policy["features"]
     alignment = {}
     for name, values in features.items():
@@ -134,16 +146,25 @@ def _row(policy: dict, base: dict, *, log_z: torch.Tensor, pi_on_base: torch.Ten
     return {
         **alignment,
         "kl_p_pi": float(kl_terms.mean()), "kl_p_pi_se": float(kl_terms.std() / math.sqrt(len(kl_terms))),
+        "kl_p_pi_draws": draws,
         "kl_pi_a": float((policy["logp"] - policy["logp_base"]).mean()),
         **diversity_metrics(seqs, distinct=(1, 2), bleu_n=(3,), max_hypotheses=SELF_BLEU_HYPOTHESES),
         "mean_length": float(policy["samples"].lengths.float().mean()),
     }
 
 
-def evaluate_run(output_dir: str | Path, *, n: int = 256, seed: int = 1234,
-                 checkpoint: str | Path | None = None) -> dict:
-    """Evaluate run ``output_dir`` (its config.yaml and latest checkpoint) → {"base": row, "policy": row}.
+def eval_seed(run_seed: int) -> int:
+    """The evaluation's default seed for a run of seed ``run_seed``: fresh draws per run seed, never the
+    training stream's."""
+    return 1234 + 7919 * run_seed
 
+
+def evaluate_run(output_dir: str | Path, *, n: int = 256, seed: int | None = None,
+                 checkpoint: str | Path | None = None, n_base: int = BASE_SAMPLES) -> dict:
+    """Evaluate run ``output_dir`` (its config.yaml and latest checkpoint) → {"base": row, "policy": row, ...}.
+
+    n: draws from each model (alignment, KL(π‖a), diversity); n_base: base draws behind KL(p‖π) (and as many
+    again for the rejection-sampled ``kl_gain_rs``); seed: None for ``eval_seed`` of the run's seed.
     checkpoint: evaluate this checkpoint directory of the run instead of the latest (for curves over
     training); the result is then returned only, not written to ``eval.json``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -152,8 +173,12 @@ def evaluate_run(output_dir: str | Path, *, n: int = 256, seed: int = 1234,
     from fdpg_scale.distributed.checkpoint_files import load_plain
     from fdpg_scale.distributed.export import export_checkpoint
 
+    for name, value in (("samples", n), ("base samples", n_base)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"eval: {name} must be an int ≥ 1, got {value!r}")
     output_dir = Path(output_dir)
     cfg: RunConfig = load_config(output_dir / "config.yaml")
+    seed = eval_seed(cfg.seed) if seed is None else seed
     ckpt = find_latest(output_dir) if checkpoint is None else Path(checkpoint)
     if ckpt is None or not ckpt.is_dir():
         raise FileNotFoundError(f"{output_dir} has no checkpoint to evaluate (looked in {output_dir / 'checkpoints'})")
@@ -171,7 +196,8 @@ def evaluate_run(output_dir: str | Path, *, n: int = 256, seed: int = 1234,
     base_model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
     max_new = cfg.sampling.max_new_tokens
 
-    base = sample_and_score(base_model, tokenizer, task, n=n, max_new_tokens=max_new, seed=seed, prompts=prompts)
+    base = sample_and_score(base_model, tokenizer, task, n=max(n, n_base), max_new_tokens=max_new, seed=seed,
+                            prompts=prompts)
     policy = sample_and_score(policy_model, tokenizer, task, n=n, max_new_tokens=max_new, seed=seed + 1,
                               prompts=prompts)
     base["logp_base"] = base["logp"]
@@ -181,16 +207,23 @@ def evaluate_run(output_dir: str | Path, *, n: int = 256, seed: int = 1234,
                                   base["samples"].mask)
 
     log_z = _log_z_per_context(base)                                             # log E_a[s | c]
+    drawn = base["log_scores"].shape[0]
     satisfied = int(torch.isfinite(base["log_scores"]).sum())
     if satisfied == 0:
         raise ConstraintNeverSatisfied(
-            f"the target's constraint holds on 0/{n} base samples (rate 0): Z cannot be estimated; "
+            f"the target's constraint holds on 0/{drawn} base samples (rate 0): Z cannot be estimated; "
             f"loosen target.scorer_args or raise sampling.max_new_tokens")
-    result = {"checkpoint": str(ckpt), "n": n, "log_z": float(log_z[torch.isfinite(log_z)].mean()),
-              "base_satisfaction_rate": satisfied / n,
+    # The base row is scored on the policy-sized share of the base draws (its alignment and diversity compare
+    # with π's n draws); KL(p‖a) uses them all, like KL(p‖π).
+    base_row = _row(_first(base, n), base, log_z=log_z, pi_on_base=base["logp"])
+    result = {"checkpoint": str(ckpt), "n": n, "n_base": drawn, "seed": seed,
+              "log_z": float(log_z[torch.isfinite(log_z)].mean()),
+              "base_satisfaction_rate": satisfied / drawn,
               "contexts_with_support": f"{int(torch.isfinite(log_z).sum())}/{len(log_z)}",
-              "base": _row(base, base, log_z=log_z, pi_on_base=base["logp"]),
+              "base": base_row,
               "policy": _row(policy, base, log_z=log_z, pi_on_base=pi_on_base),
+              **_rejection_sampled_gain(policy_model, base_model, tokenizer, task, n=drawn, max_new_tokens=max_new,
+                                        seed=seed + 2, prompts=prompts),
               "divergence": str(cfg.divergence.name if cfg.divergence.alpha is None
                                 else f"alpha({cfg.divergence.alpha:g})"),
               "samples": policy["samples"].texts[:SHOWN_SAMPLES]}
@@ -199,13 +232,51 @@ def evaluate_run(output_dir: str | Path, *, n: int = 256, seed: int = 1234,
     return result
 
 
+def _first(draws: dict, n: int) -> dict:
+    """The first ``n`` of a ``sample_and_score`` result (plus ``logp_base``), for a row over n draws."""
+    if draws["logp"].shape[0] == n:
+        return draws
+    samples = draws["samples"]
+    head = Samples(token_ids=samples.token_ids[:n], mask=samples.mask[:n], texts=samples.texts[:n],
+                   context_ids=samples.context_ids[:n], contexts=None if samples.contexts is None else samples.contexts[:n])
+    return {**draws, "samples": head, "logp": draws["logp"][:n],
+            "logp_base": draws["logp_base"][:n], "log_scores": draws["log_scores"][:n],
+            "features": {k: v[:n] for k, v in draws["features"].items()}}
+
+
+def _rejection_sampled_gain(policy_model, base_model, tokenizer, task: Task, *, n: int, max_new_tokens: int, seed: int,
+                            prompts: PromptSet | None) -> dict:
+    """{"kl_gain_rs", "kl_gain_rs_se", "kl_gain_rs_draws"}: KL(p‖a) − KL(p‖π) = E_p[log π − log a] over the
+    base draws that meet a pointwise constraint (exact draws from p: no Z, no weights), from ``n`` fresh base
+    draws. None values when the target is not a pure constraint (some score is neither 0 nor −inf) or no draw
+    met it. For a conditional target the mean is over contexts in proportion to their accepted draws."""
+    fresh = sample_and_score(base_model, tokenizer, task, n=n, max_new_tokens=max_new_tokens, seed=seed,
+                             prompts=prompts)
+    scores = fresh["log_scores"].to(torch.float64)
+    accepted = torch.isfinite(scores)
+    pure = bool((scores[accepted] == 0).all())
+    if not pure or not bool(accepted.any()):
+        return {"kl_gain_rs": None, "kl_gain_rs_se": None, "kl_gain_rs_draws": int(accepted.sum()) if pure else 0}
+    keep = torch.nonzero(accepted).flatten()
+    samples = fresh["samples"]
+    logp_pi = sequence_logprob(policy_model, fresh["prompt_ids"][keep], fresh["prompt_mask"][keep],
+                               samples.token_ids[keep], samples.mask[keep])
+    gain = logp_pi - fresh["logp"][keep]
+    se = float(gain.std() / math.sqrt(len(gain))) if len(gain) > 1 else None
+    return {"kl_gain_rs": float(gain.mean()), "kl_gain_rs_se": se, "kl_gain_rs_draws": len(gain)}
+
+
 def run(args) -> int:
     """``fdpg-scale eval OUTPUT_DIR [--samples N] [--seed S]`` (arguments parsed by ``fdpg_scale.apps.cli``)."""
-    r = evaluate_run(args.output_dir, n=args.samples, seed=args.seed)
+    r = evaluate_run(args.output_dir, n=args.samples, seed=args.seed, n_base=args.base_samples)
     keys = (*[k for k in r["policy"] if k.startswith("alignment") and not k.startswith("alignment_se")],
             "kl_p_pi", "kl_pi_a", "distinct_1", "distinct_2", "self_bleu_3")
     print("| model | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
     for name in ("base", "policy"):
         print(f"| {name} | " + " | ".join(f"{r[name][k]:.4f}" for k in keys) + " |")
+    print(f"KL(p‖π) and KL(p‖a) rest on {r['policy']['kl_p_pi_draws']} of {r['n_base']} base draws with P > 0")
+    if r["kl_gain_rs"] is not None:
+        print(f"rejection-sampled KL(p‖a) − KL(p‖π) = {r['kl_gain_rs']:.4f} ± {r['kl_gain_rs_se'] or math.nan:.4f} "
+              f"(SE; {r['kl_gain_rs_draws']} exact draws from p)")
     print(f"wrote {Path(args.output_dir) / 'eval.json'}")
     return 0

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["load_run", "alignment_keys", "results_table", "plot_alignment_vs_diversity", "plot_divergence_per_step", "write_report"]
+__all__ = ["load_run", "alignment_keys", "results_table", "plot_alignment_vs_diversity", "running_estimate",
+           "plot_divergence_per_step", "write_report"]
 
 #: Resolution of the report's PNG plots.
 FIGURE_DPI = 110
@@ -81,11 +82,11 @@ def plot_alignment_vs_diversity(runs: list[dict], path: str | Path, *, title: st
         points = [("base a", runs[0]["eval"]["base"])] + [(r["eval"]["divergence"], r["eval"]["policy"]) for r in runs]
         for name, values in points:
             for a in alignment_keys(values):
-                label = name if a == "alignment" else f"{name}: {a.split('/', 1)[1]}"
+                point = name if a == "alignment" else f"{name}: {a.split('/', 1)[1]}"
                 ax.errorbar(values[key], values[a], yerr=values.get(_se_key(a)), fmt="o", capsize=3,
-                            label=label, color="black" if name == "base a" else None)
-                ax.annotate(label, (values[key], values[a]), textcoords="offset points", xytext=(5, 5))
-        ax.set_xlabel(label)
+                            label=point, color="black" if name == "base a" else None)
+                ax.annotate(point, (values[key], values[a]), textcoords="offset points", xytext=(5, 5))
+        ax.set_xlabel(label)                      # the metric on this axis, never a point's name
         ax.set_ylabel("alignment E_π[φ]")
         ax.grid(alpha=0.3)
     axes[0].legend(loc="best", fontsize="small")
@@ -97,27 +98,52 @@ def plot_alignment_vs_diversity(runs: list[dict], path: str | Path, *, title: st
     return path
 
 
+def running_estimate(values: list[float], ses: list[float | None], window: int) -> tuple[list[float], list[float]]:
+    """Trailing mean of per-step estimates over ``window`` steps and its standard error, from each step's own SE
+    (the steps' batches are independent draws): se = sqrt(Σ se_i²) / w. A step without an SE counts as 0 there.
+    -> (means, ses), one per step."""
+    means, bands = [], []
+    for i in range(len(values)):
+        lo = max(0, i - window + 1)
+        w = i + 1 - lo
+        means.append(sum(values[lo:i + 1]) / w)
+        bands.append(sum((se or 0.0) ** 2 for se in ses[lo:i + 1]) ** 0.5 / w)
+    return means, bands
+
+
 def plot_divergence_per_step(runs: list[dict], path: str | Path, *, title: str, window: int = 5) -> Path:
-    """Importance-sampled KL(p‖π) against the optimizer step, per divergence: each step's estimate (faint;
-    it comes from one batch of q's samples, so it is noisy) and its moving average over ``window`` steps."""
+    """KL(p‖π) against the optimizer step, per divergence: the running estimate from training (each step's
+    batch of q's samples, importance-sampled: a ``window``-step trailing mean with a ±1 SE band, the raw
+    per-step values faint) and the evaluation points (``fdpg-scale eval``: KL(p‖a) at step 0 from the base
+    draws, KL(p‖π) at the last step, each ± 1 SE)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    base = runs[0]["eval"]["base"]
+    ax.errorbar([0], [base["kl_p_pi"]], yerr=[base.get("kl_p_pi_se") or 0.0], fmt="s", color="black", capsize=3,
+                label="base a (evaluation)")
     for run in runs:
-        rows = [m for m in run["metrics"] if "kl_p_pi" in m]
+        rows = [m for m in run["metrics"] if m.get("kl_p_pi") is not None]
         steps = [m["step"] for m in rows]
         kl = [m["kl_p_pi"] for m in rows]
-        smooth = [sum(kl[max(0, i - window + 1):i + 1]) / len(kl[max(0, i - window + 1):i + 1]) for i in range(len(kl))]
-        line, = ax.plot(steps, smooth, linewidth=2, label=f"{run['eval']['divergence']} ({window}-step mean)")
+        smooth, band = running_estimate(kl, [m.get("kl_p_pi_se") for m in rows], window)
+        name = run["eval"]["divergence"]
+        line, = ax.plot(steps, smooth, linewidth=2, label=f"{name}: training, {window}-step mean ± SE")
+        ax.fill_between(steps, [m - b for m, b in zip(smooth, band)], [m + b for m, b in zip(smooth, band)],
+                        color=line.get_color(), alpha=0.15, linewidth=0)
         ax.plot(steps, kl, color=line.get_color(), alpha=0.25, linewidth=1)
+        final = run["eval"]["policy"]
+        if steps:
+            ax.errorbar([steps[-1]], [final["kl_p_pi"]], yerr=[final.get("kl_p_pi_se") or 0.0], fmt="D",
+                        color=line.get_color(), capsize=3, markeredgecolor="black", label=f"{name}: evaluation")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("KL(p‖π), importance-sampled from q")
+    ax.set_ylabel("KL(p‖π) (nats)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=FIGURE_DPI)

@@ -2,12 +2,14 @@
 
     fdpg-scale toy [--divergences kl rkl] [--steps 80] [--batch 256] [--seed 0]
     fdpg-scale toy --record docs/toy_convergence.md      # the recorded convergence table
+    fdpg-scale toy --proposal-rules                      # proposal decisions against the exact answer
 
 The trainer and the recorded curves live in ``fdpg_scale.toy.demo``; this module is the command.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -41,6 +43,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args) -> int:
+    if args.proposal_rules:
+        from fdpg_scale.toy.proposal_rules import AGREEMENT_SETTINGS, agreement_rates
+
+        print(json.dumps({"settings": AGREEMENT_SETTINGS, **agreement_rates()}, indent=1))
+        return 0
     if args.record:
         record(args.record)
         print(f"wrote {args.record}")

@@ -38,6 +38,9 @@ class Divergence:
     name: ClassVar[str] = ""
     # Index of this divergence in the kernels' f′ table (fdpg_scale.kernels.f_prime.KERNEL_IDS).
     kernel_id: ClassVar[int] = -1
+    # E_π[r] = E_π[−f′(π/p)] where it is the same number for every π (the trainer's baseline then needs no
+    # estimate: docs/method.md §4); None where it depends on π.
+    exact_baseline: ClassVar[float | None] = None
 
     @property
     def alpha_value(self) -> float:
@@ -70,6 +73,8 @@ class ForwardKL(Divergence):
 
     name: ClassVar[str] = "kl"
     kernel_id: ClassVar[int] = KERNEL_IDS["kl"]
+    # r = −f′(t) = p/π, so E_π[r] = Σ_{x: p>0} π·p/π = Σ_x p(x) = 1 for every π.
+    exact_baseline: ClassVar[float | None] = 1.0
 
     def f(self, log_t):
         return -log_t

@@ -89,20 +89,51 @@ def fdpg_loss(logp_pi: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 # -------------------------------------------------------------------------------------------- baseline
 class MovingAverageBaseline:
-    """B = exponential moving average of earlier batches' importance-weighted mean pseudo-reward.
+    """B(c) = exponential moving average of earlier batches' importance-weighted mean pseudo-reward, one per
+    context c (CDPG keeps one baseline per context: contexts differ in how much reward they can reach, and one
+    shared B would centre each context's weights on the others' rewards).
 
-    ``value`` is what a batch uses (0.0 before any update: with no history there is nothing to subtract);
-    ``update`` folds that batch in *after* its use. The first update sets B to the batch statistic (no decay
-    toward the arbitrary 0). ``enabled=False`` keeps B = 0 (updates are ignored).
+    ``value`` (a float: the mean over contexts, for logging) and ``values_for`` (per sample) are what a batch
+    uses (0.0 before any update of that context: with no history there is nothing to subtract); ``update``
+    folds a batch in *after* its use, each context from its own samples only; a context absent from a batch
+    keeps its B. The first update of a context sets its B to the batch statistic (no decay toward the
+    arbitrary 0). ``enabled=False`` keeps B = 0 (updates are ignored).
+
+    ``exact``: a known constant E_π[r] to use instead of the average (``Divergence.exact_baseline``: 1 for
+    forward KL, where r = p/π and E_π[p/π] = Σ_x p(x) = 1 whatever π is). A constant keeps the estimator
+    unbiased like any B that does not depend on the batch (docs/method.md §4), without the average's noise.
     """
 
-    def __init__(self, momentum: float = 0.9, *, enabled: bool = True):
+    def __init__(self, momentum: float = 0.9, *, enabled: bool = True, num_contexts: int = 1,
+                 exact: float | None = None):
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if isinstance(num_contexts, bool) or not isinstance(num_contexts, int) or num_contexts < 1:
+            raise ValueError(f"num_contexts must be an int ≥ 1, got {num_contexts!r}")
+        if exact is not None and not math.isfinite(exact):
+            raise ValueError(f"exact must be a finite float or None, got {exact!r}")
         self.momentum = float(momentum)
         self.enabled = bool(enabled)
-        self.value = 0.0
-        self.updates = 0
+        self.exact = None if exact is None else float(exact)
+        self.num_contexts = num_contexts
+        start = self.exact if (self.enabled and self.exact is not None) else 0.0
+        self.values = torch.full((num_contexts,), start, dtype=torch.float64)
+        self.counts = torch.zeros(num_contexts, dtype=torch.long)
+        """Updates folded into each context's B."""
+
+    @property
+    def value(self) -> float:
+        """B as one number: the single context's, or the mean over contexts (what ``metrics.jsonl`` logs)."""
+        return float(self.values.mean())
+
+    @property
+    def updates(self) -> int:
+        """Batches folded in so far (the most any context has had)."""
+        return int(self.counts.max())
+
+    def values_for(self, context_ids: torch.Tensor) -> torch.Tensor:
+        """[B] int64 context ids -> float64 [B] B(c_i) (the per-sample ``baseline`` of ``fdiv_weights``)."""
+        return self.values[context_ids.detach().cpu().long()]
 
     @staticmethod
     def batch_statistic(pseudo_reward: torch.Tensor,
@@ -131,21 +162,43 @@ class MovingAverageBaseline:
             return None
         return float((rho * r).sum() / total)
 
-    def update(self, pseudo_reward: torch.Tensor, importance_ratio: torch.Tensor | None = None) -> float | None:
-        """Fold a batch ([B] r, [B] ρ or None) into B, after B was used on it; returns the batch statistic
-        (None, and B unchanged, when every ρ is 0)."""
+    def update(self, pseudo_reward: torch.Tensor, importance_ratio: torch.Tensor | None = None,
+               context_ids: torch.Tensor | None = None) -> float | None:
+        """Fold a batch ([B] r, [B] ρ or None, [B] int64 context ids or None for context 0) into B, after B was
+        used on it. Returns the batch statistic over the whole batch (None when every ρ is 0); each context
+        present is updated from its own samples (unchanged where all its ρ are 0). A no-op with ``exact``."""
         stat = self.batch_statistic(pseudo_reward, importance_ratio)
-        if self.enabled and stat is not None:
-            self.value = stat if self.updates == 0 else self.momentum * self.value + (1.0 - self.momentum) * stat
-            self.updates += 1
+        if not self.enabled or self.exact is not None:
+            return stat
+        if context_ids is None:
+            context_ids = torch.zeros(pseudo_reward.shape[0], dtype=torch.long)
+        _check_vector("context_ids", context_ids, pseudo_reward.shape[0], floating=False)
+        ids = context_ids.detach().cpu().long()
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_contexts):
+            raise ValueError(f"context_ids must lie in [0, {self.num_contexts}), got range "
+                             f"[{int(ids.min())}, {int(ids.max())}]")
+        for c in torch.unique(ids).tolist():
+            at = ids == c
+            c_stat = stat if self.num_contexts == 1 else self.batch_statistic(
+                pseudo_reward[at], None if importance_ratio is None else importance_ratio[at])
+            if c_stat is None:
+                continue
+            first = int(self.counts[c]) == 0
+            self.values[c] = c_stat if first else self.momentum * float(self.values[c]) + (1.0 - self.momentum) * c_stat
+            self.counts[c] += 1
         return stat
 
     def state_dict(self) -> dict:
-        return {"value": self.value, "updates": self.updates}
+        return {"value": self.values.tolist(), "updates": self.counts.tolist()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.value = float(state["value"])
-        self.updates = int(state["updates"])
+        # Checkpoints written before per-context baselines hold one float and one int: that is context 0's.
+        values = torch.atleast_1d(torch.as_tensor(state["value"], dtype=torch.float64))
+        counts = torch.atleast_1d(torch.as_tensor(state["updates"], dtype=torch.long))
+        if values.shape != (self.num_contexts,) or counts.shape != (self.num_contexts,):
+            raise ValueError(f"the baseline state holds {values.numel()} contexts, this run has {self.num_contexts}")
+        if self.exact is None:
+            self.values, self.counts = values.clone(), counts.clone()
 
 
 # ----------------------------------------------------------------------------------------------- log Z
@@ -300,9 +353,15 @@ class ProposalSchedule:
     then clears them (docs/method.md §6: out-of-sample and enough evidence; disco checks on 256 samples every
     16 steps).
 
-    The log π of a sample is that of the policy at the step that drew it (before that step's update): no extra
-    forward pass. The π copied into q on a replacement is the current one, which has only moved further along
-    the gradient since. The constructor's interval, metric and min_samples always win over a loaded state.
+    Which π is compared. ``observe`` records log π of the policy at the step that drew each sample (before
+    that step's update), but the π that a replacement copies into q is the *current* one, up to
+    ``min_samples / global_batch`` updates later. So ``observe`` also keeps each sample's ``rows`` (what the
+    backend needs to score it again: token ids and masks, or the toy's sequences), and the step passes
+    ``decide`` the pending samples rescored under the current π (``FDPGBackend.rescore_sampling``: one forward
+    pass, warped as q samples). Every pending sample was drawn from the current q (the evidence is cleared at
+    each decision, and q changes only there), so both estimates are about the right pair. ``decide`` without
+    rescored values falls back to the recorded ones (docs/method.md §6 compares the two rules on the toy).
+    The constructor's interval, metric and min_samples always win over a loaded state.
     """
 
     def __init__(self, interval: int, metric: str = "kl", *, min_samples: int = 256):
@@ -320,6 +379,7 @@ class ProposalSchedule:
         self.last: dict | None = None
         """The last decision's estimates {"pi": D(π, p), "q": D(q, p), "samples": n}; None before any."""
         self._evidence: dict[str, list[float]] = {k: [] for k in _EVIDENCE_KEYS}
+        self._rows: list[dict[str, torch.Tensor]] = []
 
     @property
     def pending(self) -> int:
@@ -327,38 +387,61 @@ class ProposalSchedule:
         return len(self._evidence["logp_q"])
 
     def observe(self, *, logp_pi: torch.Tensor, logp_q: torch.Tensor, log_target: torch.Tensor,
-                context_ids: torch.Tensor | None = None) -> None:
-        """Add a batch of samples from q: [B] log π (warped as q is), log q, log P, and int64 context ids."""
+                context_ids: torch.Tensor | None = None, rows: dict[str, torch.Tensor] | None = None) -> None:
+        """Add a batch of samples from q: [B] log π (warped as q is), log q, log P, and int64 context ids;
+        ``rows`` ({name: [B, ...]}, optional): what rescores them at the decision (``pending_rows``)."""
         _check_vector("logp_pi", logp_pi)
         n = logp_pi.shape[0]
         _check_vector("logp_q", logp_q, n)
         _check_vector("log_target", log_target, n)
         ids = torch.zeros(n, dtype=torch.long) if context_ids is None else context_ids
         _check_vector("context_ids", ids, n, floating=False)
+        if rows is not None:
+            for name, x in rows.items():
+                if x.shape[:1] != (n,):
+                    raise ValueError(f"rows[{name!r}] has shape {list(x.shape)}, expected [{n}, ...]")
+            if self._rows and set(rows) != set(self._rows[0]):
+                raise ValueError(f"rows hold {sorted(rows)}, the pending ones {sorted(self._rows[0])}")
+            self._rows.append({k: v.detach().cpu() for k, v in rows.items()})
+        elif self._rows:
+            raise ValueError("rows missing: the pending samples have rows, every batch must bring its own")
         for key, x in zip(_EVIDENCE_KEYS, (logp_pi, logp_q, log_target, ids)):
             self._evidence[key].extend(x.detach().cpu().double().tolist() if key != "context_ids"
                                        else x.detach().cpu().long().tolist())
+
+    def pending_rows(self) -> dict[str, torch.Tensor] | None:
+        """{name: [n, ...]} the rows of every pending sample, in observation order; None when none were given.
+        Batches of different widths (a longer prompt) are right-aligned by the backend that made them."""
+        if not self._rows:
+            return None
+        return {k: torch.cat([r[k] for r in self._rows]) for k in self._rows[0]}
 
     def due(self, step: int) -> bool:
         """True when ``step`` (optimizer steps completed, ≥ 1) is a multiple of ``interval`` and at least
         ``min_samples`` samples were observed since the last decision."""
         return step > 0 and step % self.interval == 0 and self.pending >= self.min_samples
 
-    def decide(self, log_z: torch.Tensor | None = None) -> bool:
+    def decide(self, log_z: torch.Tensor | None = None, logp_pi: torch.Tensor | None = None) -> bool:
         """True when the accumulated estimate of D(π, p) is below that of D(q, p); clears the evidence.
 
         log_z: None to self-normalise over the accumulated samples (one target), or the float64 [C] log Ẑ(c)
         of a conditional target (each sample weighted with its own context's Z; −inf where no estimate yet).
+        logp_pi: [n] log π of the pending samples under the *current* policy (warped as q is), in observation
+        order; None: the values recorded when each was drawn (a stale π; see the class docstring).
         No replacement when no accumulated sample has P > 0 (nothing to estimate from).
         """
         ev = {k: torch.tensor(v, dtype=torch.long if k == "context_ids" else torch.float64)
               for k, v in self._evidence.items()}
+        if logp_pi is not None:
+            _check_vector("logp_pi", logp_pi, self.pending)
+            ev["logp_pi"] = logp_pi.detach().cpu().to(torch.float64)
         per_sample_log_z = None if log_z is None else torch.as_tensor(log_z, dtype=torch.float64)[ev["context_ids"]]
         est = proposal_estimates(self.metric, logp_pi=ev["logp_pi"], logp_q=ev["logp_q"],
                                  log_target=ev["log_target"], log_z=per_sample_log_z)
         self.checks += 1
         self.last = None if est is None else {"pi": est[0], "q": est[1], "samples": len(ev["logp_q"])}
         self._evidence = {k: [] for k in _EVIDENCE_KEYS}
+        self._rows = []
         replace = est is not None and est[0] < est[1]
         self.replacements += int(replace)
         return replace
@@ -366,7 +449,8 @@ class ProposalSchedule:
     def state_dict(self) -> dict:
         return {"checks": self.checks, "replacements": self.replacements,
                 "last": None if self.last is None else dict(self.last),
-                "evidence": {k: list(v) for k, v in self._evidence.items()}}
+                "evidence": {k: list(v) for k, v in self._evidence.items()},
+                "rows": [dict(r) for r in self._rows]}
 
     def load_state_dict(self, state: dict) -> None:
         self.checks = int(state["checks"])
@@ -375,6 +459,8 @@ class ProposalSchedule:
         self.last = None if last is None else {k: float(v) for k, v in last.items()}
         evidence = state.get("evidence", {})
         self._evidence = {k: list(evidence.get(k, [])) for k in _EVIDENCE_KEYS}
+        # Checkpoints from before rescoring hold no rows: their pending samples are decided on the recorded log π.
+        self._rows = [dict(r) for r in state.get("rows", [])]
 
 
 _EVIDENCE_KEYS = ("logp_pi", "logp_q", "log_target", "context_ids")

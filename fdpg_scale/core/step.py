@@ -17,14 +17,16 @@ Order inside a step (and why):
    mean(w · log π); the backend accumulates gradients and steps the optimizer once per global batch.
    Where no sample of a context has had P > 0 yet (log Ẑ(c) = −inf), any finite log Z gives the same weights:
    every sample of that context has t = π/p = ∞, so Z does not enter.
-4. baseline: B is updated with this batch's pseudo-rewards *after* its use (B must not depend on the batch it
-   weighs, else the estimator is biased).
-5. proposal: the batch's log π (warped as q samples) joins the accumulated evidence; at a check that has
-   enough samples, q ← π if π is estimated closer to p (``ProposalSchedule``). Decided after the optimizer step.
+4. baseline: B(c) is updated with this batch's pseudo-rewards *after* its use (B must not depend on the batch
+   it weighs, else the estimator is biased); one B per context, or the divergence's exact E_π[r] (forward KL).
+5. proposal: the batch joins the accumulated evidence (with the rows that score it again); at a check that has
+   enough samples, the pending samples are rescored under the *current* π (the one a replacement would copy)
+   and q ← π if π is estimated closer to p (``ProposalSchedule``). Decided after the optimizer step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -36,7 +38,8 @@ from fdpg_scale.core.divergences import Divergence
 from fdpg_scale.core.estimator import MovingAverageBaseline, PerContextLogZ, ProposalSchedule, fdpg_loss
 from fdpg_scale.kernels import fdiv_weights
 
-__all__ = ["Draws", "FDPGBackend", "StepGuard", "FDPGState", "StepSettings", "StepResult", "fdpg_step", "no_estimate"]
+__all__ = ["Draws", "FDPGBackend", "StepGuard", "FDPGState", "StepSettings", "StepBatch", "StepResult", "fdpg_step",
+           "no_estimate"]
 
 
 @dataclass
@@ -98,6 +101,16 @@ class FDPGBackend(Protocol):
         """{name: [b_r, ...]} on each rank → {name: [N, ...]} the global batch in rank order, on every rank."""
         ...
 
+    def evidence_rows(self, draws: Draws) -> dict[str, torch.Tensor]:
+        """{name: [b, ...]} CPU tensors of one micro-batch from which ``rescore_sampling`` scores it again later
+        (token ids and masks of a fixed width, so that every step's rows concatenate and gather)."""
+        ...
+
+    def rescore_sampling(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[N] log-prob under the *current* π, warped as q samples (``sampling_logprobs``), of the global rows
+        {name: [N, ...]} (identical on every rank), no grad; collective: each rank scores its share."""
+        ...
+
 
 @runtime_checkable
 class StepGuard(Protocol):
@@ -143,15 +156,69 @@ class StepSettings:
 
 
 @dataclass
+class StepBatch:
+    """A step's samples with everything the step computed for them; every tensor [n] (one row per sample).
+
+    Built per rank, then gathered: ``StepResult.batch`` is the *global* batch (N = ``train.global_batch``
+    rows in rank order), identical on every rank.
+    """
+
+    logp_pi: torch.Tensor
+    """log π_θ(x) before the update (detached)."""
+    logp_sampling: torch.Tensor
+    """log π warped as q samples (``FDPGBackend.sampling_logprobs``)."""
+    logq: torch.Tensor
+    log_target: torch.Tensor
+    log_base: torch.Tensor
+    context_ids: torch.Tensor
+    log_z: torch.Tensor
+    """log Ẑ(c_i) the weights used."""
+    baseline: torch.Tensor
+    """B(c_i) the weights used."""
+    weight: torch.Tensor
+    pseudo_reward: torch.Tensor
+    importance_ratio: torch.Tensor
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+    """{scorer name: [n]} (``Draws.features``)."""
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    """{name: [n]} (``Draws.extras``)."""
+    evidence: dict[str, torch.Tensor] = field(default_factory=dict)
+    """{name: [n, ...]} ``FDPGBackend.evidence_rows`` (kept only while a proposal schedule needs them)."""
+
+    _GROUPS = ("features", "extras", "evidence")
+
+    def rows(self) -> dict[str, torch.Tensor]:
+        """Flat {name: [n, ...]} CPU tensors (what ``gather_rows`` moves); groups as ``group/name``."""
+        flat = {f.name: getattr(self, f.name).detach().cpu() for f in dataclasses.fields(self)
+                if f.name not in self._GROUPS}
+        for group in self._GROUPS:
+            flat.update({f"{group}/{k}": v.detach().cpu() for k, v in getattr(self, group).items()})
+        return flat
+
+    @classmethod
+    def from_rows(cls, rows: dict[str, torch.Tensor]) -> "StepBatch":
+        """The inverse of ``rows``."""
+        plain = {k: v for k, v in rows.items() if "/" not in k}
+        groups = {g: {k.split("/", 1)[1]: v for k, v in rows.items() if k.startswith(g + "/")} for g in cls._GROUPS}
+        return cls(**plain, **groups)
+
+    @classmethod
+    def concat(cls, parts: list["StepBatch"]) -> "StepBatch":
+        """Micro-batches of one rank, in order, as one batch."""
+        rows = [p.rows() for p in parts]
+        return cls.from_rows({k: torch.cat([r[k] for r in rows]) for k in rows[0]})
+
+
+@dataclass
 class StepResult:
     """What one step did, for logging (every tensor is the *global* batch, identical on every rank)."""
 
-    batch: dict[str, torch.Tensor] | None
-    """[N] per sample: logp_pi, logp_sampling, logq, log_target, log_base, context_ids, weight, pseudo_reward,
-    importance_ratio, log_z, plus ``feature/<name>`` and ``extra/<name>`` rows."""
+    batch: StepBatch | None
+    """The global batch (None when the step was skipped)."""
     loss: float
     """mean(weight · log π) over the global batch (its gradient estimates ∇D_f)."""
     baseline_used: float
+    """B as logged: the mean over contexts of the baselines this step used."""
     replaced: bool
     """True when q was replaced by π after this step."""
     skipped: str | None = None
@@ -176,47 +243,50 @@ def fdpg_step(backend: FDPGBackend, state: FDPGState, settings: StepSettings, st
     # any finite stand-in gives the exact weights and keeps −inf − (−inf) = NaN out of log t.
     log_z = state.log_z.value
     log_z = torch.where(torch.isfinite(log_z), log_z, torch.zeros_like(log_z))
-    baseline = state.baseline.value
+    baseline_used = state.baseline.value
+    schedule = state.proposal_schedule
 
-    rows = []
+    parts = []
     if guard is not None:
         guard.before_update()
     for d in draws:                                                                   # 3. weigh, backward
         logp_pi = backend.policy_logprobs(d)
         dev = logp_pi.device
         ctx_log_z = log_z.to(dev)[d.context_ids.to(dev)]
+        baseline = state.baseline.values_for(d.context_ids).to(dev)
         w = fdiv_weights(logp_pi.detach(), d.logq.to(dev), d.log_target.to(dev), ctx_log_z,
                          settings.divergence, baseline=baseline, clip=settings.clip,
                          outside_support_reward=settings.outside_support_reward)
         backend.backward(fdpg_loss(logp_pi, w.weight))
-        rows.append({"logp_pi": logp_pi.detach(), "logq": d.logq, "log_target": d.log_target,
-                     "log_base": d.log_base, "context_ids": d.context_ids, "log_z": ctx_log_z,
-                     "weight": w.weight, "pseudo_reward": w.pseudo_reward, "importance_ratio": w.importance_ratio,
-                     "logp_sampling": backend.sampling_logprobs(d, logp_pi.detach()),
-                     **{f"feature/{k}": v for k, v in d.features.items()},
-                     **{f"extra/{k}": v for k, v in d.extras.items()}})
+        parts.append(StepBatch(logp_pi=logp_pi.detach(), logp_sampling=backend.sampling_logprobs(d, logp_pi.detach()),
+                               logq=d.logq, log_target=d.log_target, log_base=d.log_base, context_ids=d.context_ids,
+                               log_z=ctx_log_z, baseline=baseline, weight=w.weight, pseudo_reward=w.pseudo_reward,
+                               importance_ratio=w.importance_ratio, features=d.features, extras=d.extras,
+                               evidence={} if schedule is None else backend.evidence_rows(d)))
     backend.optimizer_step()
-    if guard is not None and not guard.update_ok(torch.cat([r["logp_pi"] for r in rows]),
-                                                 torch.cat([r["weight"] for r in rows]), step + 1):
-        return StepResult(batch=None, loss=math.nan, baseline_used=baseline, replaced=False, skipped="update")
+    local = StepBatch.concat(parts)
+    if guard is not None and not guard.update_ok(local.logp_pi, local.weight, step + 1):
+        return StepResult(batch=None, loss=math.nan, baseline_used=baseline_used, replaced=False, skipped="update")
 
-    local = {k: torch.cat([r[k].detach().cpu() for r in rows]) for k in rows[0]}
-    batch = backend.gather_rows(local)                                                # the global batch
-    state.baseline.update(batch["pseudo_reward"], batch["importance_ratio"])          # 4. after its use
+    batch = StepBatch.from_rows(backend.gather_rows(local.rows()))                     # the global batch
+    state.baseline.update(batch.pseudo_reward, batch.importance_ratio, batch.context_ids)  # 4. after its use
 
     replaced = False                                                                  # 5. proposal
-    schedule = state.proposal_schedule
     if schedule is not None:
-        schedule.observe(logp_pi=batch["logp_sampling"], logp_q=batch["logq"], log_target=batch["log_target"],
-                         context_ids=batch["context_ids"])
+        schedule.observe(logp_pi=batch.logp_sampling, logp_q=batch.logq, log_target=batch.log_target,
+                         context_ids=batch.context_ids, rows=batch.evidence or None)
         if schedule.due(step + 1):
+            rows = schedule.pending_rows()
+            # Rows cover every pending sample unless the evidence began in a checkpoint written without them.
+            current = None if rows is None or next(iter(rows.values())).shape[0] != schedule.pending \
+                else backend.rescore_sampling(rows)
             conditional = state.log_z.num_contexts > 1
-            replaced = schedule.decide(state.log_z.value if conditional else None)
+            replaced = schedule.decide(state.log_z.value if conditional else None, logp_pi=current)
             if replaced:
                 backend.replace_proposal()
                 state.proposal_version += 1
-    loss = float((batch["weight"].double() * batch["logp_pi"].double()).mean())
-    return StepResult(batch=batch, loss=loss, baseline_used=baseline, replaced=replaced)
+    loss = float((batch.weight.double() * batch.logp_pi.double()).mean())
+    return StepResult(batch=batch, loss=loss, baseline_used=baseline_used, replaced=replaced)
 
 
 def no_estimate(value: float) -> float | None:

@@ -34,31 +34,11 @@ import numpy as np
 import torch
 
 from fdpg_scale.core.sequences import first_eos_mask
+from fdpg_scale.distributed.settings import SamplingSettings
 
 __all__ = ["SamplingSettings", "Rollout", "sample", "sample_batches", "pad_prompts"]
 
 MODES = ("gathered", "sharded")
-
-
-@dataclass(frozen=True, kw_only=True)
-class SamplingSettings:
-    """How the proposal samples; these settings define q(x) itself (see module docstring)."""
-    temperature: float = 1.0
-    top_k: int = 0
-    """0 disables top-k truncation."""
-    top_p: float = 1.0
-    """1.0 disables nucleus truncation."""
-    max_new_tokens: int = 16
-
-    def __post_init__(self):
-        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
-            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
-        if not (isinstance(self.top_k, int) and self.top_k >= 0):
-            raise ValueError(f"top_k must be an int ≥ 0, got {self.top_k!r}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
-            raise ValueError(f"max_new_tokens must be an int ≥ 1, got {self.max_new_tokens!r}")
 
 
 @dataclass

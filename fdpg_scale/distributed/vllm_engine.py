@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from fdpg_scale.distributed.generation import Rollout, SamplingSettings, pad_prompts
+from fdpg_scale.distributed.settings import VllmEngineOptions
 
 __all__ = ["VllmEngineSettings", "VllmProposal", "WeightPushExtension", "request_seeds", "worker_device_env"]
 
@@ -50,28 +51,19 @@ _CPU_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
 
 
 @dataclass(frozen=True, kw_only=True)
-class VllmEngineSettings:
-    """How the engine is started (``sampling.vllm.*`` in the run config)."""
+class VllmEngineSettings(VllmEngineOptions):
+    """How the engine is started: the user's ``sampling.vllm.*`` options and what the run derives."""
     dtype: str = "float32"
     """``float32`` or ``bfloat16``: the engine's weights, as the training engines' ``model.dtype``."""
     kv_cache_bytes: int | None = 512 * 2**20
     """KV-cache size of the engine; None sizes it from ``gpu_memory_utilization`` (GPUs only)."""
-    gpu_memory_utilization: float = 0.3
-    """Fraction of the GPU this engine may take (weights + KV cache) when ``kv_cache_bytes`` is None."""
-    max_model_len: int | None = None
-    """Longest prompt + continuation the engine accepts; None: the model's context length."""
-    enforce_eager: bool = True
-    """No CUDA graphs / torch.compile: quick start (CPU); set False on GPUs for speed."""
 
     def __post_init__(self):
+        super().__post_init__()
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
         if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
             raise ValueError(f"kv_cache_bytes must be > 0 or None, got {self.kv_cache_bytes}")
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.max_model_len is not None and self.max_model_len < 2:
-            raise ValueError(f"max_model_len must be ≥ 2 or None, got {self.max_model_len}")
 
 
 class WeightPushExtension:

@@ -91,3 +91,12 @@ class ToyBackend:
     def gather_rows(self, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One process: this rank's rows are the global batch."""
         return rows
+
+    def evidence_rows(self, draws: Draws) -> dict[str, torch.Tensor]:
+        """{"sequence": [b, L]} the sampled sequences themselves (all of one length in the toy)."""
+        return {"sequence": draws.payload}
+
+    @torch.no_grad()
+    def rescore_sampling(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[N] log π of the rows' sequences under the current policy (no warping in the toy)."""
+        return self.policy.log_prob(rows["sequence"])

@@ -2,17 +2,14 @@
 
 A task with one scorer reports ``alignment``, ``alignment_se`` and ``q_alignment_rate`` (the historical names);
 a task with several reports ``alignment/<name>``, ``alignment_se/<name>`` and ``q_alignment_rate/<name>`` per
-scorer (``column``). The rows travel in the step's gathered batch (``fdpg_scale.core.step.StepResult``) under
-the prefix ``feature/``.
+scorer (``column``). The rows travel in the step's gathered batch (``fdpg_scale.core.step.StepBatch.features``).
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["column", "features_of", "alignment_columns"]
-
-_PREFIX = "feature/"
+__all__ = ["column", "alignment_columns"]
 
 
 def column(metric: str, name: str, scorers: int) -> str:
@@ -21,15 +18,9 @@ def column(metric: str, name: str, scorers: int) -> str:
     return metric if scorers == 1 else f"{metric}/{name}"
 
 
-def features_of(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """name -> [N] from a gathered batch: the ``features`` argument of ``importance_sampled_metrics``."""
-    return {k[len(_PREFIX):]: v for k, v in batch.items() if k.startswith(_PREFIX)}
-
-
-def alignment_columns(metrics: dict, batch: dict[str, torch.Tensor]) -> dict:
+def alignment_columns(metrics: dict, features: dict[str, torch.Tensor]) -> dict:
     """``metrics`` with each ``phi_mean/<name>`` (and ``_se``) renamed to its alignment column, plus the plain
-    mean of each scorer's quantity over the batch (drawn from q) as ``q_alignment_rate``."""
-    features = features_of(batch)
+    mean of each scorer's quantity over the batch ({name: [N]}, drawn from q) as ``q_alignment_rate``."""
     out = {k: v for k, v in metrics.items() if not k.startswith(("phi_mean/", "phi_mean_se/"))}
     for name, values in features.items():
         out[column("alignment", name, len(features))] = metrics[f"phi_mean/{name}"]

@@ -15,12 +15,11 @@ import torch
 from fdpg_scale.core.collectives import LocalCollective, TorchDistCollective
 from fdpg_scale.core.step import Draws
 from fdpg_scale.distributed.engines import copy_policy_into_proposal, sequence_logprobs, train_step
-from fdpg_scale.distributed.generation import SamplingSettings
 from fdpg_scale.distributed.launch import all_gather_rows
 from fdpg_scale.distributed.vllm_engine import VllmProposal
 from fdpg_scale.targets.tasks import Task
 from fdpg_scale.training.prompts import PromptSet
-from fdpg_scale.training.rollout import ScoredChunk, collect_chunks
+from fdpg_scale.training.rollout import RolloutPlan, ScoredChunk, collect_chunks
 from fdpg_scale.training.timing import PhaseTimer
 
 __all__ = ["ZeroBackend"]
@@ -35,12 +34,9 @@ class ZeroBackend:
         base: the frozen base engine (a).
         task: the target and its alignment feature.
         tokenizer: the model directory's tokenizer.
-        settings: how q samples (temperature, top-k/top-p, max_new_tokens).
-        mode: ``gathered`` or ``sharded`` generation.
-        run_seed, rank, world, accumulation, micro_batch: the global batch's layout and seeds.
+        plan: what this rank's rollouts sample (q's settings, the global batch's layout and seeds, the
+            sampling batch, whether log q is rescored): ``RolloutPlan`` (rollout.py).
         prompts: a conditional target's contexts, or None.
-        sampling_batch: sequences per generate call (None: ``micro_batch``); rescore_logq: recompute log q with
-            the sampler's fused forward (rollout.py).
         vllm: a vLLM copy of q that samples instead of the ZeRO-3 engine (``sampling.engine: vllm``), kept
             current by pushing q's weights whenever ``q_version()`` (training/sampler.py) has changed; the
             ZeRO-3 engine that is q still rescores log q.
@@ -48,19 +44,16 @@ class ZeroBackend:
     ``timer`` holds the current step's seconds per phase (a fresh ``PhaseTimer`` at each ``sample``).
     """
 
-    def __init__(self, *, policy, proposal, base, task: Task, tokenizer, settings: SamplingSettings, mode: str,
-                 run_seed: int, rank: int, world: int, accumulation: int, micro_batch: int,
-                 prompts: PromptSet | None = None, sampling_batch: int | None = None, rescore_logq: bool = True,
-                 vllm: VllmProposal | None = None, q_version: Callable[[], tuple[str, int]] | None = None):
+    def __init__(self, *, policy, proposal, base, task: Task, tokenizer, plan: RolloutPlan,
+                 prompts: PromptSet | None = None, vllm: VllmProposal | None = None,
+                 q_version: Callable[[], tuple[str, int]] | None = None):
+        if not isinstance(plan, RolloutPlan):
+            raise TypeError(f"plan must be a RolloutPlan, got {type(plan).__name__}")
         self.policy, self.proposal, self.base = policy, proposal, base
         self.task = task
         self.tokenizer = tokenizer
-        self.settings = settings
-        self.mode = mode
-        self.run_seed, self.rank, self.world = run_seed, rank, world
-        self.accumulation, self.micro_batch = accumulation, micro_batch
+        self.plan = plan
         self.prompts = prompts
-        self.sampling_batch, self.rescore_logq = sampling_batch, rescore_logq
         if vllm is not None and q_version is None:
             raise ValueError("a vLLM sampler needs q_version, to know when q's weights must be pushed")
         self.vllm, self.q_version = vllm, q_version
@@ -81,11 +74,8 @@ class ZeroBackend:
             with self.timer.phase("refresh"):
                 self.vllm.refresh_from(self.sampler, version=self.q_version())
         chunks = collect_chunks(sampler=self.sampler if self.vllm is None else self.vllm, q_engine=self.sampler,
-                                base=self.base, task=self.task, tokenizer=self.tokenizer,
-                                settings=self.settings, mode=self.mode, run_seed=self.run_seed, step=step,
-                                rank=self.rank, world=self.world, accumulation=self.accumulation,
-                                micro_batch=self.micro_batch, timer=self.timer, prompts=self.prompts,
-                                sampling_batch=self.sampling_batch, rescore_logq=self.rescore_logq)
+                                base=self.base, task=self.task, tokenizer=self.tokenizer, plan=self.plan, step=step,
+                                timer=self.timer, prompts=self.prompts)
         return [self._draws(c) for c in chunks]
 
     @staticmethod
@@ -108,12 +98,13 @@ class ZeroBackend:
         here (the fused head gives temperature-scaled log-probs only): the comparison then uses the
         temperature-warped π, while log q is the truncated sampler's (see docs/method.md §6).
         """
-        if self.proposal is None or self.settings.temperature == 1.0:
+        temperature = self.plan.settings.temperature
+        if self.proposal is None or temperature == 1.0:
             return policy_logprobs
         r = draws.payload.rollout
         with self.timer.phase("logprobs"), torch.no_grad():
             return sequence_logprobs(self.policy, r.input_ids, r.attention_mask, r.gen_mask,
-                                     temperature=self.settings.temperature).sum(-1)
+                                     temperature=temperature).sum(-1)
 
     def backward(self, loss: torch.Tensor) -> None:
         """DeepSpeed backward of one micro-batch's mean loss, then ``engine.step()`` (a real optimizer step
@@ -135,3 +126,47 @@ class ZeroBackend:
     def gather_rows(self, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The global batch's rows on every rank (rank order)."""
         return all_gather_rows(rows)
+
+    @property
+    def evidence_width(self) -> int:
+        """W, the width of every evidence row: the longest context (BOS alone when unconditional) plus
+        max_new_tokens, so that rows of any chunk, step and rank concatenate and gather."""
+        longest = 1 if self.prompts is None else max(1, *(len(t) for t in self.prompts.token_ids))
+        return longest + self.plan.settings.max_new_tokens
+
+    def evidence_rows(self, draws: Draws) -> dict[str, torch.Tensor]:
+        """{input_ids int32, attention_mask bool, gen_mask bool: [b, W]} the micro-batch's rollout, left-padded
+        to ``evidence_width`` (positions come from the attention mask, so the padding changes no log-prob)."""
+        r = draws.payload.rollout
+        extra = self.evidence_width - r.input_ids.shape[1]
+        if extra < 0:
+            raise RuntimeError(f"a rollout of width {r.input_ids.shape[1]} exceeds the evidence width "
+                               f"{self.evidence_width} (longest context + sampling.max_new_tokens)")
+        pad = torch.nn.functional.pad
+        return {"input_ids": pad(r.input_ids, (extra, 0)).to(torch.int32),
+                "attention_mask": pad(r.attention_mask, (extra, 0)).bool(),
+                "gen_mask": pad(r.gen_mask, (extra, 0)).bool()}
+
+    @torch.no_grad()
+    def rescore_sampling(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[N] log π (at the sampling temperature) of the global evidence rows, under the current policy.
+
+        Each rank scores rows [rank·N/world, (rank+1)·N/world) in micro-batches, then the shares are gathered in
+        rank order, i.e. the rows' order. N is a multiple of the global batch, so every rank runs the same number
+        of forwards (ZeRO-3's gathers are collective).
+        """
+        n = rows["input_ids"].shape[0]
+        if n % self.plan.world:
+            raise ValueError(f"{n} evidence rows do not split over {self.plan.world} ranks")
+        share = n // self.plan.world
+        mine = slice(self.plan.rank * share, (self.plan.rank + 1) * share)
+        out = []
+        with self.timer.phase("proposal_check"):
+            for start in range(mine.start, mine.stop, self.plan.micro_batch):
+                stop = min(start + self.plan.micro_batch, mine.stop)
+                logp = sequence_logprobs(self.policy, rows["input_ids"][start:stop].long(),
+                                         rows["attention_mask"][start:stop].long(), rows["gen_mask"][start:stop],
+                                         temperature=self.plan.settings.temperature)
+                out.append(logp.sum(-1).float().cpu())
+            local = torch.cat(out) if out else torch.zeros(0)
+            return all_gather_rows({"logp": local})["logp"]

@@ -1,4 +1,5 @@
-"""Typed run configuration: dataclasses with validation, loaded from YAML plus ``key=value`` overrides.
+"""Typed run configuration (the schema): dataclasses with validation, loaded from YAML plus ``key=value``
+overrides by the generic loader (``training.config_loader``).
 
 A config file is a YAML mapping whose sections mirror the dataclasses below (``model:``, ``divergence:``,
 ``target:``, ``train:``, ``sampling:``, ``deepspeed:``, ``logging:``, ``eval:``) plus the top-level ``seed`` and
@@ -11,15 +12,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from fdpg_scale.distributed.settings import SamplingSettings, VllmEngineOptions
 from fdpg_scale.errors import ConfigError
+from fdpg_scale.training import config_loader
+from fdpg_scale.training.config_loader import build_section, load_dataclass, read_yaml, to_plain
 
 __all__ = ["ConfigError", "RunConfig", "ScorerConfig", "TargetConfig", "load_config", "apply_overrides",
            "config_to_dict", "build_section", "read_yaml"]
@@ -284,38 +284,34 @@ class TrainConfig:
         return self.global_batch // per_step
 
 
-@dataclass(kw_only=True)
-class VllmConfig:
-    """The vLLM proposal engine (``sampling.engine: vllm``): one engine per rank, colocated with training."""
+def _checked(section: str, check) -> None:
+    """Run a settings class's own checks, naming the key in the config (``sampling.top_p must be ...``)."""
+    try:
+        check()
+    except ValueError as err:
+        raise ConfigError(f"{section}.{err}") from None
+
+
+@dataclass(frozen=True, kw_only=True)
+class VllmConfig(VllmEngineOptions):
+    """The vLLM proposal engine (``sampling.engine: vllm``): one engine per rank, colocated with training.
+    Its options beyond the KV cache (``gpu_memory_utilization``, ``max_model_len``, ``enforce_eager``) are
+    the engine's own (``distributed.settings.VllmEngineOptions``)."""
     kv_cache_mib: int | None = 512
     """KV-cache size of each engine in MiB (needed on CPU: vLLM would otherwise ask for 90% of RAM); null on
     a GPU to size the cache from ``gpu_memory_utilization`` instead."""
-    gpu_memory_utilization: float = 0.3
-    """Fraction of the rank's GPU the engine may take (weights + KV cache) beside the ZeRO-3 engines, when
-    ``kv_cache_mib`` is null. Ignored on CPU."""
-    max_model_len: int | None = None
-    """Longest prompt + continuation the engine serves; null: the model's context length."""
-    enforce_eager: bool = True
-    """No CUDA graphs / torch.compile in the engine: starts fast (CPU); set false on GPUs for speed."""
 
     def __post_init__(self):
+        _checked("sampling.vllm", super().__post_init__)
         if self.kv_cache_mib is not None and self.kv_cache_mib < 1:
             raise ConfigError(f"sampling.vllm.kv_cache_mib must be ≥ 1 or null, got {self.kv_cache_mib}")
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ConfigError(f"sampling.vllm.gpu_memory_utilization must be in (0, 1], "
-                              f"got {self.gpu_memory_utilization}")
-        if self.max_model_len is not None and self.max_model_len < 2:
-            raise ConfigError(f"sampling.vllm.max_model_len must be ≥ 2 or null, got {self.max_model_len}")
 
 
-@dataclass(kw_only=True)
-class SamplingConfig:
-    max_new_tokens: int = 16
-    temperature: float = 1.0
-    top_k: int = 0
-    """0 disables top-k truncation."""
-    top_p: float = 1.0
-    """1.0 disables nucleus truncation."""
+@dataclass(frozen=True, kw_only=True)
+class SamplingConfig(SamplingSettings):
+    """How a rollout samples. The fields that define q itself (``max_new_tokens``, ``temperature``, ``top_k``,
+    ``top_p``) are the sampler's own (``distributed.settings.SamplingSettings``; ``sampling_settings()``
+    returns them alone)."""
     generation_mode: str = "gathered"
     """``gathered``: gather the whole model once per rollout (fits one device); ``sharded``: keep ZeRO-3
     shards and generate with ``synced_gpus``. Applies to ``engine: hf``."""
@@ -335,16 +331,9 @@ class SamplingConfig:
     """Settings of the vLLM engine (used when ``engine`` is ``vllm``)."""
 
     def __post_init__(self):
+        _checked("sampling", super().__post_init__)
         if self.batch is not None and self.batch < 1:
             raise ConfigError(f"sampling.batch must be ≥ 1 when set, got {self.batch}")
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"sampling.max_new_tokens must be ≥ 1, got {self.max_new_tokens}")
-        if not 0 < self.temperature < math.inf:
-            raise ConfigError(f"sampling.temperature must be a finite number > 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ConfigError(f"sampling.top_k must be ≥ 0, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
         _choice("sampling.generation_mode", self.generation_mode, ("gathered", "sharded"))
         _choice("sampling.engine", self.engine, ("hf", "vllm"))
 
@@ -425,169 +414,20 @@ class RunConfig:
 # --------------------------------------------------------------------------------------------- loading
 
 
-def read_yaml(path: str | Path, what: str):
-    """The parsed contents of YAML file ``path`` (None for an empty file); a one-line ConfigError naming
-    ``what`` (``config``, ``grid``) when the file is missing, or the file when it is not valid YAML."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{what} file not found: {path}")
-    try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err.__class__.__name__}: {' '.join(str(err).split())})") from None
-
-
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read a YAML config file, apply ``key=value`` overrides, validate, and return a ``RunConfig``."""
-    path = Path(path)
-    raw = read_yaml(path, "config")
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
-    raw = apply_overrides(raw, overrides)
-    return build_section(RunConfig, raw, prefix="")
+    return load_dataclass(RunConfig, path, overrides, what="config")
 
 
 def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
-    """Return a copy of the raw mapping with each ``dotted.key=value`` set (value parsed as YAML scalar)."""
-    raw = _deep_copy(raw)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        key, text = item.split("=", 1)
-        parts = key.strip().split(".")
-        _check_path(RunConfig, parts, key)
-        node = raw
-        for part in parts[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            elif not isinstance(child, dict):
-                raise ConfigError(f"override {key!r}: {part!r} is not a section")
-            node = child
-        try:
-            node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError:
-            node[parts[-1]] = text
-    return raw
+    """Return a copy of the raw run-config mapping with each ``dotted.key=value`` set (value parsed as a YAML
+    scalar); a key that is no run-config field is a ConfigError."""
+    return config_loader.apply_overrides(RunConfig, raw, overrides)
 
 
 def config_to_dict(cfg: RunConfig) -> dict:
     """The config as a plain mapping (what ``load_config`` reads back to an equal config)."""
-    return dataclasses.asdict(cfg)
-
-
-def _check_path(cls: type, parts: list[str], key: str) -> None:
-    """Reject an override whose dotted key names no field (before anything is built)."""
-    for i, part in enumerate(parts):
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        if part not in fields:
-            where = ".".join(parts[:i]) or "the top level"
-            raise ConfigError(f"unknown config key {key!r}: {where} has no {part!r} "
-                              f"(valid: {', '.join(sorted(fields))})")
-        hint = typing.get_type_hints(cls)[part]
-        if dataclasses.is_dataclass(hint):
-            cls = hint
-        elif i < len(parts) - 1:
-            if _origin(hint) is dict:
-                return  # free-form mapping (e.g. target.scorer_args.substring)
-            raise ConfigError(f"unknown config key {key!r}: {'.'.join(parts[:i + 1])} is not a section")
-
-
-def build_section(cls: type, raw: Any, prefix: str):
-    """The config dataclass ``cls`` from a plain mapping, checked as a section of a config file is: unknown
-    keys, missing required keys, wrong types and ``__post_init__``'s checks are ConfigErrors naming the key
-    with ``prefix`` (e.g. ``"train."``). Also used for other files' typed sections (a reproduce grid's sizes)."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise ConfigError(f"unknown config key {prefix + unknown[0]!r} (valid in "
-                          f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(fields))})")
-    kwargs = {}
-    for name, f in fields.items():
-        key = prefix + name
-        if name not in raw:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                if dataclasses.is_dataclass(hints[name]):
-                    raw_value = {}
-                else:
-                    raise ConfigError(f"missing required config key {key!r}")
-            else:
-                continue
-        else:
-            raw_value = raw[name]
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = build_section(hint, {} if raw_value is None else raw_value, key + ".")
-        else:
-            kwargs[name] = _coerce(raw_value, hint, key)
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {err}") from None
-
-
-def _origin(hint):
-    return typing.get_origin(hint)
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check ``value`` against the annotation; ints are accepted where floats are expected."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(value, option, key)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else
-                          f"config key {key!r}: {value!r} matches none of {hint}")
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key {key!r} must be a mapping, got {value!r}")
-        return dict(value)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"config key {key!r} must be a list, got {value!r}")
-        (item,) = typing.get_args(hint)
-        if dataclasses.is_dataclass(item):
-            return [build_section(item, v, f"{key}[{i}].") for i, v in enumerate(value)]
-        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if isinstance(value, float) and math.isnan(value):
-                raise ConfigError(f"config key {key!r} must be a number, got nan")
-            return float(value)
-        if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-    else:  # pragma: no cover - a field type this loader does not know is a bug in this file
-        raise TypeError(f"config key {key!r}: unsupported annotation {hint!r}")
-    raise ConfigError(f"config key {key!r} must be of type {hint.__name__}, got {value!r} "
-                      f"({type(value).__name__})")
+    return to_plain(cfg)
 
 
 def _choice(key: str, value: Any, options: tuple) -> None:
@@ -599,7 +439,3 @@ def _seed(key: str, value: int) -> None:
     # numpy's SeedSequence (per-chunk seeds) and torch.manual_seed take 0 ≤ seed < 2**63.
     if not 0 <= value < 2 ** 63:
         raise ConfigError(f"config key {key!r} must be in [0, 2**63), got {value}")
-
-
-def _deep_copy(raw: dict) -> dict:
-    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in raw.items()}

@@ -23,6 +23,8 @@ one that needs no base draws.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from fdpg_scale.core.metrics import diversity_metrics, importance_sampled_metrics
@@ -31,7 +33,7 @@ from fdpg_scale.distributed.launch import all_gather_rows
 from fdpg_scale.errors import ConfigError
 from fdpg_scale.targets.samples import Samples
 from fdpg_scale.training.alignment import column
-from fdpg_scale.training.rollout import collect_chunks
+from fdpg_scale.training.rollout import RolloutPlan, collect_chunks
 from fdpg_scale.training.timing import PhaseTimer
 
 __all__ = ["EVAL_STREAM", "eval_accumulation", "is_due", "evaluate_policy"]
@@ -57,18 +59,21 @@ def is_due(step: int, *, every: int, total: int) -> bool:
     return every > 0 and (step % every == 0 or step == total)
 
 
-def evaluate_policy(*, policy, base, task, tokenizer, prompts, mode: str, run_seed: int, step: int, rank: int,
-                    world: int, micro_batch: int, samples: int, max_new_tokens: int) -> dict[str, float]:
+def evaluate_policy(*, policy, base, task, tokenizer, prompts, plan: RolloutPlan, step: int,
+                    samples: int) -> dict[str, float]:
     """The ``eval/*`` metrics of the module docstring after step ``step`` (collective: every rank calls it and
     gets the same dict).
 
-    policy, base: the ZeRO-3 engines of π and a; task: the run's ``Task``; prompts: its ``PromptSet`` or None.
+    policy, base: the ZeRO-3 engines of π and a; task: the run's ``Task``; prompts: its ``PromptSet`` or None;
+    plan: the run's training ``RolloutPlan`` (its mode, seed, rank, world, micro-batch and max_new_tokens are
+    kept; the sampling becomes π's own at temperature 1 on ``EVAL_STREAM``); samples: ``eval.samples``.
     """
-    accumulation = eval_accumulation(samples, micro_batch=micro_batch, world=world)
-    settings = SamplingSettings(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens)
-    chunks = collect_chunks(sampler=policy, base=base, task=task, tokenizer=tokenizer, settings=settings, mode=mode,
-                            run_seed=run_seed, step=step, rank=rank, world=world, accumulation=accumulation,
-                            micro_batch=micro_batch, timer=PhaseTimer(), prompts=prompts, stream=EVAL_STREAM)
+    accumulation = eval_accumulation(samples, micro_batch=plan.micro_batch, world=plan.world)
+    settings = SamplingSettings(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=plan.settings.max_new_tokens)
+    eval_plan = dataclasses.replace(plan, settings=settings, accumulation=accumulation, stream=EVAL_STREAM,
+                                    sampling_batch=None, rescore_logq=True)
+    chunks = collect_chunks(sampler=policy, base=base, task=task, tokenizer=tokenizer, plan=eval_plan, step=step,
+                            timer=PhaseTimer(), prompts=prompts)
     rows = {"logp_pi": torch.cat([c.logq for c in chunks]).double(),
             "logp_a": torch.cat([c.logp_base.sum(-1) for c in chunks]).double(),
             "log_target": torch.cat([c.log_target for c in chunks]).double(),

@@ -24,18 +24,17 @@ from fdpg_scale.core.divergences import get_divergence
 from fdpg_scale.core.metrics import importance_sampled_metrics
 from fdpg_scale.core.step import StepResult, StepSettings, fdpg_step, no_estimate
 from fdpg_scale.distributed.engines import build_frozen, build_policy
-from fdpg_scale.distributed.generation import SamplingSettings
 from fdpg_scale.training.nonfinite import NonFiniteGuard
 from fdpg_scale.training.preemption import PreemptionSignal
 from fdpg_scale.training.in_run_eval import evaluate_policy, is_due
 from fdpg_scale.training.preflight import preflight
 from fdpg_scale.training.prompts import load_target_prompts
 from fdpg_scale.training.backend import ZeroBackend
-from fdpg_scale.training.rollout import describe_logq_source, logq_mismatch_metrics
+from fdpg_scale.training.rollout import RolloutPlan, describe_logq_source, logq_mismatch_metrics
 from fdpg_scale.training.run_setup import deepspeed_config, prepare_output_dir
 from fdpg_scale.training.sampler import build_vllm_sampler, q_version
 from fdpg_scale.training.run_log import RunLogger
-from fdpg_scale.training.alignment import alignment_columns, features_of
+from fdpg_scale.training.alignment import alignment_columns
 from fdpg_scale.training.target_fitting import describe_fit, fit_distributional_task
 from fdpg_scale.targets.tasks import build_task
 from fdpg_scale.training.state import TrainerState
@@ -65,8 +64,7 @@ def train(cfg: RunConfig) -> None:
     base = build_frozen(model_dir, ds_config)
     proposal = None if cfg.train.on_policy else build_frozen(model_dir, ds_config)
     divergence = get_divergence(cfg.divergence.name, alpha=cfg.divergence.alpha)
-    settings = SamplingSettings(temperature=cfg.sampling.temperature, top_k=cfg.sampling.top_k,
-                                top_p=cfg.sampling.top_p, max_new_tokens=cfg.sampling.max_new_tokens)
+    plan = RolloutPlan.from_config(cfg, rank=rank, world=world)
 
     state = TrainerState.fresh(cfg, num_contexts=1 if prompts is None else len(prompts))
     fingerprint = {"model": ckpt.model_config_hash(model_dir), "divergence": str(divergence),
@@ -78,10 +76,7 @@ def train(cfg: RunConfig) -> None:
     if task.moment is not None:  # distributional target: λ fitted once, then kept in the trainer state
         if state.lambdas is None:
             task, fit = fit_distributional_task(task, sampler=policy if proposal is None else proposal, base=base,
-                                                tokenizer=tokenizer, settings=settings,
-                                                mode=cfg.sampling.generation_mode, run_seed=cfg.seed, rank=rank,
-                                                world=world, micro_batch=cfg.train.micro_batch,
-                                                n_samples=cfg.target.fit_samples)
+                                                tokenizer=tokenizer, plan=plan, n_samples=cfg.target.fit_samples)
             state.lambdas = fit.lambdas.tolist()
             fit_note = describe_fit(task, fit, cfg.target.fit_samples)
         else:
@@ -102,14 +97,14 @@ def train(cfg: RunConfig) -> None:
         log.message(f"samples with P(x) = 0 get the chosen pseudo-reward r = {cfg.divergence.outside_support_reward} "
                     f"(divergence.outside_support_reward: {divergence}'s f′ is +∞ there); their share is logged "
                     f"as outside_support_fraction")
-    log.message(describe_logq_source(settings, cfg.sampling.rescore_logq))
+    log.message(describe_logq_source(plan.settings, plan.rescore_logq))
+    if cfg.train.baseline and divergence.exact_baseline is not None:
+        log.message(f"baseline: B = {divergence.exact_baseline:g}, {divergence}'s exact E_π[r] (no moving average)")
     guard = NonFiniteGuard(cfg.train, log.message, policy)
 
-    backend = ZeroBackend(policy=policy, proposal=proposal, base=base, task=task, tokenizer=tokenizer,
-                          settings=settings, mode=cfg.sampling.generation_mode, run_seed=cfg.seed, rank=rank,
-                          world=world, accumulation=accumulation, micro_batch=cfg.train.micro_batch, prompts=prompts,
-                          sampling_batch=cfg.sampling.batch, rescore_logq=cfg.sampling.rescore_logq,
-                          vllm=build_vllm_sampler(cfg, model_dir), q_version=lambda: q_version(cfg, state))
+    backend = ZeroBackend(policy=policy, proposal=proposal, base=base, task=task, tokenizer=tokenizer, plan=plan,
+                          prompts=prompts, vllm=build_vllm_sampler(cfg, model_dir),
+                          q_version=lambda: q_version(cfg, state))
     step_settings = StepSettings(divergence=divergence, clip=cfg.divergence.clip,
                                  outside_support_reward=cfg.divergence.outside_support_reward)
     for step in range(state.step, cfg.train.steps):
@@ -118,9 +113,7 @@ def train(cfg: RunConfig) -> None:
         evaluation = {}       # eval.every: fresh samples from π, logged as eval/* in the step's row
         if is_due(state.step, every=cfg.eval.every, total=cfg.train.steps):
             evaluation = evaluate_policy(policy=policy, base=base, task=task, tokenizer=tokenizer, prompts=prompts,
-                                         mode=cfg.sampling.generation_mode, run_seed=cfg.seed, step=state.step,
-                                         rank=rank, world=world, micro_batch=cfg.train.micro_batch,
-                                         samples=cfg.eval.samples, max_new_tokens=cfg.sampling.max_new_tokens)
+                                         plan=plan, step=state.step, samples=cfg.eval.samples)
         if result.skipped:   # non-finite values (train.on_nonfinite: skip): nothing of this step reached the state
             log.log(state.step, {"loss": None, "log_z": no_estimate(float(state.log_z.value.mean())), "skipped": 1,
                                  **guard.metrics(), **evaluation})
@@ -149,20 +142,20 @@ def _step_metrics(state: TrainerState, result: StepResult, backend: ZeroBackend,
     """One ``metrics.jsonl`` record from the step's global batch (identical on every rank)."""
     batch = result.batch
     conditional = state.log_z.num_contexts > 1
-    metrics = importance_sampled_metrics(logp_pi=batch["logp_pi"], logp_q=batch["logq"], logp_a=batch["log_base"],
-                                         log_target=batch["log_target"], log_z=batch["log_z"].double(),
-                                         features=features_of(batch),
-                                         context_ids=batch["context_ids"] if conditional else None)
-    metrics = alignment_columns(metrics, batch)           # one column per scorer (docs: "Your own target")
+    metrics = importance_sampled_metrics(logp_pi=batch.logp_pi, logp_q=batch.logq, logp_a=batch.log_base,
+                                         log_target=batch.log_target, log_z=batch.log_z.double(),
+                                         features=batch.features,
+                                         context_ids=batch.context_ids if conditional else None)
+    metrics = alignment_columns(metrics, batch.features)  # one column per scorer (docs: "Your own target")
     schedule = state.proposal_schedule
-    tokens = float(batch["extra/tokens"].sum())
+    tokens = float(batch.extras["tokens"].sum())
     timer = backend.timer
     return {
         "loss": result.loss, "log_z": no_estimate(float(state.log_z.value.mean())),
-        "baseline": result.baseline_used, "pseudo_reward_mean": float(batch["pseudo_reward"].mean()),
-        "weight_abs_max": float(batch["weight"].abs().max()),
-        "outside_support_fraction": float(torch.isneginf(batch["log_target"]).double().mean()),
-        **metrics, **logq_mismatch_metrics(batch["extra/logq_mismatch"]),
+        "baseline": result.baseline_used, "pseudo_reward_mean": float(batch.pseudo_reward.mean()),
+        "weight_abs_max": float(batch.weight.abs().max()),
+        "outside_support_fraction": float(torch.isneginf(batch.log_target).double().mean()),
+        **metrics, **logq_mismatch_metrics(batch.extras["logq_mismatch"]),
         "proposal_version": state.proposal_version, "proposal_replaced": int(result.replaced),
         "proposal_evidence": 0 if schedule is None else schedule.pending,
         "lr": lr, "tokens": tokens, "tokens_per_s": tokens / timer.total, "time/step": timer.total,

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from fdpg_scale.distributed.engines import sequence_logprobs
-from fdpg_scale.distributed.generation import Rollout, SamplingSettings, sample_batches
+from fdpg_scale.distributed.generation import MODES, Rollout, SamplingSettings, sample_batches
 from fdpg_scale.models.tokens import padding_id, start_id
 from fdpg_scale.distributed.vllm_engine import VllmProposal
 from fdpg_scale.training.prompts import PromptSet
@@ -39,13 +39,68 @@ from fdpg_scale.targets.energy import NonFiniteScoreError
 from fdpg_scale.targets.samples import Samples
 from fdpg_scale.training.timing import PhaseTimer
 
-__all__ = ["ScoredChunk", "chunk_seed", "collect_chunks", "sampling_layout", "logq_source", "describe_logq_source",
-           "logq_mismatch_metrics", "TRAIN_STREAM", "FIT_STREAM"]
+__all__ = ["RolloutPlan", "ScoredChunk", "chunk_seed", "collect_chunks", "sampling_layout", "logq_source",
+           "describe_logq_source", "logq_mismatch_metrics", "TRAIN_STREAM", "FIT_STREAM"]
 
 TRAIN_STREAM = 0
 """Seed stream of the training batches."""
 FIT_STREAM = 1
 """Seed stream of the draws that fit a distributional target's λ before training."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RolloutPlan:
+    """What one rank's rollouts sample, fixed for a run: the settings of q, the global batch's layout on this
+    rank and the seeds (everything but the engines, the task, the tokenizer and the prompts)."""
+
+    settings: SamplingSettings
+    """How q samples (temperature, top-k/top-p, max_new_tokens): ``cfg.sampling.sampling_settings()``."""
+    mode: str = "gathered"
+    """``gathered`` or ``sharded`` generation on a ZeRO-3 engine (``sampling.generation_mode``)."""
+    run_seed: int
+    """The run's ``seed``: with the step, the chunk and the stream it fixes each chunk's draw."""
+    rank: int = 0
+    world: int = 1
+    accumulation: int
+    """Micro-batches per optimizer step on each rank."""
+    micro_batch: int
+    """Sequences per micro-batch (``train.micro_batch``)."""
+    sampling_batch: int | None = None
+    """Sequences per generate call (``sampling.batch``; None: ``micro_batch``); module docstring."""
+    rescore_logq: bool = True
+    """Rescore log q with q's fused forward where that is exact (``sampling.rescore_logq``; module docstring)."""
+    stream: int = TRAIN_STREAM
+    """Seed stream: ``TRAIN_STREAM`` for the training batches, ``FIT_STREAM`` for the λ fit's draws."""
+
+    def __post_init__(self):
+        if not isinstance(self.settings, SamplingSettings):
+            raise TypeError(f"settings must be a SamplingSettings, got {type(self.settings).__name__}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if not 0 <= self.rank < self.world:
+            raise ValueError(f"rank must be in [0, world={self.world}), got {self.rank}")
+        for name in ("accumulation", "micro_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self.layout()   # raises ValueError naming sampling.batch when it does not split this rank's share
+
+    @classmethod
+    def from_config(cls, cfg, *, rank: int, world: int) -> RolloutPlan:
+        """The training rollouts of run config ``cfg`` (a ``RunConfig``) on rank ``rank`` of ``world``."""
+        return cls(settings=cfg.sampling.sampling_settings(), mode=cfg.sampling.generation_mode, run_seed=cfg.seed,
+                   rank=rank, world=world, accumulation=cfg.train.accumulation_steps(world),
+                   micro_batch=cfg.train.micro_batch, sampling_batch=cfg.sampling.batch,
+                   rescore_logq=cfg.sampling.rescore_logq)
+
+    @property
+    def sequences(self) -> int:
+        """Sequences this rank samples per step: accumulation · micro_batch."""
+        return self.accumulation * self.micro_batch
+
+    def layout(self) -> list[int]:
+        """This rank's sampling chunks (global chunk numbers): ``sampling_layout``."""
+        return sampling_layout(rank=self.rank, world=self.world, accumulation=self.accumulation,
+                               micro_batch=self.micro_batch, sampling_batch=self.sampling_batch)
 
 
 @dataclass
@@ -121,27 +176,24 @@ def sampling_layout(*, rank: int, world: int, accumulation: int, micro_batch: in
     return [k * world + rank for k in range(share // batch)]
 
 
-def collect_chunks(*, sampler, base, task, tokenizer, settings: SamplingSettings, mode: str, run_seed: int,
-                   step: int, rank: int, world: int, accumulation: int, micro_batch: int, timer: PhaseTimer,
-                   prompts: PromptSet | None = None, stream: int = TRAIN_STREAM, sampling_batch: int | None = None,
-                   rescore_logq: bool = True, q_engine=None) -> list[ScoredChunk]:
-    """Sample and score this rank's share of step ``step``; -> ``accumulation`` ScoredChunks of ``micro_batch``
-    sequences each (collective: all ranks call).
+def collect_chunks(*, sampler, base, task, tokenizer, plan: RolloutPlan, step: int, timer: PhaseTimer,
+                   prompts: PromptSet | None = None, q_engine=None) -> list[ScoredChunk]:
+    """Sample and score this rank's share of step ``step`` as ``plan`` lays it out; -> ``plan.accumulation``
+    ScoredChunks of ``plan.micro_batch`` sequences each (collective: all ranks call).
 
     sampler: the engine q is drawn from (the proposal engine, or the policy on-policy, or a ``VllmProposal``
     holding q's weights: training/sampler.py); base: the frozen base
     engine a; task: a ``fdpg_scale.targets.tasks.Task``; timer: receives the "generation" and "scoring" seconds.
     prompts: a conditional target's contexts (each row continues one drawn with the chunk's seed), or None
-    for unconditional generation (from the start token; every sample is context 0). sampling_batch: sequences per
-    generate call (module docstring); rescore_logq: rescore log q with q's fused forward where that is exact
-    (module docstring); q_engine: the ZeRO-3 engine that is q, which rescores (None: ``sampler`` itself; give it
-    when ``sampler`` is a vLLM copy of q, whose numerics the logged mismatch then measures).
+    for unconditional generation (from the start token: BOS, else EOS; every sample is context 0). q_engine:
+    the ZeRO-3 engine that is q, which rescores (None: ``sampler`` itself; give it when ``sampler`` is a vLLM
+    copy of q, whose numerics the logged mismatch then measures).
     """
     pad = padding_id(tokenizer)
-    layout = sampling_layout(rank=rank, world=world, accumulation=accumulation, micro_batch=micro_batch,
-                             sampling_batch=sampling_batch)
-    size = accumulation * micro_batch // len(layout)
-    seeds = [chunk_seed(run_seed, step, chunk, stream) for chunk in layout]
+    settings, micro_batch = plan.settings, plan.micro_batch
+    layout = plan.layout()
+    size = plan.sequences // len(layout)
+    seeds = [chunk_seed(plan.run_seed, step, chunk, plan.stream) for chunk in layout]
     batches, contexts = [], []
     for seed in seeds:
         if prompts is None:
@@ -158,8 +210,8 @@ def collect_chunks(*, sampler, base, task, tokenizer, settings: SamplingSettings
                                        eos_id=tokenizer.eos_token_id, pad_id=pad) for b, s in zip(batches, seeds)]
         else:
             rollouts = sample_batches(sampler, batches, settings, seeds=seeds, bos_id=start_id(tokenizer),
-                                      eos_id=tokenizer.eos_token_id, pad_id=pad, mode=mode)
-    rescore = logq_source(settings, rescore_logq) == "rescored"
+                                      eos_id=tokenizer.eos_token_id, pad_id=pad, mode=plan.mode)
+    rescore = logq_source(settings, plan.rescore_logq) == "rescored"
     chunks = []
     for big, (context_ids, texts_c, meta_c) in zip(rollouts, contexts):
         for start in range(0, size, micro_batch):

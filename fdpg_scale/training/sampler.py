@@ -31,8 +31,7 @@ def build_vllm_sampler(cfg: RunConfig, model_dir: str | Path) -> VllmProposal | 
     v = cfg.sampling.vllm
     settings = VllmEngineSettings(dtype="bfloat16" if cfg.model.dtype == "bf16" else "float32",
                                   kv_cache_bytes=None if v.kv_cache_mib is None else v.kv_cache_mib * 2**20,
-                                  gpu_memory_utilization=v.gpu_memory_utilization, max_model_len=v.max_model_len,
-                                  enforce_eager=v.enforce_eager)
+                                  **v.engine_options())
     return VllmProposal(model_dir, settings, seed=cfg.seed, device=device())
 
 

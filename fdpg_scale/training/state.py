@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from fdpg_scale.core.collectives import LocalCollective, TorchDistCollective
+from fdpg_scale.core.divergences import get_divergence
 from fdpg_scale.core.estimator import MovingAverageBaseline, PerContextLogZ, ProposalSchedule
 from fdpg_scale.core.step import FDPGState
 from fdpg_scale.training.config import RunConfig
@@ -31,8 +32,11 @@ class TrainerState(FDPGState):
         t = cfg.train
         schedule = None if t.on_policy else ProposalSchedule(t.proposal_update_interval, t.proposal_update_metric,
                                                              min_samples=t.proposal_min_samples)
+        # Forward KL's E_π[r] is 1 for every π: no estimate needed (docs/method.md §4).
+        exact = get_divergence(cfg.divergence.name, alpha=cfg.divergence.alpha).exact_baseline
         return cls(log_z=PerContextLogZ(num_contexts, collective=collective),
-                   baseline=MovingAverageBaseline(t.baseline_momentum, enabled=t.baseline),
+                   baseline=MovingAverageBaseline(t.baseline_momentum, enabled=t.baseline, num_contexts=num_contexts,
+                                                  exact=exact),
                    proposal_schedule=schedule)
 
     def state_dict(self) -> dict:

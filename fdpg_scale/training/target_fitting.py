@@ -1,32 +1,31 @@
 """Fit λ of a distributional target P(x) = a(x)·c(x)·exp(λ·φ(x)) before training starts (φ = the K features).
 
 Draws ``target.fit_samples`` sequences (over all ranks) from the initial proposal, scores them with the base
-model and the target, gathers φ [N, K], log a·c and log q on every rank, and solves the SNIS moment-matching
-problem of ``fdpg_scale.targets.energy.fit_lambdas`` (E_p[φ_k] = μ̄_k for every k at once). c(x) is the product
-of the target's other factors (constraints b, rewards exp(r/β)): λ is fitted for the whole target, so that the
-moments hold under p itself. Every rank fits on the same gathered batch, so every rank gets the same λ. The
+model and the target, gathers φ [N, K], log a·c and log q on every rank, and solves the SNIS
+moment-matching problem of ``fdpg_scale.core.moment_fitting.fit_lambdas`` (E_p[φ_k] = μ̄_k for every k at
+once). c(x) is the product of the target's other factors (constraints b, rewards exp(r/β)): λ is fitted for
+the whole target, so that the moments hold under p itself. Every rank fits on the same gathered batch, so every rank gets the same λ. The
 draws use their own seed stream, independent of the training batches.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 
 from fdpg_scale.distributed.launch import all_gather_rows
 from fdpg_scale.errors import ConfigError
-from fdpg_scale.distributed.generation import SamplingSettings
-from fdpg_scale.training.rollout import FIT_STREAM, collect_chunks
-from fdpg_scale.targets.energy import LambdaFit, fit_lambdas
+from fdpg_scale.training.rollout import FIT_STREAM, RolloutPlan, collect_chunks
+from fdpg_scale.core.moment_fitting import LambdaFit, fit_lambdas
 from fdpg_scale.targets.tasks import Task
 from fdpg_scale.training.timing import PhaseTimer
 
 __all__ = ["fit_distributional_task", "fit_task", "describe_fit"]
 
 
-def fit_distributional_task(task: Task, *, sampler, base, tokenizer, settings: SamplingSettings, mode: str,
-                            run_seed: int, rank: int, world: int, micro_batch: int,
+def fit_distributional_task(task: Task, *, sampler, base, tokenizer, plan: RolloutPlan,
                             n_samples: int) -> tuple[Task, LambdaFit]:
     """The task with λ fitted so that E_p[φ] = ``task.moment`` (collective: every rank calls it).
 
@@ -34,10 +33,12 @@ def fit_distributional_task(task: Task, *, sampler, base, tokenizer, settings: S
     (one line, with the measured figures) when the fit fails: an unreachable moment or a collapsed effective
     sample size is a property of the config's target on this model, not a bug.
     """
-    per_rank = math.ceil(n_samples / (micro_batch * world))
-    chunks = collect_chunks(sampler=sampler, base=base, task=task, tokenizer=tokenizer, settings=settings, mode=mode,
-                            run_seed=run_seed, step=0, rank=rank, world=world, accumulation=per_rank,
-                            micro_batch=micro_batch, timer=PhaseTimer(), stream=FIT_STREAM)
+    per_rank = math.ceil(n_samples / (plan.micro_batch * plan.world))
+    # The fit's own draws: another seed stream, one generate call per micro-batch, log q rescored where exact.
+    fit_plan = dataclasses.replace(plan, accumulation=per_rank, stream=FIT_STREAM, sampling_batch=None,
+                                   rescore_logq=True)
+    chunks = collect_chunks(sampler=sampler, base=base, task=task, tokenizer=tokenizer, plan=fit_plan, step=0,
+                            timer=PhaseTimer())
     names = [c.name for c in task.feature_columns]
     batch = all_gather_rows({"phi": torch.stack([torch.cat([c.features[n] for c in chunks]) for n in names], -1),
                              "log_a": torch.cat([c.logp_base.sum(-1) for c in chunks]),

@@ -61,7 +61,7 @@ def _one_exact_step(name, alpha, kind, baseline, *, on_policy=False):
                          generator=torch.Generator().manual_seed(0), enumerate_all=True)
     state = FDPGState(log_z=PerContextLogZ(1), baseline=MovingAverageBaseline(0.9), proposal_schedule=None)
     if baseline:
-        state.baseline.value, state.baseline.updates = baseline, 1
+        state.baseline.values[:], state.baseline.counts[:] = baseline, 1
     result = fdpg_step(backend, state, StepSettings(divergence=d), 0)
     assert math.isclose(float(state.log_z.value[0]), float(exact_log_z(log_P)), rel_tol=1e-12)  # Ẑ = Z exactly
     assert result.baseline_used == baseline
@@ -123,6 +123,6 @@ def test_samples_without_a_z_estimate_give_finite_weights():
     state = FDPGState(log_z=PerContextLogZ(1), baseline=MovingAverageBaseline(0.9), proposal_schedule=None)
     result = fdpg_step(backend, state, StepSettings(divergence=get_divergence("tv")), 0)
     assert state.log_z.value[0] == -math.inf and not bool(state.log_z.has_estimate[0])
-    w, rho = result.batch["weight"], result.batch["importance_ratio"]
+    w, rho = result.batch.weight, result.batch.importance_ratio
     assert torch.isfinite(w).all()
     assert torch.allclose(w, 0.5 * rho, rtol=1e-6)

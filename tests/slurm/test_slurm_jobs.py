@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fdpg_scale.apps.reproduce import grid_runs
+from fdpg_scale.experiments.grid import grid_runs
 from tests.helpers import grid_yaml, tiny_grid
 
 ROOT = Path(__file__).resolve().parents[2]

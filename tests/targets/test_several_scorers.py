@@ -127,10 +127,10 @@ def test_two_features_fit_jointly_to_within_the_tolerance(monkeypatch):
 
 def test_alignment_columns_one_per_scorer_and_the_old_name_for_one():
     metrics = {"kl_p_pi": 1.0, "phi_mean/a": 0.1, "phi_mean_se/a": 0.01, "phi_mean/b": 0.2, "phi_mean_se/b": 0.02}
-    batch = {"feature/a": torch.tensor([0.0, 1.0]), "feature/b": torch.tensor([2.0, 2.0]), "logq": torch.zeros(2)}
-    assert alignment_columns(metrics, batch) == {
+    features = {"a": torch.tensor([0.0, 1.0]), "b": torch.tensor([2.0, 2.0])}
+    assert alignment_columns(metrics, features) == {
         "kl_p_pi": 1.0, "alignment/a": 0.1, "alignment_se/a": 0.01, "q_alignment_rate/a": 0.5,
         "alignment/b": 0.2, "alignment_se/b": 0.02, "q_alignment_rate/b": 2.0}
-    single = alignment_columns({"phi_mean/a": 0.1, "phi_mean_se/a": 0.01}, {"feature/a": torch.tensor([1.0])})
+    single = alignment_columns({"phi_mean/a": 0.1, "phi_mean_se/a": 0.01}, {"a": torch.tensor([1.0])})
     assert single == {"alignment": 0.1, "alignment_se": 0.01, "q_alignment_rate": 1.0}
     assert math.isfinite(single["alignment"])

@@ -63,6 +63,11 @@ def datasets_cache(tmp_path_factory):
 def files(tmp_path_factory, datasets_cache):
     """The tiny model, copies of it with special tokens removed or a chat template added, prompt data and a
     scorer module."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    # An in-process ZeRO-3 engine of an earlier test module (tests/training/test_backend.py) leaves transformers in
+    # ZeRO-3 loading (HfDeepSpeedConfig is global), which would partition the models built here with zero.Init.
+    unset_hf_deepspeed_config()
     root = tmp_path_factory.mktemp("user_data")
     model = build_tiny_model_dir(root / "model", "gpt2", seed=0)
 

@@ -18,7 +18,7 @@ from fdpg_scale.distributed.launch import init_distributed  # noqa: E402
 from fdpg_scale.distributed.vllm_engine import VllmEngineSettings, VllmProposal  # noqa: E402
 from fdpg_scale.targets.tasks import build_task  # noqa: E402
 from fdpg_scale.training.config import TargetConfig  # noqa: E402
-from fdpg_scale.training.rollout import collect_chunks  # noqa: E402
+from fdpg_scale.training.rollout import RolloutPlan, collect_chunks  # noqa: E402
 from fdpg_scale.training.timing import PhaseTimer  # noqa: E402
 from tests.engines.common import batch, ds_config, gathered_state_dict, weighted_loss  # noqa: E402
 
@@ -81,10 +81,14 @@ def main():
     # 4. Seeds: chunk c of a step is the same draw whatever the world size and the order the chunks are drawn in
     #    (1 rank: chunks 0,1,2,3 in a row; 2 ranks: rank 0 draws 0 then 2, rank 1 draws 1 then 3).
     task = build_task(TargetConfig(kind="pointwise", scorer="contains", scorer_args={"substring": "e"}), tok)
-    common = dict(sampler=engine, q_engine=proposal, base=base, task=task, tokenizer=tok, settings=hot,
-                  mode="gathered", run_seed=7, step=5, micro_batch=micro, timer=PhaseTimer())
-    res["chunks_world1"] = [c.rollout for c in collect_chunks(**common, rank=0, world=1, accumulation=4)]
-    res["chunks_world2"] = {rank: [c.rollout for c in collect_chunks(**common, rank=rank, world=2, accumulation=2)]
+    common = dict(sampler=engine, q_engine=proposal, base=base, task=task, tokenizer=tok, step=5, timer=PhaseTimer())
+
+    def plan(rank, world, accumulation):
+        return RolloutPlan(settings=hot, mode="gathered", run_seed=7, rank=rank, world=world,
+                           accumulation=accumulation, micro_batch=micro)
+
+    res["chunks_world1"] = [c.rollout for c in collect_chunks(**common, plan=plan(0, 1, 4))]
+    res["chunks_world2"] = {rank: [c.rollout for c in collect_chunks(**common, plan=plan(rank, 2, 2))]
                             for rank in (1, 0)}
     engine.close()
     torch.save(res, out_dir / "results.pt")

@@ -136,7 +136,7 @@ from transformers import AutoTokenizer  # noqa: E402
 
 from fdpg_scale.targets.tasks import build_task  # noqa: E402
 from fdpg_scale.training.config import TargetConfig  # noqa: E402
-from fdpg_scale.training.rollout import collect_chunks, logq_mismatch_metrics  # noqa: E402
+from fdpg_scale.training.rollout import RolloutPlan, collect_chunks, logq_mismatch_metrics  # noqa: E402
 from fdpg_scale.training.timing import PhaseTimer  # noqa: E402
 
 tok = AutoTokenizer.from_pretrained(gpt2_dir)
@@ -144,9 +144,10 @@ task = build_task(TargetConfig(scorer_args={"substring": "e"}), tok)
 res["rollout"] = {}
 for name, s in {"t07": generation.SamplingSettings(temperature=0.7, max_new_tokens=8),
                 "k5": generation.SamplingSettings(top_k=5, max_new_tokens=8)}.items():
-    chunks = collect_chunks(sampler=proposal, base=proposal, task=task, tokenizer=tok, settings=s, mode="gathered",
-                            run_seed=3, step=1, rank=rank, world=world, accumulation=4 // world, micro_batch=2,
-                            timer=PhaseTimer(), sampling_batch=4)
+    plan = RolloutPlan(settings=s, mode="gathered", run_seed=3, rank=rank, world=world, accumulation=4 // world,
+                       micro_batch=2, sampling_batch=4)
+    chunks = collect_chunks(sampler=proposal, base=proposal, task=task, tokenizer=tok, plan=plan, step=1,
+                            timer=PhaseTimer())
     gathered = all_gather_rows({"ids": torch.cat([c.rollout.input_ids for c in chunks]),
                                 "logq": torch.cat([c.logq for c in chunks]),
                                 "logq_recorded": torch.cat([c.logq_recorded for c in chunks]),

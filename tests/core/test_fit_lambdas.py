@@ -11,7 +11,8 @@ import math
 import pytest
 import torch
 
-from fdpg_scale.targets.energy import ExponentialScorer, fit_lambdas
+from fdpg_scale.core.moment_fitting import fit_lambdas
+from fdpg_scale.targets.energy import ExponentialScorer
 from fdpg_scale.toy.model import ToyLM
 from tests.metrics.problems import toy_features, toy_samples
 

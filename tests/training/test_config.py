@@ -6,7 +6,7 @@ import pytest
 
 from fdpg_scale.training.config import ConfigError, RunConfig, load_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG_FILES = sorted((ROOT / "configs").glob("*.yaml"))
 
 
@@ -92,3 +92,30 @@ def test_sampling_engine_and_its_vllm_section():
                         ("sampling.vllm.max_model_len=1", "max_model_len"), ("sampling.vllm.foo=1", "foo")):
         with pytest.raises(ConfigError, match=needle):
             load_config(smoke, [bad])
+
+
+def test_config_round_trips_through_a_plain_mapping(tmp_path):
+    """config_to_dict is what a run writes beside its checkpoints; written as YAML it loads to an equal config."""
+    import yaml
+
+    from fdpg_scale.training.config import config_to_dict
+
+    cfg = load_config(ROOT / "configs/smoke-several-scorers.yaml", ["sampling.temperature=0.7", "train.lr=3e-4"])
+    path = tmp_path / "again.yaml"
+    path.write_text(yaml.safe_dump(config_to_dict(cfg)))
+    assert load_config(path) == cfg
+
+
+def test_sampling_section_derives_the_samplers_settings():
+    """The fields that define q are the sampler's own (distributed/settings.py): declared once, checked once."""
+    from fdpg_scale.distributed.settings import SamplingSettings, VllmEngineOptions
+
+    cfg = load_config(ROOT / "configs/smoke.yaml", ["sampling.top_k=5", "sampling.vllm.max_model_len=64"])
+    assert isinstance(cfg.sampling, SamplingSettings) and isinstance(cfg.sampling.vllm, VllmEngineOptions)
+    settings = cfg.sampling.sampling_settings()
+    assert type(settings) is SamplingSettings and settings.top_k == 5
+    assert settings.max_new_tokens == cfg.sampling.max_new_tokens and settings.top_p == cfg.sampling.top_p
+    assert cfg.sampling.vllm.engine_options() == {"gpu_memory_utilization": 0.3, "max_model_len": 64,
+                                                  "enforce_eager": True}
+    with pytest.raises(ConfigError, match=r"^sampling\.temperature must be a finite number > 0, got inf$"):
+        load_config(ROOT / "configs/smoke.yaml", ["sampling.temperature=inf"])
