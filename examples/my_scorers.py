@@ -39,3 +39,9 @@ def repeats_context_word(texts, contexts=None):
         words = set(re.findall(r"[A-Za-z_]\w+", context))
         out.append(1.0 if words & set(re.findall(r"[A-Za-z_]\w+", text)) else 0.0)
     return out
+
+
+def mentions_answer(texts, *, answer):
+    """1.0 where the continuation contains its prompt's reference answer, else 0.0. ``answer`` is a column of the
+    prompt dataset (``target.prompts``): one value per sample, the answer of the prompt that sample continues."""
+    return [1.0 if str(a) in t else 0.0 for t, a in zip(texts, answer)]

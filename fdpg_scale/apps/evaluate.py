@@ -39,8 +39,9 @@ from fdpg_scale.distributed.generation import pad_prompts
 from fdpg_scale.errors import ConstraintNeverSatisfied
 from fdpg_scale.kernels.reference import IGNORE_INDEX
 from fdpg_scale.kernels import token_logprobs
-from fdpg_scale.models.tokens import padding_id
-from fdpg_scale.training.prompts import PromptSet, load_prompts
+from fdpg_scale.models.hub import local_dir
+from fdpg_scale.models.tokens import padding_id, start_id
+from fdpg_scale.training.prompts import PromptSet, load_target_prompts
 from fdpg_scale.targets.samples import Samples
 from fdpg_scale.targets.tasks import Task, build_task
 from fdpg_scale.training.config import RunConfig, load_config
@@ -63,15 +64,16 @@ def sample_and_score(model, tokenizer, task: Task, *, n: int, max_new_tokens: in
                      prompts: PromptSet | None = None, batch_size: int = BATCH_SIZE) -> dict:
     """Draw ``n`` sequences from ``model`` (temperature 1, no truncation) and score them.
 
-    Unconditional: every draw continues BOS. Conditional (``prompts``): draw i continues prompt i mod C, so
-    every context gets n/C draws. Returns {"samples": Samples, "logp": [n] log model(x|c), "log_scores": [n],
-    "features": {scorer name: [n]}, "prompt_ids", "prompt_mask" (the left-padded contexts, to rescore with
-    another model)}.
+    Unconditional: every draw continues the start token (BOS, else EOS). Conditional (``prompts``): draw i
+    continues prompt i mod C, so every context gets n/C draws. Returns {"samples": Samples, "logp": [n] log
+    model(x|c), "log_scores": [n], "features": {scorer name: [n]}, "prompt_ids", "prompt_mask" (the
+    left-padded contexts, to rescore with another model)}.
     """
     context_ids = torch.arange(n) % (1 if prompts is None else len(prompts))
     pad = padding_id(tokenizer)
-    rows = [[tokenizer.bos_token_id] if prompts is None else list(prompts.token_ids[c]) for c in context_ids.tolist()]
-    prompt_ids, prompt_mask = pad_prompts(rows, bos_id=tokenizer.bos_token_id, pad_id=pad)
+    start = start_id(tokenizer)   # BOS, else EOS (models/tokens.py)
+    rows = [[start] if prompts is None else list(prompts.token_ids[c]) for c in context_ids.tolist()]
+    prompt_ids, prompt_mask = pad_prompts(rows, bos_id=start, pad_id=pad)
     width = prompt_ids.shape[1]
     ids, masks, logps = [], [], []
     rng_state = torch.random.get_rng_state()
@@ -95,7 +97,8 @@ def sample_and_score(model, tokenizer, task: Task, *, n: int, max_new_tokens: in
     token_ids, mask = torch.cat(ids), torch.cat(masks)
     texts = tokenizer.batch_decode(token_ids.masked_fill(~mask, pad), skip_special_tokens=True)
     samples = Samples(token_ids=token_ids, mask=mask, texts=texts, context_ids=context_ids,
-                      contexts=None if prompts is None else [prompts.texts[c] for c in context_ids.tolist()])
+                      contexts=None if prompts is None else [prompts.texts[c] for c in context_ids.tolist()],
+                      metadata=None if prompts is None else prompts.metadata_of(context_ids.tolist()))
     return {"samples": samples, "logp": torch.cat(logps), "log_scores": task.target.log_scores(samples),
             "features": {k: v.to(torch.float64) for k, v in task.features(samples).items()},
             "prompt_ids": prompt_ids, "prompt_mask": prompt_mask}
@@ -182,16 +185,17 @@ def evaluate_run(output_dir: str | Path, *, n: int = 256, seed: int | None = Non
     hf_dir = output_dir / "eval" / ckpt.name
     if not (hf_dir / "config.json").is_file():
         export_checkpoint(ckpt, hf_dir)
-    task = build_task(cfg.target)  # on the CPU, like the models below
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    prompts = load_target_prompts(cfg.target, tokenizer)
+    task = build_task(cfg.target, metadata_columns=() if prompts is None else tuple(prompts.metadata))  # on the CPU
     if task.moment is not None:
         state = load_plain(ckpt / "trainer_state.pt")  # tensors and plain containers only: no pickle runs
         task = task.with_lambdas(state["lambdas"])
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     policy_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    base_model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32).eval()
+    base_dir = local_dir(cfg.model.path, where="model.path")   # a Hub id: its snapshot in the local cache
+    base_model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
     max_new = cfg.sampling.max_new_tokens
 
-    prompts = None if cfg.target.prompts_file is None else load_prompts(cfg.target.prompts_file, tokenizer)
     base = sample_and_score(base_model, tokenizer, task, n=max(n, n_base), max_new_tokens=max_new, seed=seed,
                             prompts=prompts)
     policy = sample_and_score(policy_model, tokenizer, task, n=n, max_new_tokens=max_new, seed=seed + 1,

@@ -52,6 +52,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from fdpg_scale.models.hub import looks_like_hub_id, resolve_hub_snapshot
 from fdpg_scale.training.config import ConfigError, RunConfig, load_config
 
 __all__ = ["Architecture", "MemoryPlan", "PHASES", "load_architecture", "count_parameters", "plan_memory", "run"]
@@ -255,8 +256,14 @@ def _vllm_parts(cfg: RunConfig, arch: Architecture, *, P: int, seq_len: int, sam
 
 
 def resolve_architecture_file(cfg: RunConfig, config_path: str | Path, arch_name: str | None) -> Path:
-    """``<model.path>/config.json`` if present, else ``configs/models/<arch or config stem>/config.json``."""
+    """``<model.path>/config.json`` if present (a Hub id: in its cached snapshot), else
+    ``configs/models/<arch or config stem>/config.json``."""
     own = Path(cfg.model.path) / "config.json"
+    if not own.parent.exists() and looks_like_hub_id(cfg.model.path):
+        try:
+            own = resolve_hub_snapshot(cfg.model.path, where="model.path") / "config.json"
+        except ConfigError:   # not cached: plan from the shipped architecture files, as for a missing directory
+            pass
     if own.is_file():
         return own
     name = arch_name or Path(config_path).stem

@@ -1,8 +1,9 @@
 """``target.scorer: hf-classifier``: a local Hugging Face sequence classifier as a constraint, a reward or a feature.
 
-The directory is loaded once (``AutoModelForSequenceClassification`` + ``AutoTokenizer``), put in eval mode
-(deterministic: no dropout), frozen (``requires_grad_(False)``) and moved to the rank's device. Each rank scores
-its own samples, ``batch_size`` texts per forward under ``torch.no_grad``. The score of a text is
+The directory (a local one, or the snapshot of a Hub id in the local Hugging Face cache) is loaded once
+(``AutoModelForSequenceClassification`` + ``AutoTokenizer``), put in eval mode (deterministic: no dropout),
+frozen (``requires_grad_(False)``) and moved to the rank's device. Each rank scores its own samples,
+``batch_size`` texts per forward under ``torch.no_grad``. The score of a text is
 
 - ``softmax(logits)[label]`` for a single-label classifier (num_labels ≥ 2): the probability of ``label``;
 - ``sigmoid(logits[label])`` for a multi-label one (``problem_type: multi_label_classification``);
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -28,7 +30,7 @@ from fdpg_scale.errors import ConfigError
 from fdpg_scale.targets.samples import Samples
 from fdpg_scale.targets.user_scorers import checked_values
 
-__all__ = ["HFClassifier", "build_hf_classifier"]
+__all__ = ["HFClassifier", "build_hf_classifier", "local_model_dir"]
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -39,8 +41,8 @@ class HFClassifier:
     def __init__(self, *, path: str, label: str | int, threshold: float | None = None, batch_size: int = 32,
                  max_length: int | None = None, dtype: str = "fp32", device: str | torch.device = "cpu",
                  where: str = "target.scorer hf-classifier"):
-        """path: the local model directory; label: a name of the config's ``id2label`` or an index;
-        threshold: None (the score itself) or a number (score > threshold as 1/0); batch_size: texts per forward;
+        """path: the local model directory, or a Hub id in the local cache; label: a name of the config's
+        ``id2label`` or an index; threshold: None (the score itself) or a number (score > threshold as 1/0); batch_size: texts per forward;
         max_length: tokens kept per text (default: the model's maximum positions); dtype: fp32, bf16 or fp16;
         device: where the model runs (the rank's device); where: the config key for errors."""
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -53,15 +55,16 @@ class HFClassifier:
             raise ConfigError(f"{self.where}: batch_size must be an integer ≥ 1, got {batch_size!r}")
         if threshold is not None and not (isinstance(threshold, (int, float)) and math.isfinite(threshold)):
             raise ConfigError(f"{self.where}: threshold must be a finite number, got {threshold!r}")
-        if not Path(path).is_dir():
-            raise ConfigError(f"{self.where}: no such directory (a local Hugging Face classifier directory is "
-                              f"expected; nothing is downloaded)")
+        local = local_model_dir(path, self.where)
+        if not local.is_dir():
+            raise ConfigError(f"{self.where}: no such directory (a local Hugging Face classifier directory or a Hub "
+                              f"id in the local cache is expected; nothing is downloaded)")
         if is_deepspeed_zero3_enabled():
             raise RuntimeError(f"{self.where}: load the classifier before the ZeRO-3 engines: transformers would "
                                f"partition it with zero.Init")
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
-            self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=_DTYPES[dtype])
+            self.tokenizer = AutoTokenizer.from_pretrained(local)
+            self.model = AutoModelForSequenceClassification.from_pretrained(local, dtype=_DTYPES[dtype])
         except (OSError, ValueError, KeyError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ConfigError(f"{self.where}: cannot load a sequence classifier and its tokenizer from it "
@@ -86,23 +89,26 @@ class HFClassifier:
         self.multi_label = config.problem_type == "multi_label_classification"
 
     @torch.no_grad()
-    def scores(self, texts: list[str]) -> torch.Tensor:
-        """float32 [len(texts)]: the score of each text (before any threshold), on the CPU."""
+    def logits(self, texts: list[str], *, add_special_tokens: bool = True) -> torch.Tensor:
+        """float32 [len(texts), num_labels]: the model's raw outputs for each text, on the CPU, ``batch_size``
+        texts per forward. add_special_tokens: False for texts a chat template rendered (they hold their own)."""
         out = []
         for start in range(0, len(texts), self.batch_size):
             batch = [_nonempty(t, self.tokenizer) for t in texts[start:start + self.batch_size]]
             enc = self.tokenizer(batch, return_tensors="pt", padding=True, truncation=self.max_length is not None,
-                                 max_length=self.max_length)
-            logits = self.model(input_ids=enc["input_ids"].to(self.device),
-                                attention_mask=enc["attention_mask"].to(self.device)).logits.float()
-            if logits.shape[-1] == 1:
-                score = logits[:, 0]
-            elif self.multi_label:
-                score = torch.sigmoid(logits[:, self.label_index])
-            else:
-                score = torch.softmax(logits, dim=-1)[:, self.label_index]
-            out.append(score.cpu())
-        return torch.cat(out) if out else torch.zeros(0)
+                                 max_length=self.max_length, add_special_tokens=add_special_tokens)
+            out.append(self.model(input_ids=enc["input_ids"].to(self.device),
+                                  attention_mask=enc["attention_mask"].to(self.device)).logits.float().cpu())
+        return torch.cat(out) if out else torch.zeros(0, self.model.config.num_labels)
+
+    def scores(self, texts: list[str]) -> torch.Tensor:
+        """float32 [len(texts)]: the score of each text (before any threshold), on the CPU."""
+        logits = self.logits(texts)
+        if logits.shape[-1] == 1:
+            return logits[:, 0]
+        if self.multi_label:
+            return torch.sigmoid(logits[:, self.label_index])
+        return torch.softmax(logits, dim=-1)[:, self.label_index]
 
     def __call__(self, samples: Samples) -> torch.Tensor:
         """float32 [B]: the scores of ``samples.texts`` (1/0 against ``threshold`` when set), checked finite."""
@@ -112,6 +118,28 @@ class HFClassifier:
         if self.threshold is not None:
             s = (s > self.threshold).float()
         return checked_values(s, samples, self.where)
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+def local_model_dir(path: str, where: str) -> Path:
+    """``path`` when it exists; else, for a Hub id (``owner/name``), its snapshot in the local Hugging Face cache
+    (one-line ConfigError naming the id and the cache when it is not there; nothing is downloaded).
+
+    The same rule as ``model.path`` (``fdpg_scale.models.hub``), written here because targets do not import models.
+    """
+    if Path(path).exists() or not _HUB_ID.match(path) or ".." in path:
+        return Path(path)
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(path, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError, FileNotFoundError):
+        raise ConfigError(f"{where} is not a local path, and the Hub model {path!r} is not in the local Hugging Face "
+                          f"cache (looked in {constants.HF_HUB_CACHE}); fetch it first with `hf download {path}`") \
+            from None
 
 
 def _nonempty(text: str, tokenizer) -> str:

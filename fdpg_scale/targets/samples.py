@@ -33,6 +33,10 @@ class Samples:
     with the same id share one target and one partition function Z(c). None: unconditional."""
     contexts: list[str] | None = None
     """The context text of each sample (len B, row i = the prompt that sample i continues), or None."""
+    metadata: dict[str, list] | None = None
+    """column name -> B values: the prompt dataset's other columns (e.g. a reference ``answer``), row i for the
+    prompt sample i continues; what ``package.module:function`` scorers receive as keyword arguments. None:
+    no metadata (unconditional, or prompts without extra columns)."""
 
     def __post_init__(self):
         ids, mask = self.token_ids, self.mask
@@ -53,6 +57,9 @@ class Samples:
             value = getattr(self, name)
             if value is not None and len(value) != b:
                 raise ValueError(f"Samples.{name} has {len(value)} entries for a batch of B={b} sequences")
+        for name, values in (self.metadata or {}).items():
+            if len(values) != b:
+                raise ValueError(f"Samples.metadata[{name!r}] has {len(values)} entries for a batch of B={b} sequences")
         cid = self.context_ids
         if cid is not None:
             if not isinstance(cid, torch.Tensor) or cid.shape != (b,) or cid.dtype.is_floating_point \
@@ -82,7 +89,9 @@ class Samples:
         return Samples(token_ids=self.token_ids[index], mask=self.mask[index],
                        texts=None if self.texts is None else [self.texts[i] for i in rows],
                        context_ids=None if self.context_ids is None else self.context_ids[index],
-                       contexts=None if self.contexts is None else [self.contexts[i] for i in rows])
+                       contexts=None if self.contexts is None else [self.contexts[i] for i in rows],
+                       metadata=None if self.metadata is None else
+                       {name: [values[i] for i in rows] for name, values in self.metadata.items()})
 
 
 def _describe(x) -> str:

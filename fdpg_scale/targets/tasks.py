@@ -4,7 +4,8 @@ quantities whose means under π report alignment, one per scorer.
 A scorer is a function of a batch of decoded samples giving one number per sample. A config names it as
 
 - a built-in of ``SCORERS`` (``contains``, ``count``, ``parses_as_python``);
-- ``hf-classifier``: a local Hugging Face sequence classifier (``fdpg_scale.targets.hf_classifier``);
+- ``hf-classifier``: a Hugging Face sequence classifier of the completion (``fdpg_scale.targets.hf_classifier``);
+- ``hf-reward-model``: a Hugging Face reward model of prompt + completion (``fdpg_scale.targets.hf_reward_model``);
 - ``package.module:function``: your own function of the texts (``fdpg_scale.targets.user_scorers``);
 
 with its keyword arguments in ``scorer_args``. Its *kind* says how it enters the target:
@@ -68,6 +69,7 @@ SCORERS: dict[str, Callable[..., torch.Tensor]] = {"contains": contains, "count"
                                                    "parses_as_python": parses_as_python}
 
 HF_CLASSIFIER = "hf-classifier"
+HF_REWARD_MODEL = "hf-reward-model"
 KINDS = ("pointwise", "reward", "feature")
 
 
@@ -181,7 +183,8 @@ def _default_name(spec: str) -> str:
     return spec.split(":")[-1]
 
 
-def _values(e: _Entry, *, conditional: bool, device) -> Callable[[Samples], torch.Tensor]:
+def _values(e: _Entry, *, conditional: bool, device, metadata_columns: tuple[str, ...]
+            ) -> Callable[[Samples], torch.Tensor]:
     """The entry's scorer as Samples -> float32 [B] (imports / loads it; one-line ConfigError if it cannot)."""
     if e.scorer in SCORERS:
         fn = SCORERS[e.scorer]
@@ -198,17 +201,25 @@ def _values(e: _Entry, *, conditional: bool, device) -> Callable[[Samples], torc
         from fdpg_scale.targets.hf_classifier import build_hf_classifier  # imports transformers
 
         return build_hf_classifier(e.scorer_args, where=f"{e.where}.scorer", device=device)
+    if e.scorer == HF_REWARD_MODEL:
+        from fdpg_scale.targets.hf_reward_model import build_hf_reward_model  # imports transformers
+
+        return build_hf_reward_model(e.scorer_args, where=f"{e.where}.scorer", device=device)
     if ":" in e.scorer:
-        return FunctionScorer.from_spec(e.scorer, e.scorer_args, where=f"{e.where}.scorer", conditional=conditional)
+        return FunctionScorer.from_spec(e.scorer, e.scorer_args, where=f"{e.where}.scorer", conditional=conditional,
+                                        metadata_columns=metadata_columns)
     raise ConfigError(f"{e.where}.scorer {e.scorer!r} is unknown; valid: a built-in ({', '.join(SCORERS)}), "
-                      f"{HF_CLASSIFIER!r} or 'package.module:function'")
+                      f"{HF_CLASSIFIER!r}, {HF_REWARD_MODEL!r} or 'package.module:function'")
 
 
-def build_task(cfg: TargetConfig, tokenizer=None, *, device: str | torch.device = "cpu") -> Task:
+def build_task(cfg: TargetConfig, tokenizer=None, *, device: str | torch.device = "cpu",
+               metadata_columns: tuple[str, ...] = ()) -> Task:
     """The task described by the ``target`` section of a run config.
 
-    device: where model-based scorers (``hf-classifier``) run: the rank's device. Every scorer is imported or
-    loaded here, once; a wrong path, a missing function or bad arguments is a one-line ConfigError.
+    device: where model-based scorers (``hf-classifier``) run: the rank's device. metadata_columns: the prompt
+    dataset's columns that ``package.module:function`` scorers receive as keyword arguments (the keys of
+    ``PromptSet.metadata``). Every scorer is imported or loaded here, once; a wrong path, a missing function,
+    bad arguments or a column a function does not take is a one-line ConfigError.
     """
     entries = _entries(cfg)
     names = [e.name or _default_name(e.scorer) for e in entries]
@@ -217,9 +228,10 @@ def build_task(cfg: TargetConfig, tokenizer=None, *, device: str | torch.device 
             raise ConfigError(f"{e.where}.kind must be one of {', '.join(KINDS)}; got {e.kind!r}")
         if names.count(name) > 1:
             raise ConfigError(f"target.scorers: two scorers are named {name!r}; give each a distinct 'name'")
-    conditional = cfg.prompts_file is not None
+    conditional = cfg.prompts is not None or cfg.prompts_file is not None
     columns = tuple(Column(name=name, kind=e.kind, values=_LastBatch(_values(e, conditional=conditional,
-                                                                              device=device)),
+                                                                              device=device,
+                                                                              metadata_columns=metadata_columns)),
                            beta=e.beta, moment=e.moment) for e, name in zip(entries, names))
     scorers: list = []
     for c in columns:

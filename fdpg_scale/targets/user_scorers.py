@@ -2,11 +2,19 @@
 
 The function receives the decoded texts of a batch (``list[str]``, one per sample) as its first positional
 argument, the contexts (``list[str]``, the prompt each sample continues) as the keyword ``contexts`` if its
-signature has a parameter of that name, and ``target.scorer_args`` as keyword arguments. It returns one number
-per sample: a list, a tuple, a numpy array or a tensor of length B. For example::
+signature has a parameter of that name, every metadata column of the prompt dataset (``target.prompts``'s
+columns but the prompt, or ``target.metadata_columns``) as a keyword argument holding one value per sample, and
+``target.scorer_args`` as keyword arguments. It returns one number per sample: a list, a tuple, a numpy array
+or a tensor of length B. For example::
 
     def has_docstring(texts):
         return [1.0 if '\"\"\"' in t else 0.0 for t in texts]
+
+    def correct(texts, answer):          # prompts with an "answer" column
+        return [float(a in t) for t, a in zip(texts, answer)]
+
+A function must take every metadata column it is given (a parameter of that name, or ``**kwargs``): a column
+it would never see is one ConfigError before the run starts, naming the column.
 
 Finding the module: it is imported with ``importlib.import_module`` (never ``eval`` of config text) from
 ``sys.path``, i.e. the installed packages and the ``PYTHONPATH`` directories, with the working directory
@@ -125,13 +133,18 @@ class FunctionScorer:
     kwargs: dict
     """``scorer_args``."""
     takes_contexts: bool
+    columns: tuple[str, ...] = ()
+    """The metadata columns passed as keyword arguments (``Samples.metadata``)."""
 
     @classmethod
-    def from_spec(cls, spec: str, scorer_args: dict, *, where: str, conditional: bool) -> FunctionScorer:
-        """Import ``spec`` and check ``scorer_args`` against its signature (one-line ConfigError naming ``where``).
+    def from_spec(cls, spec: str, scorer_args: dict, *, where: str, conditional: bool,
+                  metadata_columns: tuple[str, ...] = ()) -> FunctionScorer:
+        """Import ``spec`` and check ``scorer_args`` and the metadata columns against its signature (one-line
+        ConfigError naming ``where``).
 
-        conditional: whether the target has contexts (``target.prompts_file``); a function whose ``contexts``
-        parameter has no default needs one.
+        conditional: whether the target has contexts (``target.prompts`` or ``target.prompts_file``); a function
+        whose ``contexts`` parameter has no default needs one. metadata_columns: the prompt dataset's columns
+        the function receives as keyword arguments (module docstring).
         """
         fn = import_function(spec, where)
         try:
@@ -149,17 +162,48 @@ class FunctionScorer:
         takes_contexts = "contexts" in sig.parameters
         if takes_contexts and not conditional and sig.parameters["contexts"].default is inspect.Parameter.empty:
             raise ConfigError(f"{where} {spec!r}: {fn.__name__} needs contexts, but the target is unconditional "
-                              f"(set target.prompts_file, or give contexts a default)")
+                              f"(set target.prompts, or give contexts a default)")
+        _check_columns(fn, sig, params[0].name, metadata_columns, scorer_args, where=f"{where} {spec!r}")
         try:
-            sig.bind(None, **({"contexts": None} if takes_contexts else {}), **scorer_args)
+            sig.bind(None, **({"contexts": None} if takes_contexts else {}), **scorer_args,
+                     **dict.fromkeys(metadata_columns))
         except TypeError as err:
             raise ConfigError(f"{where} {spec!r}: scorer_args {sorted(scorer_args)} do not fit "
                               f"{fn.__name__}{sig}: {err}") from None
-        return cls(spec=spec, fn=fn, kwargs=dict(scorer_args), takes_contexts=takes_contexts)
+        return cls(spec=spec, fn=fn, kwargs=dict(scorer_args), takes_contexts=takes_contexts,
+                   columns=tuple(metadata_columns))
 
     def __call__(self, samples: Samples) -> torch.Tensor:
-        """float32 [B]: the function on ``samples.texts`` (and ``samples.contexts``), checked."""
+        """float32 [B]: the function on ``samples.texts`` (and ``samples.contexts``, the metadata columns), checked."""
         if samples.texts is None:
             raise ScorerError(f"scorer {self.spec!r} reads decoded texts, but these samples have none")
         extra = {"contexts": samples.contexts} if self.takes_contexts else {}
+        if self.columns:
+            metadata = samples.metadata or {}
+            missing = [c for c in self.columns if c not in metadata]
+            if missing:
+                raise ScorerError(f"scorer {self.spec!r} takes the prompt column {missing[0]!r}, but these samples "
+                                  f"carry no such metadata")
+            extra.update({c: list(metadata[c]) for c in self.columns})
         return checked_values(self.fn(list(samples.texts), **extra, **self.kwargs), samples, repr(self.spec))
+
+
+def _check_columns(fn: Callable, sig: inspect.Signature, first: str, columns: tuple[str, ...], scorer_args: dict, *,
+                   where: str) -> None:
+    """Every metadata column must reach ``fn`` as its own keyword argument (one-line ConfigError naming it)."""
+    params = sig.parameters
+    var_keyword = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    for column in columns:
+        taken = {first: "the texts", "contexts": "the contexts"}.get(column)
+        if taken is None and column in scorer_args:
+            taken = "a scorer_args key"
+        if taken is not None:
+            raise ConfigError(f"{where}: the prompt column {column!r} has the name of {taken}; rename the column, or "
+                              f"leave it out of target.metadata_columns")
+        p = params.get(column)
+        if p is not None and p.kind in (p.POSITIONAL_ONLY, p.VAR_POSITIONAL):
+            p = None
+        if p is None and not var_keyword:
+            raise ConfigError(f"{where}: {fn.__name__}{sig} does not take the prompt column {column!r} (every column "
+                              f"but the prompt reaches a function scorer as a keyword argument): add a parameter "
+                              f"{column!r} or **kwargs, or list the columns it takes in target.metadata_columns")

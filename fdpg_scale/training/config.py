@@ -2,7 +2,7 @@
 overrides by the generic loader (``training.config_loader``).
 
 A config file is a YAML mapping whose sections mirror the dataclasses below (``model:``, ``divergence:``,
-``target:``, ``train:``, ``sampling:``, ``deepspeed:``, ``logging:``) plus the top-level ``seed`` and
+``target:``, ``train:``, ``sampling:``, ``deepspeed:``, ``logging:``, ``eval:``) plus the top-level ``seed`` and
 ``output_dir``. Unknown keys and wrong types are rejected with the dotted key's name; nothing is ever
 ``eval``-ed. Overrides use the same dotted names: ``train.steps=20 divergence.name=js``.
 """
@@ -140,7 +140,23 @@ class TargetConfig:
     """distributional: sequences drawn (over all ranks) from the initial proposal to fit λ by SNIS."""
     prompts_file: str | None = None
     """Conditional target: a JSON Lines file of {"prompt": ...}; each sample continues a prompt drawn
-    uniformly, with its own target P(x|c) and partition function Z(c). None: unconditional (from BOS)."""
+    uniformly, with its own target P(x|c) and partition function Z(c). None: unconditional (from BOS, else EOS).
+    The older form of ``prompts`` (a JSONL file, column ``prompt``); set one of the two."""
+    prompts: str | None = None
+    """Conditional target, read with the ``datasets`` library: a .json/.jsonl/.csv/.parquet file, a directory
+    saved by ``Dataset.save_to_disk`` or of such files, or a Hub dataset id (``owner/name``) read from the local
+    Hugging Face cache (nothing is downloaded). Each row is one context c with its own P(x|c) and Z(c)."""
+    split: str = "train"
+    """The split of ``prompts`` to read (a single file is the split ``train``)."""
+    prompt_column: str = "prompt"
+    """The column of ``prompts`` holding each prompt: a string, or a list of {role, content} messages."""
+    metadata_columns: list[str] | None = None
+    """The other columns of ``prompts`` that ``package.module:function`` scorers receive as keyword arguments
+    (one list of B values per column, row i for the prompt sample i continues). null: every column but
+    ``prompt_column``; []: none."""
+    chat_template: bool | None = None
+    """Render prompts with the tokenizer's chat template (``apply_chat_template(..., add_generation_prompt=
+    True)``): null uses it when the tokenizer has one, true requires one, false never uses it."""
     beta: float = 1.0
     """reward: temperature β of exp(r/β)."""
 
@@ -152,9 +168,20 @@ class TargetConfig:
             raise ConfigError(f"target.beta must be a finite number > 0, got {self.beta}")
         if self.moment is not None and not math.isfinite(self.moment):
             raise ConfigError(f"target.moment must be a finite number, got {self.moment}")
-        if self.kind == "distributional" and self.prompts_file is not None:
-            raise ConfigError("target.prompts_file (a conditional target) with target.kind 'distributional' is not "
-                              "supported: λ is fitted for one unconditional target")
+        if self.prompts is not None and self.prompts_file is not None:
+            raise ConfigError("target.prompts and target.prompts_file are both set: set one (prompts_file is the older "
+                              "form of prompts)")
+        if self.prompts is not None and not self.prompts.strip():
+            raise ConfigError("target.prompts must not be empty (null: an unconditional target)")
+        for key in ("split", "prompt_column"):
+            if not getattr(self, key).strip():
+                raise ConfigError(f"target.{key} must not be empty")
+        if self.metadata_columns is not None and self.prompt_column in self.metadata_columns:
+            raise ConfigError(f"target.metadata_columns lists target.prompt_column {self.prompt_column!r}: the "
+                              f"prompt reaches scorers as contexts")
+        if self.kind == "distributional" and self.conditional:
+            raise ConfigError(f"target.{self.prompts_key} (a conditional target) with target.kind 'distributional' "
+                              f"is not supported: λ is fitted for one unconditional target")
         if self.fit_samples < 1:
             raise ConfigError(f"target.fit_samples must be ≥ 1, got {self.fit_samples}")
         if self.scorers:
@@ -166,9 +193,19 @@ class TargetConfig:
                                   f"{'/'.join(clash)} inside each entry of target.scorers instead")
             self.scorers = [s if isinstance(s, ScorerConfig) else ScorerConfig(**s) for s in self.scorers]
         fitted = any(s.kind == "feature" for s in self.scorers) or self.kind == "distributional"
-        if fitted and self.prompts_file is not None:
-            raise ConfigError("target.prompts_file (a conditional target) with a distributional target (a feature "
-                              "whose λ is fitted) is not supported: λ is fitted for one unconditional target")
+        if fitted and self.conditional:
+            raise ConfigError(f"target.{self.prompts_key} (a conditional target) with a distributional target (a "
+                              f"feature whose λ is fitted) is not supported: λ is fitted for one unconditional target")
+
+    @property
+    def conditional(self) -> bool:
+        """Whether the target has contexts (``prompts`` or ``prompts_file`` set)."""
+        return self.prompts is not None or self.prompts_file is not None
+
+    @property
+    def prompts_key(self) -> str:
+        """The key that names the prompts, for errors: ``prompts`` or ``prompts_file``."""
+        return "prompts_file" if self.prompts_file is not None else "prompts"
 
 
 @dataclass(kw_only=True)
@@ -322,6 +359,21 @@ class LoggingConfig:
 
 
 @dataclass(kw_only=True)
+class EvalConfig:
+    """Evaluation during training (training/in_run_eval.py): fresh samples from π, logged as ``eval/*``."""
+    every: int = 0
+    """Evaluate after every this many optimizer steps (and after the last); 0: never during training."""
+    samples: int = 64
+    """Sequences drawn from π per evaluation, over all ranks: a multiple of train.micro_batch × world size."""
+
+    def __post_init__(self):
+        if self.every < 0:
+            raise ConfigError(f"eval.every must be ≥ 0 (0: off), got {self.every}")
+        if self.samples < 1:
+            raise ConfigError(f"eval.samples must be ≥ 1, got {self.samples}")
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     model: ModelConfig
     divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
@@ -330,6 +382,7 @@ class RunConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
     output_dir: str = "runs/default"
     """Where metrics.jsonl, TensorBoard events and checkpoints go; a rerun with the same directory resumes."""

@@ -26,8 +26,9 @@ from fdpg_scale.core.step import StepResult, StepSettings, fdpg_step, no_estimat
 from fdpg_scale.distributed.engines import build_frozen, build_policy
 from fdpg_scale.training.nonfinite import NonFiniteGuard
 from fdpg_scale.training.preemption import PreemptionSignal
+from fdpg_scale.training.in_run_eval import evaluate_policy, is_due
 from fdpg_scale.training.preflight import preflight
-from fdpg_scale.training.prompts import load_prompts
+from fdpg_scale.training.prompts import load_target_prompts
 from fdpg_scale.training.backend import ZeroBackend
 from fdpg_scale.training.rollout import RolloutPlan, describe_logq_source, logq_mismatch_metrics
 from fdpg_scale.training.run_setup import deepspeed_config, prepare_output_dir
@@ -53,14 +54,15 @@ def train(cfg: RunConfig) -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    task = build_task(cfg.target, tokenizer, device=device())  # before the engines: a bad scorer fails fast
+    prompts = load_target_prompts(cfg.target, tokenizer)
+    task = build_task(cfg.target, tokenizer, device=device(),  # before the engines: a bad scorer fails fast
+                      metadata_columns=() if prompts is None else tuple(prompts.metadata))
     ds_config = deepspeed_config(cfg, world_size=world, accumulation=accumulation)
     policy = build_policy(model_dir, ds_config, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                           warmup_steps=cfg.train.warmup_steps, lr_schedule=cfg.train.lr_schedule,
                           total_steps=cfg.train.steps, gradient_checkpointing=cfg.train.gradient_checkpointing)
     base = build_frozen(model_dir, ds_config)
     proposal = None if cfg.train.on_policy else build_frozen(model_dir, ds_config)
-    prompts = None if cfg.target.prompts_file is None else load_prompts(cfg.target.prompts_file, tokenizer)
     divergence = get_divergence(cfg.divergence.name, alpha=cfg.divergence.alpha)
     plan = RolloutPlan.from_config(cfg, rank=rank, world=world)
 
@@ -108,11 +110,16 @@ def train(cfg: RunConfig) -> None:
     for step in range(state.step, cfg.train.steps):
         result = fdpg_step(backend, state, step_settings, step, guard)
         state.step = step + 1
+        evaluation = {}       # eval.every: fresh samples from π, logged as eval/* in the step's row
+        if is_due(state.step, every=cfg.eval.every, total=cfg.train.steps):
+            evaluation = evaluate_policy(policy=policy, base=base, task=task, tokenizer=tokenizer, prompts=prompts,
+                                         plan=plan, step=state.step, samples=cfg.eval.samples)
         if result.skipped:   # non-finite values (train.on_nonfinite: skip): nothing of this step reached the state
             log.log(state.step, {"loss": None, "log_z": no_estimate(float(state.log_z.value.mean())), "skipped": 1,
-                                 **guard.metrics()})
+                                 **guard.metrics(), **evaluation})
         else:
-            log.log(state.step, {**_step_metrics(state, result, backend, lr=policy.get_lr()[0]), **guard.metrics()})
+            log.log(state.step, {**_step_metrics(state, result, backend, lr=policy.get_lr()[0]), **guard.metrics(),
+                                 **evaluation})
 
         stop = preemption.requested()
         if stop or state.step == cfg.train.steps or state.step % cfg.train.save_every == 0:

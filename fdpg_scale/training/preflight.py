@@ -3,12 +3,14 @@
 What the config dataclasses cannot see alone, because it needs the world size or the files on disk:
 
 - the global batch splits over the world size (``train.global_batch``), and ``sampling.batch`` divides each
-  rank's share;
+  rank's share; so do ``eval.samples`` when ``eval.every`` is on;
 - ``model.path`` (built first when ``model.build`` asks) is a causal LM directory *with weights*;
-- its tokenizer files exist (transformers otherwise builds an empty tokenizer silently), the tokenizer has a
-  pad or an EOS token (the sampler pads batches with it), and it has no more tokens than the model's embedding;
+- its tokenizer files exist (transformers otherwise builds an empty tokenizer silently), its BOS, EOS and pad
+  tokens give a start token and a padding token (BOS else EOS, pad else EOS: ``models/tokens.py``), and it has
+  no more tokens than the model's embedding;
 - the longest prompt plus ``sampling.max_new_tokens`` fits the model's positions;
-- the DeepSpeed JSON, the target's scorer arguments and the prompts file are valid;
+- the DeepSpeed JSON and the prompts (``target.prompts`` or ``target.prompts_file``: columns, rows, chat
+  template) are valid, and the target's scorers take their arguments and the prompts' metadata columns;
 - ``output_dir`` is writable.
 
 ``slurm/train.sbatch`` runs the same checks in one process before it starts any rank, so a bad input is
@@ -20,7 +22,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fdpg_scale.models.tokens import padding_id
+from fdpg_scale.models.tokens import special_token_problem
 from fdpg_scale.errors import ConfigError
 from fdpg_scale.training.config import RunConfig
 from fdpg_scale.training.run_setup import deepspeed_config, prepare_model_dir, prepare_output_dir
@@ -61,11 +63,9 @@ def _check_tokenizer(tokenizer, config: dict, model_dir: Path) -> None:
     where = f"model.path {str(model_dir)!r}"
     if len(tokenizer) == 0:
         raise ConfigError(f"{where}: the tokenizer has no tokens")
-    try:  # the sampler pads with the pad token, else EOS (real GPT-2 and Llama tokenizers have no pad token)
-        padding_id(tokenizer)
-    except ValueError:
-        raise ConfigError(f"{where}: the tokenizer defines neither a pad token nor an EOS token; set \"pad_token\" "
-                          f"or \"eos_token\" in its tokenizer_config.json") from None
+    problem = special_token_problem(tokenizer)   # BOS, EOS and pad together: each missing one falls back to EOS
+    if problem is not None:
+        raise ConfigError(f"{where}: {problem}")
     vocab = config.get("vocab_size")
     if isinstance(vocab, int) and len(tokenizer) > vocab:
         raise ConfigError(f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's embedding has "
@@ -76,7 +76,7 @@ def _check_positions(cfg: RunConfig, config: dict, prompt_len: int, model_dir: P
     limit = next((config[k] for k in _POSITION_KEYS if isinstance(config.get(k), int)), None)
     need = prompt_len + cfg.sampling.max_new_tokens
     if limit is not None and need > limit:
-        what = "the longest prompt" if cfg.target.prompts_file else "the BOS token"
+        what = "the longest prompt" if cfg.target.conditional else "the start token"
         raise ConfigError(f"sampling.max_new_tokens={cfg.sampling.max_new_tokens} plus {what} ({prompt_len} "
                           f"tokens) is {need}, more than the {limit} positions of model.path {str(model_dir)!r}")
 
@@ -90,10 +90,14 @@ def preflight(cfg: RunConfig, *, world_size: int) -> Path:
     from transformers import AutoTokenizer
 
     from fdpg_scale.targets.tasks import build_task
-    from fdpg_scale.training.prompts import load_prompts
+    from fdpg_scale.training.prompts import load_target_prompts
 
     accumulation = cfg.train.accumulation_steps(world_size)
     deepspeed_config(cfg, world_size=world_size, accumulation=accumulation)
+    if cfg.eval.every:
+        from fdpg_scale.training.in_run_eval import eval_accumulation
+
+        eval_accumulation(cfg.eval.samples, micro_batch=cfg.train.micro_batch, world=world_size)
     prepare_output_dir(cfg.output_dir)
     model_dir = prepare_model_dir(cfg.model)
     config = check_model_files(model_dir)
@@ -103,9 +107,8 @@ def preflight(cfg: RunConfig, *, world_size: int) -> Path:
         raise ConfigError(f"model.path {str(model_dir)!r}: the tokenizer does not load "
                           f"({' '.join(str(err).split())[:300]})") from None
     _check_tokenizer(tokenizer, config, model_dir)
-    build_task(cfg.target, tokenizer)
-    prompt_len = 1
-    if cfg.target.prompts_file is not None:
-        prompt_len = max(len(ids) for ids in load_prompts(cfg.target.prompts_file, tokenizer).token_ids)
+    prompts = load_target_prompts(cfg.target, tokenizer)
+    build_task(cfg.target, tokenizer, metadata_columns=() if prompts is None else tuple(prompts.metadata))
+    prompt_len = 1 if prompts is None else max(len(ids) for ids in prompts.token_ids)
     _check_positions(cfg, config, prompt_len, model_dir)
     return model_dir

@@ -32,7 +32,7 @@ import torch
 
 from fdpg_scale.distributed.engines import sequence_logprobs
 from fdpg_scale.distributed.generation import MODES, Rollout, SamplingSettings, sample_batches
-from fdpg_scale.models.tokens import padding_id
+from fdpg_scale.models.tokens import padding_id, start_id
 from fdpg_scale.distributed.vllm_engine import VllmProposal
 from fdpg_scale.training.prompts import PromptSet
 from fdpg_scale.targets.energy import NonFiniteScoreError
@@ -185,9 +185,9 @@ def collect_chunks(*, sampler, base, task, tokenizer, plan: RolloutPlan, step: i
     holding q's weights: training/sampler.py); base: the frozen base
     engine a; task: a ``fdpg_scale.targets.tasks.Task``; timer: receives the "generation" and "scoring" seconds.
     prompts: a conditional target's contexts (each row continues one drawn with the chunk's seed), or None
-    for unconditional generation (from BOS; every sample is context 0). q_engine: the ZeRO-3 engine that is
-    q, which rescores (None: ``sampler`` itself; give it when ``sampler`` is a vLLM copy of q, whose numerics
-    the logged mismatch then measures).
+    for unconditional generation (from the start token: BOS, else EOS; every sample is context 0). q_engine:
+    the ZeRO-3 engine that is q, which rescores (None: ``sampler`` itself; give it when ``sampler`` is a vLLM
+    copy of q, whose numerics the logged mismatch then measures).
     """
     pad = padding_id(tokenizer)
     settings, micro_batch = plan.settings, plan.micro_batch
@@ -197,39 +197,42 @@ def collect_chunks(*, sampler, base, task, tokenizer, plan: RolloutPlan, step: i
     batches, contexts = [], []
     for seed in seeds:
         if prompts is None:
-            contexts.append((torch.zeros(size, dtype=torch.long), None))
+            contexts.append((torch.zeros(size, dtype=torch.long), None, None))
             batches.append([[]] * size)
         else:
             context_ids = torch.as_tensor(prompts.draw(size, seed), dtype=torch.long)
-            contexts.append((context_ids, [prompts.texts[c] for c in context_ids.tolist()]))
+            contexts.append((context_ids, [prompts.texts[c] for c in context_ids.tolist()],
+                             prompts.metadata_of(context_ids.tolist())))
             batches.append([list(prompts.token_ids[c]) for c in context_ids.tolist()])
     with timer.phase("generation"):
         if isinstance(sampler, VllmProposal):  # sampling.engine: vllm (``mode`` is the hf path's)
-            rollouts = [sampler.sample(b, settings, seed=s, bos_id=tokenizer.bos_token_id,
+            rollouts = [sampler.sample(b, settings, seed=s, bos_id=start_id(tokenizer),
                                        eos_id=tokenizer.eos_token_id, pad_id=pad) for b, s in zip(batches, seeds)]
         else:
-            rollouts = sample_batches(sampler, batches, settings, seeds=seeds, bos_id=tokenizer.bos_token_id,
+            rollouts = sample_batches(sampler, batches, settings, seeds=seeds, bos_id=start_id(tokenizer),
                                       eos_id=tokenizer.eos_token_id, pad_id=pad, mode=plan.mode)
     rescore = logq_source(settings, plan.rescore_logq) == "rescored"
     chunks = []
-    for big, (context_ids, texts_c) in zip(rollouts, contexts):
+    for big, (context_ids, texts_c, meta_c) in zip(rollouts, contexts):
         for start in range(0, size, micro_batch):
             rollout = big.rows(start, start + micro_batch)
             rows = slice(start, start + micro_batch)
             chunks.append(_score(rollout, context_ids[rows], None if texts_c is None else texts_c[rows],
+                                 None if meta_c is None else {k: v[rows] for k, v in meta_c.items()},
                                  q_engine=sampler if q_engine is None else q_engine, base=base, task=task,
                                  tokenizer=tokenizer, pad=pad,
                                  temperature=settings.temperature if rescore else None, timer=timer))
     return chunks
 
 
-def _score(rollout: Rollout, context_ids: torch.Tensor, contexts: list[str] | None, *, q_engine, base, task,
-           tokenizer, pad: int, temperature: float | None, timer: PhaseTimer) -> ScoredChunk:
+def _score(rollout: Rollout, context_ids: torch.Tensor, contexts: list[str] | None, metadata: dict | None, *,
+           q_engine, base, task, tokenizer, pad: int, temperature: float | None, timer: PhaseTimer) -> ScoredChunk:
     """One micro-batch scored: base log a, the target, and (temperature not None) log q rescored at T."""
     generated = rollout.input_ids[:, rollout.prompt_len:]
     gen_mask = rollout.gen_mask[:, rollout.prompt_len:]
     texts = tokenizer.batch_decode(generated.masked_fill(~gen_mask, pad), skip_special_tokens=True)
-    samples = Samples(token_ids=generated, mask=gen_mask, texts=texts, context_ids=context_ids, contexts=contexts)
+    samples = Samples(token_ids=generated, mask=gen_mask, texts=texts, context_ids=context_ids, contexts=contexts,
+                      metadata=metadata)
     recorded = rollout.logprobs.sum(-1)
     with timer.phase("scoring"), torch.no_grad():
         logp_base = sequence_logprobs(base, rollout.input_ids, rollout.attention_mask, rollout.gen_mask).cpu()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from fdpg_scale.distributed.engines import check_ds_config
 from fdpg_scale.distributed.launch import barrier, is_rank0
+from fdpg_scale.models.hub import local_dir
 from fdpg_scale.training.config import ConfigError, ModelConfig, RunConfig
 
 __all__ = ["prepare_model_dir", "deepspeed_config", "prepare_output_dir"]
@@ -24,6 +25,8 @@ _TINY_ARCH = {"tiny-gpt2": "gpt2", "tiny-llama": "llama"}
 
 def prepare_model_dir(model: ModelConfig) -> Path:
     """The local HF directory the engines load; built first (rank 0, others wait) when ``model.build`` asks.
+    A Hub id (``owner/name``) that is no local path is its snapshot in the local Hugging Face cache
+    (``fdpg_scale.models.hub``; nothing is downloaded).
 
     Collective when the process group is up: every rank calls it.
     """
@@ -34,9 +37,11 @@ def prepare_model_dir(model: ModelConfig) -> Path:
 
             build_tiny_model_dir(path, arch=_TINY_ARCH[model.build], seed=model.build_seed)
         barrier()
+    else:
+        path = local_dir(model.path, where="model.path")
     if not path.is_dir():
-        raise ConfigError(f"model.path {str(path)!r} is not a directory (a local Hugging Face model directory "
-                          f"is expected; set model.build to make a tiny one)")
+        raise ConfigError(f"model.path {str(path)!r} is not a directory (a local Hugging Face model directory or a "
+                          f"Hub id in the local cache is expected; set model.build to make a tiny one)")
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ConfigError(f"model.path {str(path)!r} has no config.json: not a Hugging Face model directory")

@@ -119,7 +119,7 @@ def test_wrong_path_missing_function_and_unknown_names_are_one_line_errors(bad_m
         (f"{bad_module}:no_texts", r"must take the list of texts as its first positional parameter"),
         ("my scorers:f", r"target.scorer 'my scorers:f' is not of the form 'package.module:function'"),
         ("nope", r"target.scorer 'nope' is unknown; valid: a built-in \(contains, count, parses_as_python\), "
-                 r"'hf-classifier' or 'package.module:function'"),
+                 r"'hf-classifier', 'hf-reward-model' or 'package.module:function'"),
         (f"{bad_module}:needs_contexts", r"needs contexts, but the target is unconditional"),
     ]
     for spec, pattern in cases:
