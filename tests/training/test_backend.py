@@ -44,6 +44,10 @@ def backend(tmp_path_factory):
                           base=build_frozen(model_dir, ds), task=build_task(cfg.target, tokenizer),
                           tokenizer=tokenizer, plan=plan)
     finally:
+        # The engines keep transformers' ZeRO-3 loading switched on for this process; later tests build plain models.
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
         if started:
             torch.distributed.destroy_process_group()
         os.environ.clear()
