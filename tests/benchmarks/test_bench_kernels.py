@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/bench_kernels.py (issue 3) on its --quick grid, naive and torch paths, CPU.
+"""Smoke test of benchmarks/bench_kernels.py on its --quick grid, naive and torch paths, CPU.
 
 Checks the JSON rather than speed (timings on a shared CPU are noise): every (shape, mode, path) row
 present, each summary recomputed from the row's own raw timings, the ratios recomputed from the raw

@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/bench_train.py (issue 4) at its --quick settings.
+"""Smoke test of benchmarks/bench_train.py at its --quick settings.
 
 It runs the real trainer (world 1), the ZeRO-3 memory worker (worlds 1 and 2) and the fused-vs-logits step,
 then checks the JSON: every field present, figures positive and consistent with what was asked, the

@@ -1,4 +1,4 @@
-"""Issue 2, item 2: sampled f-DPG on the toy lowers the exact KL(p‖π) within 20,000 samples (fixed seeds),
+"""Sampled f-DPG on the toy lowers the exact KL(p‖π) within 20,000 samples (fixed seeds),
 off-policy with proposal updates and on-policy; docs/toy_convergence.md is exactly what this run produces;
 and the demo's command line works."""
 

@@ -232,7 +232,7 @@ def test_per_context_values_and_counts():
     assert math.isclose(float(est.value[1]), 5.0 - math.log(2), rel_tol=1e-14)  # its earlier zero counts too
 
 
-# ---------------------------------------------------------------- unbiased on an enumerable toy (issue 10)
+# ---------------------------------------------------------------------------- unbiased on an enumerable toy
 def _rare_constraint(q: ToyLM, rate: float, seed: int) -> torch.Tensor:
     """bool [N]: a random set of light sequences (q < rate/20 each) whose q-mass is just above ``rate``."""
     log_q = q.log_prob_all().detach()

@@ -1,4 +1,4 @@
-"""Issue 2, item 1: the f-DPG estimator's expected gradient IS the gradient of the exact D_f(π‖p).
+"""The f-DPG estimator's expected gradient IS the gradient of the exact D_f(π‖p).
 
 On the enumerable toy the expectation over q is a finite sum, so no sampling is involved:
 

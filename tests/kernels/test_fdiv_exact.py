@@ -93,7 +93,7 @@ def test_weight_is_exact_where_f_prime_overflows(d, impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_issue_figures_rkl_and_js_at_log_t_minus_100(impl):
+def test_rkl_and_js_are_exact_at_log_t_minus_100(impl):
     """The ±80 clamp gave rkl r = 79 and js r = 39.65 at log t = −100; the exact values are 99 and
     ½(softplus(100) − log 2) = 49.6534264097..."""
     lt = torch.tensor([-100.0])
@@ -201,7 +201,7 @@ def test_reward_target_expected_rkl_gradient_is_exact(impl):
 
     Σ_x π(x)·w(x)·∇_θ log π(x) (on-policy, ρ = 1, B = 0: the estimator's expectation, summed exactly) must equal
     ∇_θ KL(π‖p) by autograd. With the old ±80 clamp of log t the same sum is off by 0.20 on this toy
-    (asserted > 0.1, so the toy really exercises |log t| > 80; the issue's own toy measured 0.79).
+    (asserted > 0.1, so the toy really exercises |log t| > 80; kernels/README.md's reward toy measured 0.79).
     """
     g = torch.Generator().manual_seed(3)
     n = 27
