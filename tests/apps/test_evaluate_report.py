@@ -54,7 +54,6 @@ def test_unsatisfiable_constraint_is_reported_with_its_rate(tiny_gpt2, tmp_path)
     assert "holds on 0/16 base samples" in proc.stderr.strip().splitlines()[-1]
 
 
-@pytest.mark.slow
 def test_eval_of_a_directory_without_checkpoint_is_one_line(tmp_path):
     proc = run_cli("export", str(tmp_path), "--to", str(tmp_path / "hf"), check=False, timeout=300)
     assert proc.returncode == 2

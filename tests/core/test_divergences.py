@@ -311,3 +311,11 @@ def test_alpha_needs_alpha_and_points_to_limits():
         get_divergence("alpha", alpha=float("nan"))
     with pytest.raises(ValueError, match="'js' takes no alpha"):
         get_divergence("js", alpha=0.5)
+
+
+def test_the_public_path_re_exports_every_name_of_the_core_module():
+    import fdpg_scale.core.divergences as core
+    import fdpg_scale.divergences as public
+
+    assert public.__all__ == core.__all__
+    assert all(getattr(public, name) is getattr(core, name) for name in core.__all__)
