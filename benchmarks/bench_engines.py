@@ -1,4 +1,4 @@
-"""Proposal-engine benchmark (issue 14): tokens/s of generation and of a whole step, hf gathered vs hf sharded vs
+"""Proposal-engine benchmark: tokens/s of generation and of a whole step, hf gathered vs hf sharded vs
 vLLM, with the real trainer at 2 ranks.
 
     python benchmarks/bench_engines.py --out bench_engines.json                       # small GPT-2 built here

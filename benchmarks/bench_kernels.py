@@ -2,7 +2,7 @@
 
     python benchmarks/bench_kernels.py --out bench.json            # full grid on this machine's device
     python benchmarks/bench_kernels.py --quick --out quick.json    # small smoke grid
-    python benchmarks/bench_kernels.py --shape 4096,768,50257 --dtype fp32 --out issue3.json
+    python benchmarks/bench_kernels.py --shape 4096,768,50257 --dtype fp32 --out kernels.json
 
 Paths (each (shape, dtype, path, mode) runs in its OWN subprocess, so one path's memory never shows in
 another's peak):
@@ -19,7 +19,7 @@ with a random g [N] and grads for hidden and weight).
 Matmul rate (--no-rate turns it off): per (shape, dtype), a worker also times one plain h @ W.T in that
 dtype ("gemm", warm-up excluded, same reps and rounds) as the device's measured matmul rate 2·N·H·V / t.
 Each row then gets "rate/gemm": its useful FLOPs (2·N·H·V forward, 6·N·H·V forward+backward, whatever the
-path really computes) per second over that rate. The issue-3 GPU goal is rate/gemm ≥ 0.5 for fwd+bwd.
+path really computes) per second over that rate. The GPU goal is rate/gemm ≥ 0.5 for fwd+bwd (benchmarks/README.md).
 
 Measurement, per worker: one warm-up call (compilation, autotuning, first touch) is excluded; then
 --reps timed calls (min and median reported; the ratios to naive use the min, the figure least disturbed

@@ -1,4 +1,4 @@
-"""Trainer benchmark (issue 4): throughput at world sizes 1/2/4, ZeRO-3 memory per rank, fused head vs logits.
+"""Trainer benchmark: throughput at world sizes 1/2/4, ZeRO-3 memory per rank, fused head vs logits.
 
     python benchmarks/bench_train.py --out bench_train.json              # full run on this machine
     python benchmarks/bench_train.py --quick --out /tmp/quick.json       # smoke (the test's settings)
@@ -98,7 +98,10 @@ def _n_params(path: Path) -> int:
 # ----------------------------------------------------------------------------------------------------------
 
 def _env(world: int) -> dict:
-    env = dict(os.environ)
+    """A trainer's or worker's environment: no outer launcher's rank variables (each run is its own job)."""
+    from fdpg_scale.distributed.launch import child_env
+
+    env = child_env()
     env.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     env.pop("TRITON_INTERPRET", None)  # the interpreter is a test tool, not a CPU path

@@ -1,4 +1,4 @@
-"""Does the vLLM proposal engine train to the same alignment as the hf engine? (issue 14's acceptance check)
+"""Does the vLLM proposal engine train to the same alignment as the hf engine? (the vLLM engine's acceptance check)
 
     python benchmarks/engine_alignment.py --seeds 0 1 2 --out engine_alignment.json
 

@@ -25,7 +25,7 @@ section only; after EVERY section DIR/summary.json and DIR/summary.md are rewrit
 
 Autotune results persist across processes through Triton's cache (TRITON_CACHE_AUTOTUNING=1 and
 TRITON_CACHE_DIR, set by scripts/gpu_check.sh). On CPU (``--dry-run``) every section's code runs on tiny
-shapes (the torch path instead of Triton, no 2^31 index): tests/test_gpu_check.py checks the layout and the
+shapes (the torch path instead of Triton, no 2^31 index): tests/benchmarks/test_gpu_check.py checks the layout and the
 per-section writes that way. Its figures say nothing about a GPU.
 """
 

@@ -13,7 +13,7 @@
 
 Why the options live here and not beside each job: the jobs import torch, DeepSpeed and Triton (seconds to
 load), and ``--help`` of any command should answer at once. So this module, and everything it imports at
-the top, loads none of them (``tests/test_cli.py`` checks it); each command names its job as
+the top, loads none of them (``tests/apps/test_cli.py`` checks it); each command names its job as
 ``"module:function"``, imported only when the command runs, and called with the parsed arguments
 (``args.argv`` holds the command line after ``fdpg-scale``).
 

@@ -9,7 +9,7 @@ Math (Go et al. 2023, Theorem 1; docs/method.md §3–§6). Target p = P/Z, poli
 the baseline term vanishes because B·E_q[(π/q)∇log π] = B·∇Σ_x π(x) = B·∇1 = 0. So with w detached the
 loss ``mean_i(w_i · log π(x_i))`` over x_i ∼ q has expected gradient ∇D_f(π‖p) (``fdpg_loss``; the weights
 come from ``fdpg_scale.kernels.fdiv_weights``). This holds for the true log Z; the estimate below is
-consistent, not unbiased, in log Z (as in the paper). tests/estimator/test_unbiased_gradient.py checks the
+consistent, not unbiased, in log Z (as in the paper). tests/core/test_unbiased_gradient.py checks the
 identity exactly (every sequence enumerated, float64) for every divergence.
 
 Baseline (``MovingAverageBaseline``). Any B that does not depend on the batch it is used on keeps the

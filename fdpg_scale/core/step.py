@@ -4,7 +4,7 @@ baseline → proposal (docs/method.md §3–§6).
 The step is the method; a *backend* is the model it runs on. Two implement ``FDPGBackend``:
 
 - ``fdpg_scale.toy.backend.ToyBackend``: the enumerable tabular LM (every quantity has an exact value, so the
-  tests in tests/estimator prove this very function unbiased and convergent);
+  tests in tests/core prove this very function unbiased and convergent);
 - ``fdpg_scale.training.backend.ZeroBackend``: the DeepSpeed ZeRO-3 engines that ``fdpg-scale train`` runs.
 
 Order inside a step (and why):

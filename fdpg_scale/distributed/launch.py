@@ -26,7 +26,8 @@ from typing import Mapping, Sequence
 import torch
 
 __all__ = ["LaunchInfo", "resolve_launch", "expand_hostlist", "device_index", "init_distributed", "device",
-           "get_rank", "get_world_size", "is_rank0", "barrier", "all_reduce_floats", "all_gather_rows"]
+           "get_rank", "get_world_size", "is_rank0", "barrier", "all_reduce_floats", "all_gather_rows",
+           "LAUNCHER_VARIABLES", "child_env"]
 
 #: Under SLURM without MASTER_PORT, the rendezvous port is chosen from the job id in [BASE, BASE + COUNT).
 _SLURM_PORT_BASE, _SLURM_PORT_COUNT = 20000, 20000
@@ -56,6 +57,19 @@ class LaunchInfo:
         local = self.local_rank if visible_gpus is None else device_index(self.local_rank, visible_gpus)
         return {"RANK": str(self.rank), "WORLD_SIZE": str(self.world_size), "LOCAL_RANK": str(local),
                 "MASTER_ADDR": self.master_addr, "MASTER_PORT": str(self.master_port)}
+
+
+#: What a launcher (torchrun, deepspeed, srun) sets to tell a process its place in a job, read by resolve_launch.
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID")
+
+
+def child_env(env: Mapping[str, str] | None = None, **values: str) -> dict[str, str]:
+    """The environment for a child process that starts a job of its own (a CLI run, its own torchrun): ``env``
+    (default ``os.environ``) without ``LAUNCHER_VARIABLES``, which would make the child take itself for one of
+    this job's ranks, with ``values`` set on top."""
+    out = {k: v for k, v in (os.environ if env is None else env).items() if k not in LAUNCHER_VARIABLES}
+    out.update(values)
+    return out
 
 
 def _int(env: Mapping[str, str], key: str) -> int:

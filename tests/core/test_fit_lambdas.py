@@ -1,7 +1,7 @@
 """λ fitting for distributional targets p ∝ a·exp(λ·φ): SNIS fit from q ≠ a, checked EXACTLY by enumeration.
 
 Problem: the toy LM (3 tokens + EOS, ≤ 4 tokens: 121 sequences); base a = a random ToyLM, proposal q = a
-with its logits perturbed (so q ≠ a). Features (tests/metrics/problems.py): φ_zeros = share of the 4 slots
+with its logits perturbed (so q ≠ a). Features (tests/helpers.py): φ_zeros = share of the 4 slots
 holding token 0, φ_length = length/4; E_a[φ] = (0.0875, 0.327). Targets: zeros 0.15 (one feature) and
 (0.15, 0.40) (two features).
 """
@@ -14,7 +14,7 @@ import torch
 from fdpg_scale.core.moment_fitting import fit_lambdas
 from fdpg_scale.targets.energy import ExponentialScorer
 from fdpg_scale.toy.model import ToyLM
-from tests.metrics.problems import toy_features, toy_samples
+from tests.helpers import toy_features, toy_samples
 
 TARGETS = {("zeros",): [0.15], ("zeros", "length"): [0.15, 0.40]}
 

@@ -53,8 +53,8 @@ def test_groups_stream_and_copy_shared_tensors():
 @pytest.mark.slow
 def test_push_in_small_groups_reaches_every_parameter(tmp_path):
     pytest.importorskip("vllm", reason="the vllm extra is not installed (scripts/setup.sh installs it)")
-    from tests.engines.launch import worker_env
-    from tests.engines.test_vllm_engine import vllm_tiny_gpt2
+    from tests.harness import worker_env
+    from tests.helpers import vllm_tiny_gpt2
 
     model = vllm_tiny_gpt2(tmp_path / "gpt2-2heads")
     limit = 100 * 2**10  # above the largest tensor (wte, 96 KiB in fp32): every group within the limit

@@ -20,7 +20,7 @@ from fdpg_scale.kernels.linear_logprobs import (ATOMIC_SEMS, DEFAULT_ATOMIC_SEM,
                                                  LinearLogprobsTriton, _linear_fwd_kernel)
 from fdpg_scale.kernels._triton_utils import is_interpreted
 from tests.helpers import assert_close
-from tests.kernels.test_reference import grads, make_linear_case
+from tests.kernels.helpers import grads, make_linear_case
 
 ROOT = Path(__file__).resolve().parents[2]
 

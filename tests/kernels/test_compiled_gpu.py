@@ -22,12 +22,10 @@ from fdpg_scale.kernels import FDivWeights, fdiv_weights, linear_token_logprobs,
 from fdpg_scale.kernels._triton_utils import is_interpreted
 from fdpg_scale.kernels.linear_logprobs import _linear_fwd_kernel
 from tests.helpers import TOLERANCES, assert_close
-from tests.kernels.test_fdiv_exact import (DIVERGENCES as EXACT_DIVERGENCES, UNBOUNDED, assert_f32_result,
-                                           log_t_grid, textbook_f_prime)
-from tests.kernels.test_fdiv_weights import OUTSIDE_R, assert_matches_naive, layout, make_batch, naive64
-from tests.kernels.test_reference import (IGNORE, banned_token_case, make_linear_case, naive_linear_logprobs,
-                                          naive_token_logprobs)
-from tests.kernels.test_token_logprobs import make_case as make_token_case
+from tests.kernels.helpers import (DIVERGENCES as EXACT_DIVERGENCES, IGNORE, OUTSIDE_R, UNBOUNDED, assert_f32_result,
+                                  assert_matches_naive, banned_token_case, layout, log_t_grid, make_batch,
+                                  make_linear_case, make_token_case, naive64, naive_linear_logprobs,
+                                  naive_token_logprobs, textbook_f_prime)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or is_interpreted(_linear_fwd_kernel),
                                 reason="needs a CUDA GPU and compiled kernels (TRITON_INTERPRET=0)")

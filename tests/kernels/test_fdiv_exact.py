@@ -15,85 +15,18 @@ import mpmath
 import pytest
 import torch
 
-from fdpg_scale.core.divergences import DIVERGENCE_NAMES, Divergence, get_divergence
+from fdpg_scale.core.divergences import get_divergence
 from fdpg_scale.kernels import fdiv_weights
+from tests.kernels.helpers import DIVERGENCES, F64, IDS, UNBOUNDED, assert_f32_result, log_t_grid, textbook_f_prime
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",
                                         "ignore:invalid value encountered:RuntimeWarning",
                                         "ignore:divide by zero encountered:RuntimeWarning")
 
-F64 = torch.float64
-F32_MAX = float(torch.finfo(torch.float32).max)
-F32_TINY = float(torch.finfo(torch.float32).tiny)
 IMPLS = ("torch", "triton")
-DIVERGENCES = ([get_divergence(n) for n in DIVERGENCE_NAMES if n != "alpha"]
-               + [get_divergence("alpha", alpha=a) for a in (-0.5, 0.5, 2.0, 3.0)])
-IDS = [str(d) for d in DIVERGENCES]
-UNBOUNDED = {"rkl", "rchi2", "alpha(2)", "alpha(3)"}     # f′ → +∞ at t → ∞
 LIMITS = {"kl": 0.0, "tv": 0.5, "js": 0.5 * math.log(2), "chi2": 1.0, "hellinger": 1.0,
           "alpha(-0.5)": 1 / 1.5, "alpha(0.5)": 1 / 0.5}   # f′(∞), written out from the formulas
 
-mpmath.mp.dps = 60
-
-
-def textbook_f_prime(d: Divergence, log_t: float) -> mpmath.mpf:
-    """f′(t) as the textbook writes it, in 60-digit arithmetic."""
-    lt = mpmath.mpf(log_t)
-    t = mpmath.exp(lt)
-    if d.name == "kl":
-        return -1 / t
-    if d.name == "rkl":
-        return mpmath.log(t) + 1
-    if d.name == "tv":
-        return mpmath.sign(t - 1) / 2
-    if d.name == "js":
-        return mpmath.log(2 * t / (1 + t)) / 2
-    if d.name == "chi2":
-        return 1 - 1 / t ** 2
-    if d.name == "rchi2":
-        return 2 * (t - 1)
-    if d.name == "hellinger":
-        return 1 - 1 / mpmath.sqrt(t)
-    a = mpmath.mpf(d.alpha_value)
-    return (t ** (a - 1) - 1) / (a - 1)
-
-
-def to_f32_range(values: list) -> torch.Tensor:
-    """mp values -> float64 tensor, ±inf where |value| is beyond float32 (what an honest float32 result is)."""
-    out = []
-    for v in values:
-        out.append(math.copysign(math.inf, v) if abs(v) > F32_MAX else float(v))
-    return torch.tensor(out, dtype=F64)
-
-
-def assert_f32_result(got: torch.Tensor, exact: list, *, rtol: float, atol: torch.Tensor | float, name: str):
-    """got (float32) equals the exact values: ±inf where they are beyond float32, else within tolerance.
-
-    Values within 1e-4 of float32's largest number are skipped (either answer is honest there), and values
-    below its smallest normal number (1.2e-38) may underflow (to a subnormal or 0).
-    """
-    want = to_f32_range(exact)
-    mag = torch.tensor([abs(float(v)) if abs(v) < 1e300 else math.inf for v in exact], dtype=F64)
-    borderline = (mag > F32_MAX * (1 - 1e-4)) & (mag < F32_MAX * (1 + 1e-4))
-    got = got.to(F64)
-    assert not torch.isnan(got).any(), f"{name}: NaN at {torch.nonzero(torch.isnan(got)).flatten().tolist()}"
-    inf = torch.isinf(want) & ~borderline
-    assert torch.equal(got[inf], want[inf]), f"{name}: beyond float32 must be ±inf: {got[inf]} vs {want[inf]}"
-    fin = ~torch.isinf(want) & ~borderline
-    atol = atol[fin] if isinstance(atol, torch.Tensor) else atol
-    err, bound = (got[fin] - want[fin]).abs(), atol + rtol * want[fin].abs() + F32_TINY
-    bad = ~(err <= bound)
-    assert not bad.any(), (f"{name}: {int(bad.sum())} off; first: {got[fin][bad][0].item()!r} vs "
-                           f"{want[fin][bad][0].item()!r}")
-
-
-def log_t_grid() -> torch.Tensor:
-    """float32 log t values: 0, tiny, ±[1e-20, 1e4] log-spaced, the float32 overflow edges, random."""
-    g = torch.Generator().manual_seed(0)
-    mags = torch.cat([torch.logspace(-20, 4, 241, dtype=F64), torch.tensor([44.0, 44.5, 88.0, 88.7, 89.0, 100.0,
-                                                                            176.0, 178.0, 1e4])])
-    rand = (torch.rand(200, generator=g, dtype=F64) * 2 - 1) * 1e4
-    return torch.cat([torch.zeros(1, dtype=F64), mags, -mags, rand]).float()
 
 
 def dyadic(lo: float, hi: float, n: int, g: torch.Generator) -> torch.Tensor:
@@ -160,7 +93,7 @@ def test_weight_is_exact_where_f_prime_overflows(d, impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_issue_figures_rkl_and_js_at_log_t_minus_100(impl):
+def test_rkl_and_js_are_exact_at_log_t_minus_100(impl):
     """The ±80 clamp gave rkl r = 79 and js r = 39.65 at log t = −100; the exact values are 99 and
     ½(softplus(100) − log 2) = 49.6534264097..."""
     lt = torch.tensor([-100.0])
@@ -268,7 +201,7 @@ def test_reward_target_expected_rkl_gradient_is_exact(impl):
 
     Σ_x π(x)·w(x)·∇_θ log π(x) (on-policy, ρ = 1, B = 0: the estimator's expectation, summed exactly) must equal
     ∇_θ KL(π‖p) by autograd. With the old ±80 clamp of log t the same sum is off by 0.20 on this toy
-    (asserted > 0.1, so the toy really exercises |log t| > 80; the issue's own toy measured 0.79).
+    (asserted > 0.1, so the toy really exercises |log t| > 80; kernels/README.md's reward toy measured 0.79).
     """
     g = torch.Generator().manual_seed(3)
     n = 27

@@ -28,11 +28,13 @@ import torch
 import triton
 import triton.language as tl
 
-from fdpg_scale.core.divergences import DIVERGENCE_NAMES, Divergence, get_divergence
+from fdpg_scale.core.divergences import get_divergence
 from fdpg_scale.kernels import FDivWeights, fdiv_weights
 from fdpg_scale.kernels.fdiv_reference import check_fdiv_inputs, fdiv_weights_torch
 from fdpg_scale.kernels.fdiv_weights import _expm1, _softplus, fdiv_weights_triton
 from tests.helpers import assert_close
+from tests.kernels.helpers import (B, DIVERGENCES, F64, FIELDS, IDS, OUTSIDE_R, T, assert_matches_naive, layout,
+                                  make_batch, naive64)
 
 # The interpreter runs the kernel in numpy, which warns on the IEEE overflows, infs and NaNs that these
 # tests create on purpose (and then check value by value).
@@ -40,109 +42,12 @@ pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarn
                                         "ignore:invalid value encountered:RuntimeWarning",
                                         "ignore:divide by zero encountered:RuntimeWarning")
 
-F64 = torch.float64
-B, T, BLOCK = 37, 53, 16
-FIELDS = ("weight", "pseudo_reward", "importance_ratio", "log_t")
-DIVERGENCES = ([get_divergence(n) for n in DIVERGENCE_NAMES if n != "alpha"]
-               + [get_divergence("alpha", alpha=a) for a in (-0.5, 0.5, 2.0, 3.0)])
-IDS = [str(d) for d in DIVERGENCES]
-OUTSIDE_R = -5.0
-"""outside_support_reward passed everywhere: used by rkl, rchi2, alpha(2), alpha(3) for row 1 (log P = −inf)."""
-F32_MAX = float(torch.finfo(torch.float32).max)
+BLOCK = 16
 
 
 # ------------------------------------------------------------------------------------------------------
 # Data and the float64 oracle
 # ------------------------------------------------------------------------------------------------------
-
-def make_batch(dtype=torch.float32, seed=0, batch=B, tokens=T):
-    """Per-token dyadic log-probs [B, T] (exactly summable), mask, log_scores [B], log_z [B]."""
-    g = torch.Generator().manual_seed(seed)
-    step = 1 / 64 if dtype in (torch.float32, F64) else 1 / 8
-
-    def dyadic(lo, hi, shape):
-        return torch.randint(int(lo / step), int(hi / step) + 1, shape, generator=g).to(F64) * step
-
-    pi = dyadic(-6, 0, (batch, tokens))
-    q = (pi + dyadic(-1, 1, (batch, tokens))).clamp(max=0)
-    a = dyadic(-6, 0, (batch, tokens))
-    mask = torch.rand(batch, tokens, generator=g) < 0.7
-    log_scores = dyadic(-3, 3, (batch,))
-    log_z = dyadic(-2, 2, (batch,))
-    if batch >= 6 and tokens >= 1:
-        mask[0] = False                     # fully masked row: every sum is 0
-        mask[1:6, 0] = True
-        a[1, 0] = float("-inf")             # outside the target's support
-        pi[2, 0], q[2, 0] = 0.0, -64.0      # log π − log q ≈ +64
-        pi[3, 0], q[3, 0] = -64.0, 0.0      # log π − log q ≈ −64 (and log t ≈ −64)
-        log_z[4] += 60.0                    # log t ≈ +60
-        log_z[5] -= 60.0                    # log t ≈ −60
-    # Padding may hold anything: a NaN or −inf outside the mask must never be read.
-    pi = torch.where(mask, pi, torch.full_like(pi, float("nan")))
-    a = torch.where(mask | (torch.arange(tokens) % 2 == 0), a, torch.full_like(a, float("-inf")))
-    return dict(pi=pi.to(dtype), q=q.to(dtype), a=a.to(dtype), mask=mask, log_scores=log_scores.float(),
-                log_z=log_z.float())
-
-
-def layout(batch_data, name):
-    """Arguments for fdiv_weights in one of three layouts (all describing the same sequences)."""
-    mask = batch_data["mask"]
-
-    def seq(x):  # exact: dyadic sums fit float32's mantissa
-        return torch.where(mask, x.to(F64), 0.0).sum(-1).float()
-
-    pi, q, a, scores = batch_data["pi"], batch_data["q"], batch_data["a"], batch_data["log_scores"]
-    if name == "sequence":
-        return dict(logp_pi=seq(pi), logp_q=seq(q), log_target=seq(a) + scores, log_scores=None, mask=None)
-    if name == "token":
-        return dict(logp_pi=pi, logp_q=q, log_target=a, log_scores=scores, mask=mask)
-    assert name == "mixed"       # per-token π and target, per-sequence q
-    return dict(logp_pi=pi, logp_q=seq(q), log_target=a, log_scores=scores, mask=mask)
-
-
-def naive64(batch_data, d: Divergence, baseline=0.0, clip=None) -> dict[str, torch.Tensor]:
-    """The f-DPG quantities in float64 from the same (rounded) inputs, written out plainly."""
-    mask = batch_data["mask"]
-
-    def s(x):
-        return torch.where(mask, x.to(F64), 0.0).sum(-1)
-
-    log_pi, log_q = s(batch_data["pi"]), s(batch_data["q"])
-    log_p = s(batch_data["a"]) + batch_data["log_scores"].to(F64)
-    outside = torch.isneginf(log_p)
-    log_t = torch.where(outside, torch.inf, log_pi - (log_p - batch_data["log_z"].to(F64)))
-    limit = d.fprime_spec.limit_at_infinity
-    r = torch.where(outside, -limit if limit is not None else OUTSIDE_R, -d.f_prime(log_t))
-    if clip is not None:
-        r = r.clamp(-clip, clip)
-    ratio = torch.exp(log_pi - log_q)
-    base = baseline.to(F64) if isinstance(baseline, torch.Tensor) else torch.tensor(baseline, dtype=F64)
-    return dict(weight=ratio * (base - r), pseudo_reward=r, importance_ratio=ratio, log_t=log_t,
-                baseline=base.expand_as(r))
-
-
-def assert_matches_naive(out: FDivWeights, ref: dict, what: str) -> None:
-    """log t exact; f′ and exp to float32 evaluation error; weight also allows B − r's cancellation.
-
-    Where the float64 value is beyond float32 the output must be the same-signed inf; NaN never.
-    """
-    for f in FIELDS:
-        t = getattr(out, f)
-        assert t.dtype == torch.float32 and t.shape == ref[f].shape and not t.requires_grad, (what, f)
-        assert not torch.isnan(t).any(), f"{what}: NaN {f} at rows {torch.nonzero(torch.isnan(t)).flatten().tolist()}"
-        beyond = ref[f].abs() > F32_MAX * (1 + 1e-5)
-        assert torch.equal(t[beyond].to(F64), ref[f][beyond].sign() * torch.inf), (what, f, t[beyond])
-    ref = {k: torch.where(v.abs() > F32_MAX * (1 + 1e-5), v.sign() * torch.inf, v) for k, v in ref.items()}
-    assert_close(out.log_t, ref["log_t"], rtol=0, atol=0, name=f"{what} log_t")
-    # rtol: exp of an fp32-rounded argument of size ≤ 80 (α·log t, −2·log t): ≤ 80·2^−24 ≈ 5e-6.
-    assert_close(out.pseudo_reward, ref["pseudo_reward"], rtol=1e-5, atol=1e-6, name=f"{what} pseudo_reward")
-    assert_close(out.importance_ratio, ref["importance_ratio"], rtol=1e-6, atol=0, name=f"{what} ratio")
-    r, ratio = ref["pseudo_reward"].abs(), ref["importance_ratio"]
-    tol = 2e-6 * ref["weight"].abs() + ratio * (1e-5 * r + 1e-6 * ref["baseline"].abs() + 1e-6)
-    err = (out.weight.to(F64) - ref["weight"]).abs()
-    bad = ~(err <= tol) & ~(out.weight.to(F64) == ref["weight"])     # equal infs are a match
-    assert not bad.any(), (f"{what} weight: {int(bad.sum())} off; worst row {int((err / tol).argmax())}: "
-                           f"{out.weight[bad][0].item()!r} vs {ref['weight'][bad][0].item()!r}")
 
 
 def run(impl, args, d, block=BLOCK, **kw) -> FDivWeights:

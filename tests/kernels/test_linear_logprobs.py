@@ -20,7 +20,7 @@ from fdpg_scale.kernels.linear_logprobs import (LinearLogprobsParams, linear_log
                                                  _linear_fwd_kernel)
 from fdpg_scale.kernels._triton_utils import is_interpreted
 from tests.helpers import assert_close
-from tests.kernels.test_reference import banned_token_case, grads, make_linear_case, naive_linear_logprobs
+from tests.kernels.helpers import banned_token_case, grads, make_linear_case, naive_linear_logprobs
 
 pytestmark = pytest.mark.skipif(not is_interpreted(_linear_fwd_kernel),
                                 reason="needs TRITON_INTERPRET=1 at import (tests/conftest.py sets it)")

@@ -15,7 +15,7 @@ from fdpg_scale.kernels import linear_token_logprobs, token_logprobs
 from fdpg_scale.kernels.linear_logprobs import _linear_fwd_kernel
 from fdpg_scale.kernels._triton_utils import is_interpreted
 from tests.helpers import assert_close
-from tests.kernels.test_reference import IGNORE, grads, make_linear_case
+from tests.kernels.helpers import IGNORE, grads, make_linear_case
 
 IMPLS = [
     pytest.param("triton", marks=pytest.mark.skipif(not is_interpreted(_linear_fwd_kernel),

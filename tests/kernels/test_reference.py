@@ -13,46 +13,8 @@ import torch
 from fdpg_scale.kernels import linear_token_logprobs, token_logprobs
 from fdpg_scale.kernels.reference import linear_token_logprobs_torch, token_logprobs_torch
 from tests.helpers import assert_close
-
-IGNORE = -100
-
-
-def naive_token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0):
-    """float64 log softmax(logits/T)[t], 0 where t == -100 (materialises everything; tests only)."""
-    lp = torch.log_softmax(logits.to(torch.float64) / temperature, dim=-1)
-    picked = lp.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
-    return torch.where(targets == IGNORE, torch.zeros_like(picked), picked)
-
-
-def naive_linear_logprobs(hidden, weight, targets, bias=None, temperature: float = 1.0):
-    """float64 log softmax((h·Wᵀ + b)/T)[t] (materialises [..., V]; tests only)."""
-    logits = hidden.to(torch.float64) @ weight.to(torch.float64).T
-    if bias is not None:
-        logits = logits + bias.to(torch.float64)
-    return naive_token_logprobs(logits, targets, temperature)
-
-
-def make_linear_case(lead=(37,), hd=67, vocab=1031, *, dtype=torch.float32, bias=True, scale=1.0, seed=0,
-                     masked_row=None):
-    """Random inputs with logits of order `scale`·3, some targets masked (and optionally a whole row)."""
-    gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(*lead, hd, generator=gen, dtype=torch.float64)
-    weight = torch.randn(vocab, hd, generator=gen, dtype=torch.float64) * (3.0 * scale / hd ** 0.5)
-    b = torch.randn(vocab, generator=gen, dtype=torch.float64) * scale if bias else None
-    targets = torch.randint(0, vocab, lead, generator=gen)
-    targets.view(-1)[::5] = IGNORE
-    targets.view(-1)[1] = vocab - 1  # the last column, in the last (partial) block
-    if masked_row is not None:
-        targets[masked_row] = IGNORE
-    grad = torch.randn(*lead, generator=gen, dtype=torch.float64)
-    cast = [x.to(dtype).requires_grad_() if x is not None else None for x in (hidden, weight, b)]
-    return (*cast, targets, grad)
-
-
-def grads(out, inputs, grad):
-    live = [x for x in inputs if x is not None]
-    got = torch.autograd.grad(out, live, grad.to(out.dtype))
-    return list(got)
+from tests.kernels.helpers import (IGNORE, banned_token_case, grads, make_linear_case, naive_linear_logprobs,
+                                  naive_token_logprobs)
 
 
 @pytest.mark.parametrize("chunks", [dict(), dict(chunk_tokens=8, chunk_vocab=100)], ids=["default", "small"])
@@ -206,20 +168,6 @@ def test_target_values_are_read_on_cpu_only_unless_asked():
     check_linear_inputs(h_cpu, w_cpu, t_bad, None, 1.0, check_targets=False)  # explicitly off
     with pytest.raises(ValueError, match="found 20"):
         linear_token_logprobs(h_cpu, w_cpu, t_bad, impl="torch", check_targets=True)
-
-
-def banned_token_case(seed: int = 7):
-    """make_linear_case with −inf bias on banned tokens: the first 300 columns (whole vocab chunks at the
-    start, where an online log-sum-exp still has max −inf) and every 7th; no target is banned."""
-    hidden, weight, bias, targets, grad = make_linear_case(lead=(37,), hd=20, vocab=700, seed=seed)
-    banned = torch.zeros(700, dtype=torch.bool)
-    banned[:300] = True
-    banned[::7] = True
-    with torch.no_grad():
-        bias[banned] = float("-inf")
-    allowed = (~banned).nonzero().squeeze(1)
-    targets = torch.where(targets == IGNORE, IGNORE, allowed[targets.clamp(min=0) % len(allowed)])
-    return hidden, weight, bias, targets, grad
 
 
 @pytest.mark.parametrize("chunks", [dict(), dict(chunk_tokens=8, chunk_vocab=100)], ids=["default", "small"])

@@ -15,21 +15,10 @@ from fdpg_scale.kernels._triton_utils import is_interpreted
 from fdpg_scale.kernels.token_logprobs import (TokenLogprobsParams, TokenLogprobsTriton, _token_fwd_kernel,
                                                 token_logprobs_forward)
 from tests.helpers import assert_close
-from tests.kernels.test_reference import naive_token_logprobs
+from tests.kernels.helpers import IGNORE, make_token_case, naive_token_logprobs
 
 pytestmark = pytest.mark.skipif(not is_interpreted(_token_fwd_kernel),
                                 reason="needs TRITON_INTERPRET=1 at import (tests/conftest.py sets it)")
-IGNORE = -100
-
-
-def make_case(lead, vocab, *, dtype=torch.float32, scale=4.0, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(*lead, vocab, generator=gen, dtype=torch.float64) * scale).to(dtype).requires_grad_()
-    targets = torch.randint(0, vocab, lead, generator=gen)
-    targets.view(-1)[::4] = IGNORE
-    targets.view(-1)[1] = vocab - 1
-    grad = torch.randn(*lead, generator=gen)
-    return logits, targets, grad
 
 
 def check(out, ref, logits, grad, *, grad_dtype_tol=None, rtol=1e-5, atol=1e-5):
@@ -44,7 +33,7 @@ def check(out, ref, logits, grad, *, grad_dtype_tol=None, rtol=1e-5, atol=1e-5):
 
 
 def test_odd_vocab_leading_shape_mask_temperature():
-    logits, targets, grad = make_case((3, 7), 1031)
+    logits, targets, grad = make_token_case((3, 7), 1031)
     targets[1] = IGNORE
     out = token_logprobs(logits, targets, temperature=0.7, impl="triton")
     g = check(out, naive_token_logprobs(logits, targets, 0.7), logits, grad)
@@ -53,19 +42,19 @@ def test_odd_vocab_leading_shape_mask_temperature():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision(dtype):
-    logits, targets, grad = make_case((2, 5), 1031, dtype=dtype)
+    logits, targets, grad = make_token_case((2, 5), 1031, dtype=dtype)
     out = token_logprobs(logits, targets, temperature=1.3, impl="triton")
     check(out, naive_token_logprobs(logits, targets, 1.3), logits, grad, grad_dtype_tol=dtype)
 
 
 def test_large_vocab():
-    logits, targets, grad = make_case((2,), 131073, seed=1)
+    logits, targets, grad = make_token_case((2,), 131073, seed=1)
     out = token_logprobs(logits, targets, impl="triton")
     check(out, naive_token_logprobs(logits, targets), logits, grad)
 
 
 def test_extreme_logits():
-    logits, targets, grad = make_case((5,), 300, scale=1e4, seed=2)
+    logits, targets, grad = make_token_case((5,), 300, scale=1e4, seed=2)
     out = token_logprobs(logits, targets, impl="triton")
     check(out, naive_token_logprobs(logits, targets), logits, grad, rtol=1e-6, atol=1e-2)
 
@@ -87,7 +76,7 @@ def test_strided_logits_and_torch_impl_agree():
 
 
 def test_every_output_written():
-    logits, targets, _ = make_case((37,), 1031, seed=4)
+    logits, targets, _ = make_token_case((37,), 1031, seed=4)
     with torch.no_grad():
         out, lse = token_logprobs_forward(logits, targets, TokenLogprobsParams(block_v=128))
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
@@ -97,7 +86,7 @@ def test_every_output_written():
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 def test_minus_inf_logits(impl):
     # Banned tokens carry −inf logits; a whole first block of them must not turn the online lse into NaN.
-    logits, targets, grad = make_case((4,), 700, seed=5)
+    logits, targets, grad = make_token_case((4,), 700, seed=5)
     with torch.no_grad():
         logits[0, :300] = float("-inf")
         logits[1, ::7] = float("-inf")
