@@ -149,10 +149,19 @@ def verify_checkpoint(ckpt_dir: Path) -> str | None:
     return verify_files(ckpt_dir, meta["files"])
 
 
-def check_fingerprint(ckpt_dir: str | os.PathLike, fingerprint: Mapping[str, Any]) -> None:
-    """Raise CheckpointMismatchError (one line, naming each differing key) unless ``fingerprint`` matches."""
+def check_fingerprint(ckpt_dir: str | os.PathLike, fingerprint: Mapping[str, Any],
+                      defaults: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+    """Raise CheckpointMismatchError (one line, naming each differing key) unless ``fingerprint`` matches.
+
+    defaults: {entry: {key: default}} for entries that are dicts of settings (a config section): a key one side
+    lacks counts as its default there, so a checkpoint written before a setting existed still resumes when the
+    run leaves that setting at its default (and is refused when it does not)."""
     stored = json.loads((Path(ckpt_dir) / "meta.json").read_text())["fingerprint"]
     here = json.loads(json.dumps(dict(fingerprint)))  # same JSON normalisation as what was stored
+    for entry, values in json.loads(json.dumps(dict(defaults or {}))).items():
+        for side in (stored, here):
+            if isinstance(side.get(entry), dict):
+                side[entry] = {**values, **side[entry]}
     diffs = [f"{k}={stored.get(k)!r} there, {here.get(k)!r} here" for k in sorted(set(stored) | set(here))
              if stored.get(k) != here.get(k)]
     if diffs:
@@ -306,17 +315,19 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, policy, proposa
 
 
 def load_checkpoint(ckpt_dir: str | os.PathLike, *, policy, proposal=None, fingerprint: Mapping[str, Any],
+                    fingerprint_defaults: Mapping[str, Mapping[str, Any]] | None = None,
                     load_optimizer: bool = True) -> dict:
     """Restore engines, this rank's RNG states and return the trainer-state dict (collective).
 
     ckpt_dir: a directory ``find_intact`` returned (its files verified), saved on any world size (reshard.py
     re-partitions the policy, the proposal and maps the RNG states when it differs from this run's). Raises CheckpointMismatchError if the
-    fingerprint differs, or if a proposal is expected but was not saved (or the other way round);
+    fingerprint differs (``check_fingerprint``, with ``fingerprint_defaults``), or if a proposal is expected but
+    was not saved (or the other way round);
     CheckpointError if one of the project's own files holds anything but tensors and plain containers.
     """
     ckpt_dir = Path(ckpt_dir)
     meta = json.loads((ckpt_dir / "meta.json").read_text())
-    check_fingerprint(ckpt_dir, fingerprint)
+    check_fingerprint(ckpt_dir, fingerprint, fingerprint_defaults)
     if meta["has_proposal"] != (proposal is not None):
         raise CheckpointMismatchError(f"{ckpt_dir}: has_proposal={meta['has_proposal']} there, "
                                       f"{proposal is not None} here (on-policy vs separate proposal)")

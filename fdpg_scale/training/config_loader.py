@@ -30,7 +30,7 @@ import yaml
 
 from fdpg_scale.errors import ConfigError
 
-__all__ = ["read_yaml", "load_dataclass", "apply_overrides", "build_section", "to_plain"]
+__all__ = ["read_yaml", "load_dataclass", "apply_overrides", "build_section", "to_plain", "field_defaults"]
 
 T = TypeVar("T")
 
@@ -131,6 +131,17 @@ def to_plain(obj: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------------- internals
+
+
+def field_defaults(cls: type) -> dict[str, Any]:
+    """{field: default} of a dataclass, as plain values (``to_plain``), for the fields that have one."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = to_plain(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = to_plain(f.default_factory())
+    return out
 
 
 def _check_path(cls: type, parts: list[str], key: str) -> None:

@@ -18,7 +18,8 @@ import torch
 import yaml
 
 from fdpg_scale.distributed import checkpoint as ckpt
-from fdpg_scale.training.config import RunConfig, config_to_dict
+from fdpg_scale.training.config import RunConfig, TargetConfig, config_to_dict
+from fdpg_scale.training.config_loader import field_defaults
 from fdpg_scale.distributed.launch import barrier, device, init_distributed, is_rank0
 from fdpg_scale.core.divergences import get_divergence
 from fdpg_scale.core.metrics import importance_sampled_metrics
@@ -71,8 +72,9 @@ def train(cfg: RunConfig) -> None:
                    "target": asdict(cfg.target), "on_policy": cfg.train.on_policy}
     latest = ckpt.find_intact(cfg.output_dir)
     if latest is not None:
-        state.load_state_dict(ckpt.load_checkpoint(latest, policy=policy, proposal=proposal,
-                                                   fingerprint=fingerprint))
+        # Target settings added in a later release resume at their defaults (field_defaults).
+        state.load_state_dict(ckpt.load_checkpoint(latest, policy=policy, proposal=proposal, fingerprint=fingerprint,
+                                                   fingerprint_defaults={"target": field_defaults(TargetConfig)}))
     if task.moment is not None:  # distributional target: λ fitted once, then kept in the trainer state
         if state.lambdas is None:
             task, fit = fit_distributional_task(task, sampler=policy if proposal is None else proposal, base=base,

@@ -76,3 +76,17 @@ def test_killed_save_leaves_previous_checkpoint_loadable(tmp_path):
     assert torch.equal(loaded["rand"], saved["rand"])  # RNG restored to the moment of the save
     for name, p in saved["params"].items():
         assert torch.equal(loaded["params"][name], p), name
+
+
+def test_settings_added_later_resume_at_their_default(tmp_path):
+    """A checkpoint written before a target setting existed resumes when the run leaves it at its default, and is
+    refused, by name, when the run changes it."""
+    d = _fake(tmp_path / "checkpoints", 1, {"model": "abc", "target": {"kind": "pointwise", "beta": 1.0}})
+    defaults = {"target": {"beta": 1.0, "split": "train", "chat_template": None}}
+    check_fingerprint(d, {"model": "abc", "target": {"kind": "pointwise", "beta": 1.0, "split": "train",
+                                                     "chat_template": None}}, defaults)
+    with pytest.raises(CheckpointMismatchError, match=r"target=.*'split': 'train'.* there, .*'split': 'test'.* here"):
+        check_fingerprint(d, {"model": "abc", "target": {"kind": "pointwise", "beta": 1.0, "split": "test"}},
+                          defaults)
+    with pytest.raises(CheckpointMismatchError, match="target="):   # without defaults a new key is a difference
+        check_fingerprint(d, {"model": "abc", "target": {"kind": "pointwise", "beta": 1.0, "split": "train"}})

@@ -174,3 +174,17 @@ def test_a_run_resumes_past_a_damaged_latest_checkpoint_and_redoes_its_step(run,
     assert [m["step"] for m in resumed] == [1, 2, 3]
     for key in ("loss", "log_z", "kl_p_pi"):  # step 2 redone from step 1's checkpoint: the same numbers
         assert resumed[1][key] == pytest.approx(straight[1][key], rel=1e-6, abs=1e-9), key
+
+
+def test_a_checkpoint_from_before_a_target_setting_existed_resumes(run, tiny_gpt2, tmp_path):
+    """Upgrading the package mid-run: the stored fingerprint lacks target keys added since (here every key a
+    default covers), and the run, which leaves them at their defaults, resumes from it."""
+    out = _copy(run, tmp_path)
+    meta_path = out / "checkpoints" / STEP2 / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["fingerprint"]["target"] = {k: v for k, v in meta["fingerprint"]["target"].items()
+                                     if k in ("kind", "scorer", "scorer_args")}
+    meta_path.write_text(json.dumps(meta))
+    proc = _train(out, tiny_gpt2, 3)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "resumed at step 2" in proc.stdout + proc.stderr
