@@ -59,13 +59,14 @@ def _failure(cmd: list[str], proc: subprocess.CompletedProcess) -> AssertionErro
 
 
 def run_cli(*args: str, nproc: int = 1, console_script: bool = False, script: Path | None = None,
-            check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+            check: bool = True, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """``fdpg-scale ARGS`` in a fresh process from the repository root.
 
     nproc > 1: under torchrun; console_script: through the installed ``fdpg-scale`` script instead of
     ``python -m fdpg_scale.cli`` (one process); script: a Python file run instead of the CLI module (a test worker
     that wraps the CLI), with ARGS as its arguments. check: raise AssertionError with the output's tail on a
-    non-zero exit status. Returns the completed process (text stdout and stderr)."""
+    non-zero exit status. env: variables added to ``cli_env``'s. Returns the completed process (text stdout and
+    stderr)."""
     target = [str(script)] if script is not None else ["-m", "fdpg_scale.cli"]
     if nproc > 1:
         cmd = [*torchrun_prefix(nproc), *target, *args]
@@ -73,7 +74,7 @@ def run_cli(*args: str, nproc: int = 1, console_script: bool = False, script: Pa
         cmd = [str(CONSOLE_SCRIPT), *args]
     else:
         cmd = [sys.executable, *target, *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=REPO, env=cli_env(**(env or {})), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise _failure(cmd, proc)
     return proc
@@ -85,6 +86,20 @@ def run_train(out: Path, *overrides: str, model: Path, nproc: int = 1, config: P
     proc = run_cli("train", "--config", str(config), f"output_dir={out}", f"model.path={model}",
                    "logging.progress_bar=false", *overrides, nproc=nproc)
     return proc.stdout + proc.stderr
+
+
+def fill_paths(args: list[str], files: dict) -> list[str]:
+    """A bad-input row's arguments with its ``{name}`` placeholders replaced by the files built for it."""
+    return [a.format(**{k: str(v) for k, v in files.items()}) for a in args]
+
+
+def one_line(err: str) -> str:
+    """The single line the CLI printed on stderr (a traceback or any other line fails the test)."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err, err
+    assert len(lines) == 1, f"expected one line, got {len(lines)}:\n{err}"
+    assert lines[0].startswith("fdpg-scale"), lines[0]
+    return lines[0]
 
 
 def export(out: Path, to: Path) -> dict[str, torch.Tensor]:

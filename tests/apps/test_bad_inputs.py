@@ -21,7 +21,7 @@ from fdpg_scale import cli
 from fdpg_scale.errors import EXIT_BAD_INPUT
 from fdpg_scale.training import loop
 from fdpg_scale.training.preflight import preflight
-from tests.harness import run_cli
+from tests.harness import fill_paths, one_line, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "configs" / "smoke.yaml"
@@ -211,19 +211,6 @@ PLAN_ROWS = [
 ]
 
 
-def _fill(args: list[str], files: dict) -> list[str]:
-    return [a.format(**{k: str(v) for k, v in files.items()}) for a in args]
-
-
-def _one_line(err: str) -> str:
-    """The single line the CLI printed (anything else on stderr fails the test)."""
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert "Traceback" not in err, err
-    assert len(lines) == 1, f"expected one line, got {len(lines)}:\n{err}"
-    assert lines[0].startswith("fdpg-scale"), lines[0]
-    return lines[0]
-
-
 def test_the_table_holds_at_least_100_distinct_cases():
     ids = [r[0] for r in TRAIN_ROWS] + [r[0] for r in PLAN_ROWS] + [r[0] for r in PROCESS_ROWS]
     assert len(ids) == len(set(ids)) and len(ids) >= 100, len(ids)
@@ -233,14 +220,14 @@ def test_the_table_holds_at_least_100_distinct_cases():
 def test_train_rejects_in_one_line(case, args, world, culprit, files, tmp_path, monkeypatch, capsys):
     # Everything `train` does before it starts an engine, for this row's world size.
     monkeypatch.setattr(loop, "train", lambda cfg: preflight(cfg, world_size=world))
-    args = _fill(args, files)
+    args = fill_paths(args, files)
     config = args[1] if args[:1] == ["--config"] else str(SMOKE)
     overrides = args[2:] if args[:1] == ["--config"] else args
     defaults = [f"model.path={files['model']}", f"output_dir={tmp_path / 'run'}"]
     defaults = [d for d in defaults if not any(o.startswith(d.split("=")[0] + "=") for o in overrides)]
     capsys.readouterr()
     status = cli.main(["train", "--config", config, *defaults, *overrides])
-    line = _one_line(capsys.readouterr().err)
+    line = one_line(capsys.readouterr().err)
     assert status == EXIT_BAD_INPUT, (status, line)
     assert culprit in line, line
 
@@ -249,7 +236,7 @@ def test_train_rejects_in_one_line(case, args, world, culprit, files, tmp_path, 
 def test_plan_rejects_in_one_line(case, args, culprit, capsys):
     capsys.readouterr()
     status = cli.main(["plan", "--config", str(ROOT / "configs" / "gpt2-124m.yaml"), *args])
-    line = _one_line(capsys.readouterr().err)
+    line = one_line(capsys.readouterr().err)
     assert status == EXIT_BAD_INPUT and culprit in line, (status, line)
 
 
@@ -277,7 +264,7 @@ PROCESS_ROWS = [
 @pytest.mark.parametrize("case, nproc, overrides, culprit", PROCESS_ROWS, ids=[r[0] for r in PROCESS_ROWS])
 def test_real_processes_print_the_line_once(case, nproc, overrides, culprit, files, tmp_path):
     args = ["train", "--config", str(SMOKE), f"output_dir={tmp_path / 'run'}",
-            "logging.progress_bar=false", "logging.tensorboard=false", *_fill(overrides, files)]
+            "logging.progress_bar=false", "logging.tensorboard=false", *fill_paths(overrides, files)]
     if not any(o.startswith("model.path=") for o in overrides):
         args.append(f"model.path={files['model']}")
     proc = run_cli(*args, nproc=nproc, check=False)

@@ -10,7 +10,6 @@ inputs are a table of one-line errors, as in tests/test_bad_inputs.py: ``train``
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from fdpg_scale.models.tiny import build_tiny_model_dir
 from fdpg_scale.models.tokens import padding_id, special_token_problem, start_id
 from fdpg_scale.training import loop
 from fdpg_scale.training.preflight import preflight
+from tests.harness import fill_paths, one_line, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "configs" / "smoke.yaml"
@@ -478,18 +478,6 @@ ROWS = [
 ]
 
 
-def _fill(args: list[str], files: dict) -> list[str]:
-    return [a.format(**{k: str(v) for k, v in files.items()}) for a in args]
-
-
-def _one_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert "Traceback" not in err, err
-    assert len(lines) == 1, f"expected one line, got {len(lines)}:\n{err}"
-    assert lines[0].startswith("fdpg-scale"), lines[0]
-    return lines[0]
-
-
 @pytest.mark.parametrize("case, args, world, culprit", ROWS, ids=[r[0] for r in ROWS])
 def test_train_rejects_in_one_line(case, args, world, culprit, files, tmp_path, monkeypatch, capsys):
     from huggingface_hub import constants
@@ -497,12 +485,12 @@ def test_train_rejects_in_one_line(case, args, world, culprit, files, tmp_path, 
     monkeypatch.setattr(loop, "train", lambda cfg: preflight(cfg, world_size=world))
     monkeypatch.syspath_prepend(str(files["root"]))      # the user's scorer module
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(files["hub"]))
-    overrides = _fill(args, files)
+    overrides = fill_paths(args, files)
     defaults = [f"model.path={files['model']}", "model.build=null", f"output_dir={tmp_path / 'run'}"]
     defaults = [d for d in defaults if not any(o.startswith(d.split("=")[0] + "=") for o in overrides)]
     capsys.readouterr()
     status = cli.main(["train", "--config", str(SMOKE), *defaults, *overrides])
-    line = _one_line(capsys.readouterr().err)
+    line = one_line(capsys.readouterr().err)
     assert status == EXIT_BAD_INPUT, (status, line)
     assert culprit.format(hub=files["hub"]) in line, line
 
@@ -529,12 +517,7 @@ def test_the_readme_example_data_passes_the_pre_start_checks(tmp_path, monkeypat
 
 # ---------------------------------------------------------------------------------------- processes
 def _run(*args: str, env: dict | None = None) -> str:
-    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                             "MASTER_PORT", "SLURM_PROCID")}
-    base.update(OMP_NUM_THREADS="1", **(env or {}))
-    proc = subprocess.run([sys.executable, "-m", "fdpg_scale.cli", *args], cwd=ROOT, env=base, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, f"{args[0]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    proc = run_cli(*args, env=env)
     return proc.stdout + proc.stderr
 
 
@@ -606,15 +589,11 @@ def test_two_ranks_read_the_parquet_prompts_and_keep_each_samples_answer(files, 
     """torchrun on 2 ranks: both read the dataset (one datasets cache), and the scorer's check that every sample's
     answer is its own prompt's holds on each rank's share."""
     out = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT", "SLURM_PROCID")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(files["root"]), HF_DATASETS_CACHE=str(datasets_cache / "two"))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "fdpg_scale.cli", *TRAIN, f"model.path={files['chat']}", f"output_dir={out}",
-                           f"target.prompts={files['root'] / 'prompts.parquet'}", "target.prompt_column=question",
-                           "target.metadata_columns=[answer]", "target.kind=reward",
-                           "target.scorer=user_scorers_mod:answer_reward", "target.scorer_args={}"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_cli(*TRAIN, f"model.path={files['chat']}", f"output_dir={out}",
+                   f"target.prompts={files['root'] / 'prompts.parquet'}", "target.prompt_column=question",
+                   "target.metadata_columns=[answer]", "target.kind=reward", "target.scorer=user_scorers_mod:answer_reward",
+                   "target.scorer_args={}", nproc=2, check=False,
+                   env={"PYTHONPATH": str(files["root"]), "HF_DATASETS_CACHE": str(datasets_cache / "two")})
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
