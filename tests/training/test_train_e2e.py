@@ -119,8 +119,10 @@ def test_training_raises_alignment_measured_by_eval(tiny_gpt2, tmp_path):
     `fdpg-scale eval` on fresh samples finds the policy's alignment above the base's by several standard errors.
     Flipping the loss's sign fails here."""
     out = tmp_path / "learn"
-    run_train(out, "train.steps=40", "train.global_batch=16", "train.micro_batch=8", "train.lr=2e-2",
-              "train.save_every=40", "divergence.name=rkl", model=tiny_gpt2)      # mode-seeking: a large, quick gain
+    # Mode-seeking, a large quick gain. lr 5e-3, not more: at 2e-2 the tiny policy collapses within 8 steps onto
+    # one mode, with or without "e" depending on float rounding (measured both ways), which tests nothing.
+    run_train(out, "train.steps=40", "train.global_batch=16", "train.micro_batch=8", "train.lr=5e-3",
+              "train.save_every=40", "divergence.name=rkl", model=tiny_gpt2)
     run_cli("eval", str(out), "--samples", "512")
     ev = json.loads((out / "eval.json").read_text())
     base, policy = ev["base"], ev["policy"]
