@@ -18,4 +18,10 @@ done
 bash scripts/setup.sh
 # Triton kernels run on CPU tensors through the interpreter in tests; it must be on before triton.jit runs.
 export TRITON_INTERPRET=1 DS_ACCELERATOR=cpu TORCH_EXTENSIONS_DIR="$root/.cache/torch_extensions"
+# DeepSpeed's C++ shared-memory op, built once here, before any test: a test process killed while building it
+# (a timeout, a test that kills ranks) leaves the build's lock file behind, and every later DeepSpeed start in
+# this checkout then waits on it forever. Nothing else builds here now, so a lock without the built op is stale.
+shm="$TORCH_EXTENSIONS_DIR/deepspeed_shm_comm"
+if [ -e "$shm/lock" ] && ! ls "$shm"/*.so >/dev/null 2>&1; then rm -f "$shm/lock"; fi
+.venv/bin/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null
 exec .venv/bin/python -m pytest tests -q ${select[@]+"${select[@]}"} ${pytest_args[@]+"${pytest_args[@]}"}
