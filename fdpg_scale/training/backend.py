@@ -8,6 +8,8 @@ ranks and steps the optimizer at the accumulation boundary, i.e. inside the step
 
 from __future__ import annotations
 
+import functools
+
 from typing import Callable
 
 import torch
@@ -19,6 +21,7 @@ from fdpg_scale.distributed.launch import all_gather_rows, device
 from fdpg_scale.distributed.vllm_engine import VllmProposal
 from fdpg_scale.targets.tasks import Task
 from fdpg_scale.training.prompts import PromptSet
+from fdpg_scale.training.sampler import longest_prompt
 from fdpg_scale.training.rollout import RolloutPlan, ScoredChunk, collect_chunks
 from fdpg_scale.training.timing import PhaseTimer
 
@@ -128,12 +131,11 @@ class ZeroBackend:
         """The global batch's rows on every rank (rank order)."""
         return all_gather_rows(rows)
 
-    @property
+    @functools.cached_property
     def evidence_width(self) -> int:
         """W, the width of every evidence row: the longest context (BOS alone when unconditional) plus
         max_new_tokens, so that rows of any chunk, step and rank concatenate and gather."""
-        longest = 1 if self.prompts is None else max(1, *(len(t) for t in self.prompts.token_ids))
-        return longest + self.plan.settings.max_new_tokens
+        return longest_prompt(self.prompts) + self.plan.settings.max_new_tokens
 
     def evidence_rows(self, draws: Draws) -> dict[str, torch.Tensor]:
         """{input_ids int32, attention_mask bool, gen_mask bool: [b, W]} the micro-batch's rollout, left-padded
