@@ -415,8 +415,11 @@ class VllmProposal:
                 with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
                     yield name, p.detach()
 
+        from fdpg_scale.distributed.adapters import lora_weights
+
         started = time.perf_counter()
-        self.load_weights(gathered(), version=version, limit_bytes=limit_bytes)
+        merged = lora_weights(engine)  # LoRA: vLLM gets the base with q's adapter merged in, by the base's names
+        self.load_weights(gathered() if merged is None else merged, version=version, limit_bytes=limit_bytes)
         return time.perf_counter() - started
 
     def close(self) -> None:
