@@ -1,0 +1,93 @@
+"""``model.lora`` through the CLI: bad values are one line; real runs on 1 and 2 ranks agree, resume on another
+world size equals the straight run, and export loads both ways (merged model and PEFT adapter)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fdpg_scale import cli
+from fdpg_scale.errors import EXIT_BAD_INPUT
+from fdpg_scale.training import loop
+from fdpg_scale.training.preflight import preflight
+from tests.harness import metrics, one_line, run_cli, run_train
+
+ROOT = Path(__file__).resolve().parents[2]
+SMOKE = ROOT / "configs" / "smoke.yaml"
+
+BAD = [
+    ("model.lora.r=0", "model.lora.r must be an int ≥ 1"),
+    ("model.lora.r=2.5", "model.lora.r"),
+    ("model.lora.alpha=-1", "model.lora.alpha"),
+    ("model.lora.dropout=1.0", "model.lora.dropout must be in [0, 1)"),
+    ("model.lora.target_modules=[]", "model.lora.target_modules"),
+    ("model.lora.target_modules=[c_attn,c_attn]", "names a module twice"),
+    ("model.lora.target_modules=[q_proj,c_attn,v_proj]", "q_proj, v_proj name no linear layer of GPT2LMHeadModel"),
+    ("model.lora.target_modules=[lm_head]", "lm_head is the output head"),
+    ("model.lora.rank=8", "unknown config key 'model.lora.rank'"),
+]
+
+
+@pytest.mark.parametrize("override, culprit", BAD, ids=[b[0] for b in BAD])
+def test_a_bad_lora_value_is_one_line(override, culprit, tiny_gpt2, tmp_path, monkeypatch, capsys):
+    # Everything `train` does before it starts an engine (the target modules are checked on the meta device).
+    monkeypatch.setattr(loop, "train", lambda cfg: preflight(cfg, world_size=1))
+    capsys.readouterr()
+    status = cli.main(["train", "--config", str(SMOKE), f"model.path={tiny_gpt2}", f"output_dir={tmp_path}", override])
+    line = one_line(capsys.readouterr().err)
+    assert status == EXIT_BAD_INPUT and culprit in line, (status, line)
+
+
+def test_default_targets_are_every_linear_layer_but_the_head(tiny_gpt2):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fdpg_scale.distributed.adapters import check_target_modules
+    from fdpg_scale.distributed.settings import LoraSettings
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_gpt2))
+    assert check_target_modules(model, LoraSettings()) == ["c_attn", "c_fc", "c_proj"]
+
+
+STEPS = ("model.lora.r=8", "train.steps=4", "train.save_every=2", "logging.tensorboard=false")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_lora_runs_on_one_and_two_ranks_resume_across_world_sizes_and_export_both_ways(tiny_gpt2, tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    straight = tmp_path / "straight"
+    run_train(straight, *STEPS, model=tiny_gpt2, nproc=1)
+    moved = tmp_path / "2to1"
+    run_train(moved, *STEPS[:1], "train.steps=2", *STEPS[2:], model=tiny_gpt2, nproc=2)
+    log = run_train(moved, *STEPS, model=tiny_gpt2, nproc=1)
+    assert "world 1" in log and "resumed at step 2" in log, log[-3000:]
+    a, b = metrics(straight), metrics(moved)
+    assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2, 3, 4]
+    assert a[-1]["proposal_version"] >= 1   # q was replaced by π at least once (the adapter copy)
+    for x, y in zip(a, b):   # steps 1-2: 2 ranks against 1; steps 3-4: resumed on 1 rank from a 2-rank checkpoint
+        for key in ("loss", "log_z", "kl_p_pi", "kl_pi_a", "proposal_version"):
+            assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), (x["step"], key, x[key], y[key])
+    ckpt = straight / "checkpoints" / "step_00000004"
+    weights = sum(f.stat().st_size for f in (ckpt / "policy").rglob("*.pt"))
+    model_bytes = (tiny_gpt2 / "model.safetensors").stat().st_size
+    assert weights < model_bytes, (weights, model_bytes)  # the adapters and their Adam moments, not the base
+
+    exported = {}
+    for name, out in (("straight", straight), ("moved", moved)):
+        to = tmp_path / f"hf_{name}"
+        run_cli("export", str(out), "--to", str(to), timeout=300)
+        merged = AutoModelForCausalLM.from_pretrained(to).eval()
+        adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_gpt2), to / "adapter").eval()
+        ids = torch.randint(3, 300, (2, 9), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-5, rtol=0)
+        exported[name] = load_file(to / "adapter" / "adapter_model.safetensors")
+        assert any("lora_B" in k and t.abs().max() > 0 for k, t in exported[name].items())
+    for k, t in exported["straight"].items():
+        torch.testing.assert_close(exported["moved"][k], t, atol=1e-5, rtol=1e-4)
