@@ -342,8 +342,10 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, *, policy, proposal=None, finge
                                       f"{proposal is not None} here (on-policy vs separate proposal)")
     rank, saved_world = get_rank(), int(meta["world_size"])
     if saved_world == get_world_size():
+        # LoRA: the saved module holds the policy adapter only (the frozen base comes from model.path).
+        lora = getattr(policy.module, "adapters", None) is not None
         path, _ = policy.load_checkpoint(str(ckpt_dir / "policy"), tag=_DS_TAG, load_optimizer_states=load_optimizer,
-                                         load_lr_scheduler_states=load_optimizer)
+                                         load_lr_scheduler_states=load_optimizer, load_module_strict=not lora)
         if path is None:
             raise FileNotFoundError(f"{ckpt_dir / 'policy'}: DeepSpeed found no checkpoint with tag {_DS_TAG!r}")
         if proposal is not None:
