@@ -93,3 +93,27 @@ def test_lora_runs_on_one_and_two_ranks_resume_across_world_sizes_and_export_bot
         assert any("lora_B" in k and t.abs().max() > 0 for k, t in exported[name].items())
     for k, t in exported["straight"].items():
         torch.testing.assert_close(exported["moved"][k], t, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_vllm_samples_q_from_merged_weights(tmp_path):
+    """sampling.engine=vllm with LoRA: the engine gets the base with q's adapter merged in at every replacement,
+    so the log q it records stays the q view's rescored log q (a stale or wrong merge would show as a mismatch
+    once the adapter has moved)."""
+    pytest.importorskip("vllm", reason="the vllm extra is not installed (scripts/setup.sh installs it)")
+    from tests.helpers import vllm_tiny_gpt2
+
+    model = vllm_tiny_gpt2(tmp_path / "gpt2-2heads")
+    out = tmp_path / "run"
+    text = run_train(out, "model.build=null", "model.lora.r=8", "model.lora.alpha=64", "sampling.engine=vllm",
+                     "sampling.vllm.kv_cache_mib=64", "train.steps=4", "train.save_every=4", "train.lr=1e-2",
+                     "logging.tensorboard=false", model=model)
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4], text[-3000:]
+    replaced = [r["step"] for r in rows if r["proposal_replaced"]]
+    assert replaced and replaced[0] < 4, rows
+    after = [r for r in rows if r["step"] > replaced[0]]
+    assert all("time/refresh" in r for r in rows if r["step"] - 1 in replaced)
+    for r in after:   # q moved away from the base by then: its merged weights are what vLLM sampled from
+        assert abs(r["logq_mismatch_mean"]) < 1e-3 and r["logq_mismatch_std"] < 1e-3, r
+    assert rows[-1]["kl_pi_a"] != 0.0
