@@ -72,7 +72,7 @@ def test_lora_runs_on_one_and_two_ranks_resume_across_world_sizes_and_export_bot
     a, b = metrics(straight), metrics(moved)
     assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2, 3, 4]
     assert a[-1]["proposal_version"] >= 1   # q was replaced by π at least once (the adapter copy)
-    for x, y in zip(a, b):   # measured: equal to 2e-15 (2 ranks against 1), exactly after either resume
+    for x, y in zip(a, b):   # measured: 2 ranks against 1 equal to 2e-15, and exactly after either resume
         for key in ("loss", "log_z", "kl_p_pi", "kl_pi_a", "proposal_version"):
             assert x[key] == pytest.approx(y[key], rel=1e-6, abs=1e-9), (x["step"], key, x[key], y[key])
     ckpt = straight / "checkpoints" / "step_00000004"
@@ -80,20 +80,17 @@ def test_lora_runs_on_one_and_two_ranks_resume_across_world_sizes_and_export_bot
     model_bytes = (tiny_gpt2 / "model.safetensors").stat().st_size
     assert weights < model_bytes, (weights, model_bytes)  # the adapters and their Adam moments, not the base
 
-    exported = {}
-    for name, out in (("straight", straight), ("moved", moved)):
-        to = tmp_path / f"hf_{name}"
-        run_cli("export", str(out), "--to", str(to), timeout=300)
-        merged = AutoModelForCausalLM.from_pretrained(to).eval()
-        adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_gpt2), to / "adapter").eval()
-        ids = torch.randint(3, 300, (2, 9), generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-5, rtol=0)
-        exported[name] = load_file(to / "adapter" / "adapter_model.safetensors")
-        assert any("lora_B" in k and t.abs().max() > 0 for k, t in exported[name].items())
-    for k, t in exported["straight"].items():
-        torch.testing.assert_close(exported["moved"][k], t, atol=1e-5, rtol=1e-4)
-
+    to = tmp_path / "hf"   # the run that moved between world sizes, exported both ways
+    run_cli("export", str(moved), "--to", str(to), timeout=300)
+    merged = AutoModelForCausalLM.from_pretrained(to).eval()
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_gpt2), to / "adapter").eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval()
+    ids = torch.randint(3, 300, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-5, rtol=0)
+        assert (merged(ids).logits - base(ids).logits).abs().max() > 1e-3   # the adapter is not empty
+    adapter = load_file(to / "adapter" / "adapter_model.safetensors")
+    assert adapter and any("lora_B" in k and t.abs().max() > 0 for k, t in adapter.items())
 
 @pytest.mark.slow
 def test_vllm_samples_q_from_merged_weights(tmp_path):
@@ -106,12 +103,12 @@ def test_vllm_samples_q_from_merged_weights(tmp_path):
     model = vllm_tiny_gpt2(tmp_path / "gpt2-2heads")
     out = tmp_path / "run"
     text = run_train(out, "model.build=null", "model.lora.r=8", "model.lora.alpha=64", "sampling.engine=vllm",
-                     "sampling.vllm.kv_cache_mib=64", "train.steps=4", "train.save_every=4", "train.lr=1e-2",
+                     "sampling.vllm.kv_cache_mib=64", "train.steps=3", "train.save_every=3", "train.lr=1e-2",
                      "logging.tensorboard=false", model=model)
     rows = metrics(out)
-    assert [r["step"] for r in rows] == [1, 2, 3, 4], text[-3000:]
+    assert [r["step"] for r in rows] == [1, 2, 3], text[-3000:]
     replaced = [r["step"] for r in rows if r["proposal_replaced"]]
-    assert replaced and replaced[0] < 4, rows
+    assert replaced and replaced[0] < 3, rows
     after = [r for r in rows if r["step"] > replaced[0]]
     assert all("time/refresh" in r for r in rows if r["step"] - 1 in replaced)
     for r in after:   # q moved away from the base by then: its merged weights are what vLLM sampled from
