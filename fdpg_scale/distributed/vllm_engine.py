@@ -403,7 +403,9 @@ class VllmProposal:
         """q's engine ← a ZeRO-3 engine's current weights (collective: all ranks call); -> seconds.
 
         Gathers one parameter at a time (``GatheredParameters``) while the push consumes them, so a rank holds
-        one group (≤ ``limit_bytes``) on the host plus one gathered parameter, in the engine's dtype.
+        one group (≤ ``limit_bytes``) on the host plus one gathered parameter, in the engine's dtype. With LoRA
+        (``engine`` a view of the shared base, adapters.py) vLLM gets the base with the view's adapter merged in,
+        by the base model's own names: the served model needs no adapter support.
         """
         import deepspeed
 
