@@ -116,8 +116,10 @@ def test_q_generates_with_its_adapter(lora):
     from fdpg_scale.distributed.settings import SamplingSettings
 
     q = lora["q"]
-    (r,) = sample_batches(q, [[[5, 6], [7]]], SamplingSettings(max_new_tokens=6), seeds=[1], bos_id=0, eos_id=1,
-                          pad_id=1)
+    draws = {mode: sample_batches(q, [[[5, 6], [7]]], SamplingSettings(max_new_tokens=6), seeds=[1], bos_id=0,
+                                  eos_id=1, pad_id=1, mode=mode)[0] for mode in ("gathered", "sharded")}
+    r = draws["gathered"]
+    assert torch.equal(r.input_ids, draws["sharded"].input_ids)   # per-layer gathers (sharded) draw what the gathered model draws
     rows = (r.input_ids, r.attention_mask, r.gen_mask)
     recorded = r.logprobs.sum(-1)
     torch.testing.assert_close(_logp(q, rows), recorded, atol=1e-4, rtol=0)
