@@ -41,7 +41,8 @@ Then one phase at a time, so the peak is the resident parts plus the largest pha
 
 The sequence length s is ``--prompt-tokens`` + ``sampling.max_new_tokens``. A plan is an estimate: the
 allocator's fragmentation, the CUDA context and NCCL's buffers are covered by ``--reserve-gib``.
-Offloaded parts are listed as host memory per node.
+Offloaded parts are listed as host memory per node. With ``model.lora`` the three models' parameters and the
+policy's gradients and optimizer states are replaced by one base and two adapters (apps/plan_lora.py).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from fdpg_scale.apps.plan_lora import lora_parts
 from fdpg_scale.models.hub import looks_like_hub_id, resolve_hub_snapshot
 from fdpg_scale.training.config import ConfigError, RunConfig, load_config
 
@@ -222,6 +224,11 @@ def plan_memory(cfg: RunConfig, arch: Architecture, *, nodes: int, gpus_per_node
         "fused head backward (dW fp32 + cast, dh)": ("training", arch.vocab * h * (4 + b) + m * s * h * 4),
         "optimizer-step transients": ("optimizer step", 0 if offload_opt else sub_group * (4 + (2 if g == 2 else 0) + 4)),
     }
+    if cfg.model.lora is not None:  # one frozen base for π, q and a, plus two adapters (apps/plan_lora.py)
+        parts = lora_parts(parts, arch, cfg.model.lora, parameters=P, world=world, b=b, g=g,
+                           on_policy=cfg.train.on_policy, offload_par=offload_par, offload_opt=offload_opt,
+                           sub_group_size=int(zero.get("sub_group_size", 10 ** 9)))
+        frozen_copies, opt_bytes = 0, 0   # offloaded: the one base; the adapter's states are negligible
     host = {}
     if offload_par:
         host["parameters (policy, proposal, base)"] = gpus_per_node * shard * b * (1 + frozen_copies)
@@ -257,7 +264,7 @@ def _vllm_parts(cfg: RunConfig, arch: Architecture, *, P: int, seq_len: int, sam
 
 def resolve_architecture_file(cfg: RunConfig, config_path: str | Path, arch_name: str | None) -> Path:
     """``<model.path>/config.json`` if present (a Hub id: in its cached snapshot), else
-    ``configs/models/<arch or config stem>/config.json``."""
+    ``configs/models/<arch or config stem>/config.json`` (a ``-lora`` stem: its model's, e.g. llama-7b-lora → llama-7b)."""
     own = Path(cfg.model.path) / "config.json"
     if not own.parent.exists() and looks_like_hub_id(cfg.model.path):
         try:
@@ -270,6 +277,9 @@ def resolve_architecture_file(cfg: RunConfig, config_path: str | Path, arch_name
     shipped = _PROJECT_ROOT / "configs" / "models" / name / "config.json"
     if shipped.is_file():
         return shipped
+    base = _PROJECT_ROOT / "configs" / "models" / name.removesuffix("-lora") / "config.json"
+    if arch_name is None and base.is_file():  # configs/llama-7b-lora.yaml: LoRA on the llama-7b architecture
+        return base
     known = sorted(p.name for p in (_PROJECT_ROOT / "configs" / "models").iterdir() if p.is_dir())
     raise ConfigError(f"no architecture for {str(config_path)!r}: {own} does not exist and there is no "
                       f"configs/models/{name}/config.json (pass --arch, one of {', '.join(known)})")

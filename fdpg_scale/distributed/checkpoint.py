@@ -3,8 +3,11 @@
 Layout under ``<output_dir>/checkpoints/``::
 
     step_00000012/
-        policy/ds/...            DeepSpeed checkpoint of the policy (ZeRO-3 shards, optimizer, LR scheduler)
-        proposal/rank_00000.pt   each rank's own shard of the proposal q (when q is a separate engine)
+        policy/ds/...            DeepSpeed checkpoint of the policy (ZeRO-3 shards, optimizer, LR scheduler; with
+                                 LoRA the trainable adapter only: the frozen base is model.path)
+        proposal/rank_00000.pt   each rank's own shard of the proposal q (when q is a separate engine; with
+                                 LoRA the "proposal" adapter's shards)
+        lora/adapter_config.json with LoRA: PEFT's adapter config, naming the base model directory
         rng/rank_00000.pt        python, numpy, torch and accelerator RNG states of each rank
         hf/                      config + tokenizer files of the model (no weights), for export
         trainer_state.pt         the caller's dict (step, log Z, baseline, proposal version, λ, ...)
@@ -295,13 +298,19 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, policy, proposa
         if proposal is not None:
             (tmp / "proposal").mkdir()
     barrier()
-    policy.save_checkpoint(str(tmp / "policy"), tag=_DS_TAG, save_latest=False)
+    adapters = getattr(policy.module, "adapters", None)
+    # LoRA: the frozen base is the model directory itself; only the adapters and their optimizer state are saved.
+    policy.save_checkpoint(str(tmp / "policy"), tag=_DS_TAG, save_latest=False,
+                           exclude_frozen_parameters=adapters is not None)
     if proposal is not None:
         torch.save(_shard_state(proposal), tmp / "proposal" / f"rank_{rank:05d}.pt")
     torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
     barrier()
     if is_rank0():
         _copy_model_meta(policy.module.hf_model, tmp / "hf")
+        if adapters is not None:  # what export needs to rebuild the adapter on its base (PEFT's adapter_config.json)
+            base = Path(getattr(policy.module.hf_model.config, "_name_or_path", "")).resolve()
+            adapters.config(str(base)).save_pretrained(str(tmp / "lora"))
         torch.save(dict(trainer_state), tmp / "trainer_state.pt")
     barrier()
     files = hash_files(tmp)  # every file but meta.json, which records them (hashing shared out by rank)
@@ -333,8 +342,10 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, *, policy, proposal=None, finge
                                       f"{proposal is not None} here (on-policy vs separate proposal)")
     rank, saved_world = get_rank(), int(meta["world_size"])
     if saved_world == get_world_size():
+        # LoRA: the saved module holds the policy adapter only (the frozen base comes from model.path).
+        lora = getattr(policy.module, "adapters", None) is not None
         path, _ = policy.load_checkpoint(str(ckpt_dir / "policy"), tag=_DS_TAG, load_optimizer_states=load_optimizer,
-                                         load_lr_scheduler_states=load_optimizer)
+                                         load_lr_scheduler_states=load_optimizer, load_module_strict=not lora)
         if path is None:
             raise FileNotFoundError(f"{ckpt_dir / 'policy'}: DeepSpeed found no checkpoint with tag {_DS_TAG!r}")
         if proposal is not None:

@@ -42,7 +42,7 @@ from fdpg_scale.kernels import linear_token_logprobs
 from fdpg_scale.kernels.reference import IGNORE_INDEX
 
 __all__ = ["FusedHeadLM", "build_policy", "build_frozen", "sequence_logprobs", "train_step",
-           "copy_policy_into_proposal", "position_ids_from_mask", "check_ds_config", "client_adamw_class",
+           "copy_policy_into_proposal", "copy_shards", "position_ids_from_mask", "check_ds_config", "client_adamw_class",
            "without_dropout"]
 
 class FusedHeadLM(nn.Module):
@@ -52,10 +52,11 @@ class FusedHeadLM(nn.Module):
     ``trainable``: False for the frozen proposal/base (their scoring runs under ``torch.no_grad``).
     """
 
-    def __init__(self, hf_model: nn.Module, *, trainable: bool, keepalive: Any = None):
+    def __init__(self, hf_model: nn.Module, *, trainable: bool, keepalive: Any = None, adapters: Any = None):
         super().__init__()
         self.hf_model = hf_model
         self.trainable = trainable
+        self.adapters = adapters  # adapters.Adapters with model.lora (π, q and a on this one base), else None
         # transformers reads ZeRO-3 status from a weak reference to this object (is_deepspeed_zero3_enabled,
         # e.g. generate's synced_gpus default): keep it alive as long as the engine.
         self._hf_ds_config = keepalive
@@ -144,8 +145,10 @@ def without_dropout(config) -> list[str]:
 
 
 def _load_zero3(model_dir: str | Path, ds_config: dict, *, trainable: bool,
-                gradient_checkpointing: bool = False) -> FusedHeadLM:
-    """from_pretrained under HfDeepSpeedConfig: zero.Init partitions each tensor as it is loaded."""
+                gradient_checkpointing: bool = False, lora=None, lora_seed: int = 0) -> FusedHeadLM:
+    """from_pretrained under HfDeepSpeedConfig: zero.Init partitions each tensor as it is loaded. ``lora``
+    (``LoraSettings``): the policy and proposal adapters are added (adapters.py), partitioned with the rest
+    when the engine is built."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -158,12 +161,17 @@ def _load_zero3(model_dir: str | Path, ds_config: dict, *, trainable: bool,
     hf_model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=_param_dtype(ds_config))
     hf_model.config.use_cache = True
     hf_model.eval()
+    adapters = None
+    if lora is not None:
+        from fdpg_scale.distributed.adapters import attach_adapters
+
+        adapters = attach_adapters(hf_model, lora, seed=lora_seed)
     if gradient_checkpointing:
         # Non-reentrant: the recomputation re-runs each block's forward, whose ZeRO-3 hooks gather again.
         hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not trainable:
         hf_model.requires_grad_(False)
-    return FusedHeadLM(hf_model, trainable=trainable, keepalive=keepalive).train(trainable)
+    return FusedHeadLM(hf_model, trainable=trainable, keepalive=keepalive, adapters=adapters).train(trainable)
 
 
 def _lr_lambda(schedule: str, warmup_steps: int, total_steps: int | None):
@@ -186,7 +194,8 @@ def client_adamw_class(ds_config: Mapping) -> type:
 
 def build_policy(model_dir: str | Path, ds_config: Mapping, *, lr: float, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, warmup_steps: int = 0,
-                 lr_schedule: str = "constant", total_steps: int | None = None, gradient_checkpointing: bool = False):
+                 lr_schedule: str = "constant", total_steps: int | None = None, gradient_checkpointing: bool = False,
+                 lora=None, lora_seed: int = 0):
     """The trainable policy π_θ as a ZeRO-3 DeepSpeed engine around ``FusedHeadLM``.
 
     ds_config: DeepSpeed JSON as a dict with explicit values (batch sizes and ``gradient_accumulation_steps``
@@ -197,7 +206,8 @@ def build_policy(model_dir: str | Path, ds_config: Mapping, *, lr: float, weight
     (factor (s+1)/warmup_steps at step s), then stays constant (``lr_schedule="constant"``) or follows a cosine
     to 0 at ``total_steps`` (``fdpg_scale.core.lr_schedule``).
     gradient_checkpointing: recompute each block's activations in the backward (transformers' own
-    checkpointing, active while the engine is in train mode). Returns the engine; ``engine.module`` is the
+    checkpointing, active while the engine is in train mode). lora: ``LoraSettings`` (adapters.py: the base is
+    frozen, the optimizer holds the "policy" adapter only; A's init drawn from ``lora_seed``). Returns the engine; ``engine.module`` is the
     FusedHeadLM, ``engine.module.hf_model`` the HF model.
     """
     import deepspeed
@@ -209,7 +219,8 @@ def build_policy(model_dir: str | Path, ds_config: Mapping, *, lr: float, weight
         raise ValueError(f"lr_schedule='cosine' needs total_steps > warmup_steps={warmup_steps}, got {total_steps}")
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
-    module = _load_zero3(model_dir, cfg, trainable=True, gradient_checkpointing=gradient_checkpointing)
+    module = _load_zero3(model_dir, cfg, trainable=True, gradient_checkpointing=gradient_checkpointing, lora=lora,
+                         lora_seed=lora_seed)
     optimizer = scheduler = None
     if "optimizer" not in cfg:
         if not cfg.get("zero_allow_untested_optimizer"):
@@ -219,8 +230,10 @@ def build_policy(model_dir: str | Path, ds_config: Mapping, *, lr: float, weight
         # ZeRO-3 parameters report their full shape in ds_shape (p.shape is the freed placeholder).
         decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) >= 2]
         no_decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) < 2]
-        optimizer = client_adamw_class(cfg)([{"params": decay, "weight_decay": weight_decay},
-                                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas, eps=eps)
+        # Empty groups left out (ZeRO-3 drops them, and the LR scheduler's groups must match): LoRA has no vectors.
+        groups = [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
+                  if g["params"]]
+        optimizer = client_adamw_class(cfg)(groups, lr=lr, betas=betas, eps=eps)
     if "scheduler" not in cfg:
         if optimizer is None:
             raise ValueError("ds_config names an optimizer but no scheduler: add a \"scheduler\" section (the "
@@ -285,13 +298,26 @@ def copy_policy_into_proposal(policy_engine, proposal_engine) -> None:
     No gather and no state-dict round trip: ``ds_tensor`` (this rank's 1/world flat slice) is copied locally.
     Persistent parameters (ZeRO keeps small ones whole on every rank) also get their full data copied.
     Both engines must come from the same architecture and world size (checked by name and shard shape).
+    With LoRA the proposal is a view of the policy engine: its adapter takes the policy adapter's shards.
     """
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    from fdpg_scale.distributed.adapters import AdapterView
 
+    if isinstance(proposal_engine, AdapterView):
+        proposal_engine.copy_from(policy_engine)
+        return
     src, dst = _zero_params(policy_engine), _zero_params(proposal_engine)
     if [n for n, _ in src] != [n for n, _ in dst]:
         raise ValueError("policy and proposal have different parameter names: not the same architecture")
-    for (name, p), (_, q) in zip(src, dst):
+    copy_shards([(name, p, q) for (name, p), (_, q) in zip(src, dst)])
+
+
+@torch.no_grad()
+def copy_shards(pairs) -> None:
+    """dst ← src for each (name, src, dst) of ZeRO-3 parameters: this rank's shard, plus the full data where
+    ZeRO keeps the parameter whole (no gather; shard shapes checked)."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    for name, p, q in pairs:
         if not (hasattr(p, "ds_tensor") and hasattr(q, "ds_tensor")):
             raise ValueError(f"parameter {name} is not a ZeRO-3 partitioned parameter in both engines")
         if p.ds_tensor.shape != q.ds_tensor.shape or p.ds_shape != q.ds_shape:

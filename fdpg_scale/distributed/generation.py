@@ -111,7 +111,8 @@ def _gathered_without_hooks(engine):
     from deepspeed.runtime.zero.partitioned_param_coordinator import iter_params
 
     offload = _zero3_offload(engine)
-    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+    # offload.module: the whole model the hooks belong to (a LoRA role's own parameters are only its adapter).
+    with deepspeed.zero.GatheredParameters(list(offload.module.parameters()), modifier_rank=None):
         for p in iter_params(offload.module, recurse=True):
             p.ds_active_sub_modules.clear()
         for h in offload.forward_hooks + offload.backward_hooks:

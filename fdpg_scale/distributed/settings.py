@@ -10,7 +10,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-__all__ = ["SamplingSettings", "VllmEngineOptions"]
+__all__ = ["SamplingSettings", "VllmEngineOptions", "LoraSettings"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,3 +63,34 @@ class VllmEngineOptions:
     def engine_options(self) -> dict:
         """These options alone, as keyword arguments (a subclass drops its other fields)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(VllmEngineOptions)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoraSettings:
+    """LoRA adapters on one frozen base (distributed/adapters.py): π = base + a trainable adapter, q = base + a
+    frozen copy of an earlier π's adapter, a = base with adapters off. The run config's ``model.lora``."""
+    r: int = 8
+    """Rank of each adapter's low-rank update ΔW = (alpha / r) · B A, with A [r, in] and B [out, r]."""
+    alpha: float = 16.0
+    """Scale numerator of the update (peft's ``lora_alpha``)."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input while π trains. 0 keeps log π one deterministic function of θ (the
+    f-DPG weights compare log π with log q of the same sequence); > 0 makes the training log π a noisy one."""
+    target_modules: tuple[str, ...] | None = None
+    """Module names (or name suffixes, e.g. ``c_attn``, ``q_proj``) that get adapters; null: every linear
+    layer but the output head. The head itself is never a target: the fused log-prob head reads its weight."""
+
+    def __post_init__(self):
+        if not (isinstance(self.r, int) and self.r >= 1):
+            raise ValueError(f"r must be an int ≥ 1, got {self.r!r}")
+        if not (isinstance(self.alpha, (int, float)) and 0 < self.alpha < math.inf):
+            raise ValueError(f"alpha must be a finite number > 0, got {self.alpha!r}")
+        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.target_modules is not None:
+            names = list(self.target_modules)
+            if not names or any(not isinstance(n, str) or not n.strip() for n in names):
+                raise ValueError(f"target_modules must be a non-empty list of module names or null, got {names!r}")
+            if len(set(names)) != len(names):
+                raise ValueError(f"target_modules names a module twice: {names!r}")
+

@@ -403,7 +403,9 @@ class VllmProposal:
         """q's engine ← a ZeRO-3 engine's current weights (collective: all ranks call); -> seconds.
 
         Gathers one parameter at a time (``GatheredParameters``) while the push consumes them, so a rank holds
-        one group (≤ ``limit_bytes``) on the host plus one gathered parameter, in the engine's dtype.
+        one group (≤ ``limit_bytes``) on the host plus one gathered parameter, in the engine's dtype. With LoRA
+        (``engine`` a view of the shared base, adapters.py) vLLM gets the base with the view's adapter merged in,
+        by the base model's own names: the served model needs no adapter support.
         """
         import deepspeed
 
@@ -415,8 +417,11 @@ class VllmProposal:
                 with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
                     yield name, p.detach()
 
+        from fdpg_scale.distributed.adapters import lora_weights
+
         started = time.perf_counter()
-        self.load_weights(gathered(), version=version, limit_bytes=limit_bytes)
+        merged = lora_weights(engine)  # LoRA: vLLM gets the base with q's adapter merged in, by the base's names
+        self.load_weights(gathered() if merged is None else merged, version=version, limit_bytes=limit_bytes)
         return time.perf_counter() - started
 
     def close(self) -> None:

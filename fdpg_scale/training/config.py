@@ -16,13 +16,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fdpg_scale.distributed.settings import SamplingSettings, VllmEngineOptions
+from fdpg_scale.distributed.settings import LoraSettings, SamplingSettings, VllmEngineOptions
 from fdpg_scale.errors import ConfigError
 from fdpg_scale.training import config_loader
 from fdpg_scale.training.config_loader import build_section, load_dataclass, read_yaml, to_plain
 
 __all__ = ["ConfigError", "RunConfig", "ScorerConfig", "TargetConfig", "load_config", "apply_overrides",
            "config_to_dict", "build_section", "read_yaml"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoraConfig(LoraSettings):
+    """``model.lora``: train LoRA adapters on one frozen base shared by π, q and a (docs/method.md, "LoRA");
+    the fields are ``distributed.settings.LoraSettings``'. Which modules exist is checked against the model
+    at start-up (``distributed.adapters.check_target_modules``)."""
+
+    def __post_init__(self):
+        _checked("model.lora", super().__post_init__)
 
 
 @dataclass(kw_only=True)
@@ -37,6 +47,9 @@ class ModelConfig:
     with different seeds share one built model."""
     dtype: str = "fp32"
     """Parameter dtype of the engines: ``fp32`` or ``bf16`` (fp16 is not supported by DeepSpeed on CPU)."""
+    lora: LoraConfig | None = None
+    """null: full fine-tuning (π, q and a are three ZeRO-3 models). Set (e.g. ``model.lora.r=8``): one frozen base
+    with a trainable "policy" and a frozen "proposal" adapter; a is the base with adapters off."""
 
     def __post_init__(self):
         _choice("model.build", self.build, (None, "tiny-gpt2", "tiny-llama"))

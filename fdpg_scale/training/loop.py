@@ -24,6 +24,7 @@ from fdpg_scale.distributed.launch import barrier, device, init_distributed, is_
 from fdpg_scale.core.divergences import get_divergence
 from fdpg_scale.core.metrics import importance_sampled_metrics
 from fdpg_scale.core.step import StepResult, StepSettings, fdpg_step, no_estimate
+from fdpg_scale.distributed.adapters import adapter_views
 from fdpg_scale.distributed.engines import build_frozen, build_policy
 from fdpg_scale.training.nonfinite import NonFiniteGuard
 from fdpg_scale.training.preemption import PreemptionSignal
@@ -61,15 +62,20 @@ def train(cfg: RunConfig) -> None:
     ds_config = deepspeed_config(cfg, world_size=world, accumulation=accumulation)
     policy = build_policy(model_dir, ds_config, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                           warmup_steps=cfg.train.warmup_steps, lr_schedule=cfg.train.lr_schedule,
-                          total_steps=cfg.train.steps, gradient_checkpointing=cfg.train.gradient_checkpointing)
-    base = build_frozen(model_dir, ds_config)
-    proposal = None if cfg.train.on_policy else build_frozen(model_dir, ds_config)
+                          total_steps=cfg.train.steps, gradient_checkpointing=cfg.train.gradient_checkpointing,
+                          lora=cfg.model.lora, lora_seed=cfg.seed)
+    if cfg.model.lora is None:
+        base = build_frozen(model_dir, ds_config)
+        proposal = None if cfg.train.on_policy else build_frozen(model_dir, ds_config)
+    else:  # one base: a = adapters off, q = the frozen proposal adapter (distributed/adapters.py)
+        base, proposal = adapter_views(policy, on_policy=cfg.train.on_policy)
     divergence = get_divergence(cfg.divergence.name, alpha=cfg.divergence.alpha)
     plan = RolloutPlan.from_config(cfg, rank=rank, world=world)
 
     state = TrainerState.fresh(cfg, num_contexts=1 if prompts is None else len(prompts))
     fingerprint = {"model": ckpt.model_config_hash(model_dir), "divergence": str(divergence),
-                   "target": asdict(cfg.target), "on_policy": cfg.train.on_policy}
+                   "target": asdict(cfg.target), "on_policy": cfg.train.on_policy,
+                   **({} if cfg.model.lora is None else {"lora": asdict(cfg.model.lora)})}
     latest = ckpt.find_intact(cfg.output_dir)
     if latest is not None:
         # Target settings added in a later release resume at their defaults (field_defaults).

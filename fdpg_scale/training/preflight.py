@@ -111,4 +111,18 @@ def preflight(cfg: RunConfig, *, world_size: int) -> Path:
     build_task(cfg.target, tokenizer, metadata_columns=() if prompts is None else tuple(prompts.metadata))
     prompt_len = 1 if prompts is None else max(len(ids) for ids in prompts.token_ids)
     _check_positions(cfg, config, prompt_len, model_dir)
+    if cfg.model.lora is not None:
+        _check_lora_targets(cfg, model_dir)
     return model_dir
+
+
+def _check_lora_targets(cfg: RunConfig, model_dir: Path) -> None:
+    """model.lora.target_modules against the model's modules, on the meta device (no weights loaded)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fdpg_scale.distributed.adapters import check_target_modules
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    check_target_modules(model, cfg.model.lora)

@@ -25,8 +25,9 @@ def _at_root(monkeypatch):
 
 def test_every_size_has_a_config_and_architecture():
     found = [p.stem for p in ROOT.glob("configs/gpt2-*.yaml")] + [p.stem for p in ROOT.glob("configs/llama-*.yaml")]
-    assert sorted(found) == sorted(SIZES)
-    assert sorted(p.name for p in (ROOT / "configs/models").iterdir()) == sorted(SIZES)
+    # The LoRA configs (tests/apps/test_plan_lora.py) train these sizes' architectures, and llama-70b.
+    assert sorted(f for f in found if not f.endswith("-lora")) == sorted(SIZES)
+    assert sorted(p.name for p in (ROOT / "configs/models").iterdir()) == sorted([*SIZES, "llama-70b"])
 
 
 @pytest.mark.parametrize("name", SIZES)
