@@ -94,8 +94,11 @@ class ScorerConfig:
     P = a · Π b_i · exp(Σ r_j/β_j + Σ λ_k φ_k)."""
 
     scorer: str
-    """A built-in scorer (``contains``, ``count``, ``parses_as_python``), ``hf-classifier`` (a local Hugging Face
-    sequence classifier; its path and label go in ``scorer_args``) or ``package.module:function``."""
+    """A built-in scorer (``contains``, ``count``, ``parses_as_python``), ``hf-classifier`` (a Hugging Face sequence
+    classifier of the completion; its path and label go in ``scorer_args``), ``hf-reward-model`` (a Hugging Face
+    reward model of prompt + completion; its path in ``scorer_args``) or ``package.module:function``. The two
+    model scorers read a local directory or a Hub id in the local cache, run in the run's ``model.dtype`` unless
+    ``scorer_args.dtype`` says otherwise, and appear in ``fdpg-scale plan``."""
     kind: str = "pointwise"
     """``pointwise`` (a constraint b(x) = [score > 0]), ``reward`` (a reward r(x), factor exp(r/β)) or ``feature``
     (a feature φ(x), factor exp(λφ) with λ fitted jointly so that E_p[φ] = ``moment``)."""
@@ -127,8 +130,10 @@ class TargetConfig:
     kind: str = "pointwise"
     """``pointwise`` (P = a·b), ``distributional`` (P = a·exp(λ·φ), λ fitted) or ``reward`` (P = a·exp(r/β))."""
     scorer: str = "contains"
-    """A built-in scorer (``contains``, ``count``, ``parses_as_python``), ``hf-classifier`` (a local Hugging Face
-    sequence classifier) or ``package.module:function`` (your own function of the decoded texts)."""
+    """A built-in scorer (``contains``, ``count``, ``parses_as_python``), ``hf-classifier`` (a Hugging Face sequence
+    classifier of the completion), ``hf-reward-model`` (a Hugging Face reward model of prompt + completion: r = its
+    logit) or ``package.module:function`` (your own function of the decoded texts). The model scorers run in the
+    run's ``model.dtype`` unless ``scorer_args.dtype`` says otherwise, and appear in ``fdpg-scale plan``."""
     scorer_args: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of the scorer, e.g. ``{substring: "def"}``; checked against its signature."""
     scorers: list[ScorerConfig] = field(default_factory=list)

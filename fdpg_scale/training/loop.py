@@ -59,8 +59,8 @@ def train(cfg: RunConfig) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompts = load_target_prompts(cfg.target, tokenizer)
-    task = build_task(cfg.target, tokenizer, device=device(),  # before the engines: a bad scorer fails fast
-                      metadata_columns=() if prompts is None else tuple(prompts.metadata))
+    task = build_task(cfg.target, tokenizer, device=device(), dtype=cfg.model.dtype,  # before the engines: a bad
+                      metadata_columns=() if prompts is None else tuple(prompts.metadata))  # scorer fails fast
     ds_config = deepspeed_config(cfg, world_size=world, accumulation=accumulation)
     policy = build_policy(model_dir, ds_config, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                           warmup_steps=cfg.train.warmup_steps, lr_schedule=cfg.train.lr_schedule,

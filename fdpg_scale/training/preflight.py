@@ -111,7 +111,8 @@ def preflight(cfg: RunConfig, *, world_size: int) -> Path:
                           f"({' '.join(str(err).split())[:300]})") from None
     _check_tokenizer(tokenizer, config, model_dir)
     prompts = load_target_prompts(cfg.target, tokenizer)
-    build_task(cfg.target, tokenizer, metadata_columns=() if prompts is None else tuple(prompts.metadata))
+    build_task(cfg.target, tokenizer, dtype=cfg.model.dtype,
+               metadata_columns=() if prompts is None else tuple(prompts.metadata))
     prompt_len = 1 if prompts is None else max(len(ids) for ids in prompts.token_ids)
     _check_positions(cfg, config, prompt_len, model_dir)
     return model_dir
