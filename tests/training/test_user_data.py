@@ -10,6 +10,8 @@ inputs are a table of one-line errors, as in tests/test_bad_inputs.py: ``train``
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -551,24 +553,47 @@ def test_train_rejects_in_one_line(case, args, world, culprit, files, tmp_path, 
     assert culprit.format(hub=files["hub"]) in line, line
 
 
-def test_the_readme_example_data_passes_the_pre_start_checks(tmp_path, monkeypatch, capsys):
-    """README, "Your own model and data": the data script's model has no BOS and a chat template, and the
-    README's overrides pass every check `train` makes before its engines start."""
+def readme_commands(data: Path, run: Path) -> list[list[str]]:
+    """The commands of README's "Your own model and data" block, as argument lists, with its data and run
+    directories replaced by ``data`` and ``run``."""
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index("## Your own model and data"):].split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = re.split(r"\n(?=\.venv/bin/)", block.replace("\\\n", " ").strip())
+    return [[a.replace(".cache/user-data", str(data)).replace("runs/mine", str(run)) for a in shlex.split(c)]
+            for c in commands]
+
+
+def test_the_readme_example_passes_the_pre_start_checks_for_its_2_ranks(tmp_path, monkeypatch, capsys):
+    """README, "Your own model and data", as written: the data script's model has no BOS and a chat template, and
+    its train command checks the run for 2 ranks, then would start torchrun with the same overrides."""
     from transformers import AutoTokenizer
 
-    subprocess.run([sys.executable, "examples/build_user_data.py", str(tmp_path / "data")], cwd=ROOT, check=True,
-                   capture_output=True, timeout=300)
+    from fdpg_scale.apps import train_launch
+
+    build, train, evaluate = readme_commands(tmp_path / "data", tmp_path / "run")
+    assert build[:2] == [".venv/bin/python", "examples/build_user_data.py"] and evaluate[1] == "eval"
+    subprocess.run([sys.executable, *build[1:]], cwd=ROOT, check=True, capture_output=True, timeout=300)
     tok = AutoTokenizer.from_pretrained(tmp_path / "data" / "chat-model")
     assert tok.bos_token_id is None and tok.chat_template is not None
-    checked = []
-    monkeypatch.setattr(loop, "train", lambda cfg: checked.append(preflight(cfg, world_size=1)))
+    started = []
+
+    class Torchrun:                                      # records the ranks' command instead of starting them
+        pid = -1
+
+        def __init__(self, cmd, **kwargs):
+            started.append(cmd)
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(train_launch.subprocess, "Popen", Torchrun)
     monkeypatch.chdir(ROOT)                              # examples.my_scorers resolves from the repository root
-    status = cli.main(["train", "--config", str(SMOKE), f"output_dir={tmp_path / 'run'}",
-                       f"model.path={tmp_path / 'data' / 'chat-model'}", "model.build=null",
-                       f"target.prompts={tmp_path / 'data' / 'prompts.parquet'}", "target.prompt_column=question",
-                       "target.kind=reward", "target.scorer=examples.my_scorers:mentions_answer",
-                       "target.scorer_args={}"])
-    assert status == 0 and checked == [tmp_path / "data" / "chat-model"], capsys.readouterr().err
+    assert train[0] == ".venv/bin/fdpg-scale" and train[1:4] == ["train", "--nproc-per-node", "2"]
+    status = cli.main(train[1:])
+    assert status == 0, capsys.readouterr().err
+    (cmd,) = started
+    assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    assert cmd[-len(train[4:]):] == train[4:]            # --config and every override, unchanged
 
 
 # ---------------------------------------------------------------------------------------- processes
