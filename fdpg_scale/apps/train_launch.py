@@ -13,8 +13,8 @@ Signals, as a scheduler sends them to the command it started:
 - SIGUSR1 and SIGTERM go straight to the ranks (torchrun's children), not to torchrun: each rank then
   checkpoints at its next step boundary and exits normally (``training/preemption.py``), and torchrun ends with
   them. Sent to torchrun, SIGTERM would be a death signal (forward, wait 30 s, SIGKILL: a long checkpoint is
-  cut short) and SIGUSR1 would kill torchrun at once, orphaning the ranks; torchrun is started with SIGUSR1
-  ignored for the same reason;
+  cut short) and SIGUSR1 would kill torchrun at once, orphaning the ranks; torchrun starts with SIGUSR1
+  ignored for the same reason (as ``slurm/train.sbatch`` starts it);
 - SIGINT (Ctrl-C) goes to torchrun, which stops the ranks as a plain torchrun would.
 
 The ranks are found as torchrun's child processes in ``/proc`` (Linux). On several nodes, or to set torchrun's
@@ -86,11 +86,17 @@ def launch(args) -> int:
     preflight(load_config(args.config, args.overrides), world_size=nproc)
     print(f"fdpg-scale: checked for {nproc} ranks; starting them with torchrun", file=sys.stderr, flush=True)
 
-    def ignore_usr1():   # in torchrun, before exec: it survives exec, and the ranks install their own handler
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-
-    proc = subprocess.Popen(rank_command(nproc, args.config, list(args.overrides)), env=child_env(),
-                            start_new_session=True, preexec_fn=ignore_usr1)
+    # torchrun inherits SIGUSR1 ignored (an ignored disposition survives fork and exec; the ranks install their
+    # own handler), then this process forwards it: ignored here only while torchrun starts.
+    previous = {sig: signal.getsignal(sig) for sig in (*TO_RANKS, *TO_TORCHRUN)}
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:
+        proc = subprocess.Popen(rank_command(nproc, args.config, list(args.overrides)), env=child_env(),
+                                start_new_session=True)
+    except BaseException:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        raise
 
     def to_ranks(signum, frame):
         for pid in children(proc.pid):
@@ -102,8 +108,10 @@ def launch(args) -> int:
     def to_torchrun(signum, frame):
         proc.send_signal(signum)
 
-    previous = {sig: signal.signal(sig, to_ranks) for sig in TO_RANKS}
-    previous.update({sig: signal.signal(sig, to_torchrun) for sig in TO_TORCHRUN})
+    for sig in TO_RANKS:
+        signal.signal(sig, to_ranks)
+    for sig in TO_TORCHRUN:
+        signal.signal(sig, to_torchrun)
     try:
         status = proc.wait()
         return status if status >= 0 else 128 - status   # killed by a signal: the shell's 128 + N
