@@ -563,6 +563,7 @@ def readme_commands(data: Path, run: Path) -> list[list[str]]:
             for c in commands]
 
 
+@pytest.mark.slow
 def test_the_readme_example_passes_the_pre_start_checks_for_its_2_ranks(tmp_path, monkeypatch, capsys):
     """README, "Your own model and data", as written: the data script's model has no BOS and a chat template, and
     its train command checks the run for 2 ranks, then would start torchrun with the same overrides."""
