@@ -3,9 +3,11 @@
     python examples/build_user_data.py OUT_DIR
 
 writes ``OUT_DIR/chat-model``, the project's tiny GPT-2 (random weights) made to look like a Qwen chat model:
-its tokenizer has no BOS token and carries a small Jinja chat template; and ``OUT_DIR/prompts.parquet``, prompts
+its tokenizer has no BOS token and carries a small Jinja chat template; ``OUT_DIR/prompts.parquet``, prompts
 in a ``question`` column with a reference ``answer`` column (what ``examples.my_scorers:mentions_answer``
-reads). README, "Your own model and data", trains on them.
+reads); and ``OUT_DIR/reward-model``, a GPT-2 reward model (a sequence classifier with one output, random
+weights) with the same tokenizer and template, as ``target.scorer: hf-reward-model`` reads one. README, "Your
+own model and data", trains on them.
 """
 
 from __future__ import annotations
@@ -43,9 +45,24 @@ def build_chat_model(path: Path) -> Path:
     return path
 
 
+def build_reward_model(path: Path, tokenizer_dir: Path) -> Path:
+    """A one-output GPT2ForSequenceClassification (a reward head, random weights) with ``tokenizer_dir``'s
+    tokenizer (and so its chat template), saved at ``path``."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=64, vocab_size=len(tokenizer), num_labels=1,
+                        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    GPT2ForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out", type=Path, help="directory to write chat-model/ and prompts.parquet into")
+    parser.add_argument("out", type=Path, help="directory to write chat-model/, prompts.parquet and reward-model/ into")
     out = parser.parse_args().out
     import datasets
 
@@ -53,6 +70,7 @@ def main() -> None:
     print(build_chat_model(out / "chat-model"))
     datasets.Dataset.from_dict(PROMPTS).to_parquet(str(out / "prompts.parquet"))
     print(out / "prompts.parquet")
+    print(build_reward_model(out / "reward-model", out / "chat-model"))
 
 
 if __name__ == "__main__":

@@ -17,8 +17,9 @@ if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
 fi
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
+  # The wandb and mlflow extras (experiment trackers, tested offline) add about 30 s from a warm pip cache.
   echo "[setup] installing fdpg-scale and its pinned dependencies into .venv (about a minute)"
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -c requirements/lock.txt -e '.[test]' 2>&1 \
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check -c requirements/lock.txt -e '.[test,wandb,mlflow]' 2>&1 \
     | grep -v -E "^WARNING: Location .* is ignored" || true
   .venv/bin/python -c "import fdpg_scale.kernels, deepspeed, transformers" \
     || { echo "[setup] install failed: see the pip output above" >&2; exit 1; }

@@ -1,6 +1,7 @@
 """The ``fdpg-scale`` command line: every command's options, parsed here; the job runs in its own module.
 
     fdpg-scale train --config FILE [key=value ...]     f-DPG training (torchrun / deepspeed launcher / SLURM)
+    fdpg-scale train --nproc-per-node N --config FILE  the same on N ranks of this node, checked first, via torchrun
     fdpg-scale export OUTPUT_DIR --to HF_DIR           latest checkpoint's policy → Hugging Face directory
     fdpg-scale eval OUTPUT_DIR                         alignment, KL(p‖π), KL(π‖a), diversity of the latest policy
     fdpg-scale sweep --configs A.yaml [B.yaml] [--divergences kl rkl js]   runs + report.md with plots
@@ -37,6 +38,7 @@ __all__ = ["main", "build_parser", "COMMANDS"]
 
 _EXAMPLES = """examples:
   fdpg-scale train --config configs/smoke.yaml train.steps=20 divergence.name=rkl
+  fdpg-scale train --nproc-per-node 2 --config configs/smoke.yaml
   torchrun --standalone --nproc_per_node 2 -m fdpg_scale.cli train --config configs/smoke.yaml
   fdpg-scale export runs/smoke --to runs/smoke-hf
   fdpg-scale toy --divergences kl rkl js"""
@@ -46,6 +48,10 @@ _DIVERGENCE_HELP = "divergence names as in divergence.name (kl rkl tv js chi2 rc
 # ------------------------------------------------------------------------------------------ commands
 def _train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="YAML config file (e.g. configs/smoke.yaml)")
+    p.add_argument("--nproc-per-node", metavar="N", default=None,
+                   help="check the run for N ranks, then start them on this node with torchrun (forwarding "
+                        "SIGUSR1/SIGTERM to them and their exit status); without it: one process, or the ranks of "
+                        "the torchrun / deepspeed / srun job that started this one")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides with dotted keys, e.g. train.steps=20 divergence.name=rkl")
 
@@ -165,7 +171,8 @@ def _reproduce(p: argparse.ArgumentParser) -> None:
 COMMANDS = {
     "train": ("train a policy with f-DPG",
               "Train with f-DPG. Rank and world size come from torchrun, the deepspeed launcher or SLURM's "
-              "variables; one process trains alone.", _train, "fdpg_scale.apps.cli:_run_train"),
+              "variables; one process trains alone; --nproc-per-node N checks the run for N ranks, then starts "
+              "them with torchrun.", _train, "fdpg_scale.apps.cli:_run_train"),
     "export": ("export the latest checkpoint's policy as a Hugging Face directory",
                "Write the latest checkpoint's policy of OUTPUT_DIR as a Hugging Face directory (safetensors, "
                "config, tokenizer) that from_pretrained loads.", _export, "fdpg_scale.apps.cli:_run_export"),
@@ -201,6 +208,10 @@ COMMANDS = {
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    if args.nproc_per_node is not None:
+        from fdpg_scale.apps.train_launch import launch
+
+        return launch(args)
     from fdpg_scale.training.config import load_config
     from fdpg_scale.training.loop import train
 
@@ -262,7 +273,14 @@ def _report(err: Exception, prefix: str, status: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``), run the command, return its exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # argparse ends a nargs="*" positional at the first option, so key=value overrides written after one
+        # (`train --config F a=1 --nproc-per-node 2 b=2`) come back unrecognised: they are overrides all the same.
+        if not hasattr(args, "overrides") or any(a.startswith("-") for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     args.argv = argv
     try:
         return _job(args.job)(args) or 0

@@ -17,6 +17,10 @@ Resident all along:
 - proposal parameters      shard·b            (a frozen snapshot of the policy; none when ``train.on_policy``)
 - base parameters          shard·b            (the original LM a(x) of the target)
 - gradient reduce bucket   reduce_bucket_size·g
+- model scorers            P_s·b_s for each ``hf-classifier`` / ``hf-reward-model`` of the target: every rank holds
+                           a full, unpartitioned copy; P_s is counted from its safetensors headers, b_s is its
+                           ``scorer_args.dtype``, else ``model.dtype`` (its no-grad forward, one batch of texts, is
+                           small beside the policy's training activations and is not counted)
 
 Then one phase at a time, so the peak is the resident parts plus the largest phase:
 
@@ -54,13 +58,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fdpg_scale.apps.plan_lora import lora_parts
-from fdpg_scale.models.hub import looks_like_hub_id, resolve_hub_snapshot
+from fdpg_scale.models.hub import local_dir, looks_like_hub_id, resolve_hub_snapshot
 from fdpg_scale.training.config import ConfigError, RunConfig, load_config
 
-__all__ = ["Architecture", "MemoryPlan", "PHASES", "load_architecture", "count_parameters", "plan_memory", "run"]
+__all__ = ["Architecture", "MemoryPlan", "PHASES", "load_architecture", "count_parameters", "plan_memory",
+           "scorer_parts", "stored_parameters", "run"]
 
 GIB = 1024 ** 3
 _DTYPE_BYTES = {"fp32": 4, "bf16": 2}
+_SCORER_DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}   # a model scorer may also run in fp16
+_MODEL_SCORERS = ("hf-classifier", "hf-reward-model")
 #: Bytes per parameter of AdamW's two fp32 moments (m and v), and of the fp32 master copy kept for bf16.
 _ADAM_MOMENT_BYTES, _FP32_MASTER_BYTES = 8, 4
 #: Activation bytes per layer are L·m·s·h·(34 + 5·n·s/h) for 2-byte activations (Korthikanti et al. 2022).
@@ -213,6 +220,7 @@ def plan_memory(cfg: RunConfig, arch: Architecture, *, nodes: int, gpus_per_node
         "parameters (proposal)": ("resident", 0 if (offload_par or cfg.train.on_policy) else shard * b),
         "parameters (base)": ("resident", 0 if offload_par else shard * b),
         "gradient reduce bucket": ("resident", int(zero.get("reduce_bucket_size", 5 * 10 ** 8)) * g),
+        **{key: ("resident", size) for key, size in scorer_parts(cfg).items()},
         **(_vllm_parts(cfg, arch, P=P, seq_len=s, sampling_batch=sampling_batch, b=b)
            if cfg.sampling.engine == "vllm" else {
             f"gathered for generation ({cfg.sampling.generation_mode})": ("generation", gathered),
@@ -237,6 +245,48 @@ def plan_memory(cfg: RunConfig, arch: Architecture, *, nodes: int, gpus_per_node
     return MemoryPlan(parameters=P, world_size=world, seq_len=s, gpu={k: v for k, (_, v) in parts.items()},
                       phase={k: ph for k, (ph, _) in parts.items()}, host=host,
                       gpu_memory_gib=gpu_memory_gib, reserve_gib=reserve_gib)
+
+
+def scorer_parts(cfg: RunConfig) -> dict[str, int]:
+    """{part name: bytes per GPU} of the target's model scorers (``hf-classifier``, ``hf-reward-model``): a full copy
+    per rank of P_s parameters in the scorer's dtype. One-line ConfigError when a scorer's weights are not on this
+    machine (the planner counts them from the files)."""
+    target = cfg.target
+    entries = ([(f"target.scorers[{i}]", e.scorer, e.scorer_args, e.name) for i, e in enumerate(target.scorers)]
+               if target.scorers else [("target", target.scorer, target.scorer_args, None)])
+    parts = {}
+    for where, scorer, args, name in entries:
+        if scorer not in _MODEL_SCORERS:
+            continue
+        path = args.get("path")
+        if not isinstance(path, str):
+            raise ConfigError(f"{where}.scorer_args: {scorer} needs a path (a directory or a Hub id)")
+        dtype = args.get("dtype") or cfg.model.dtype
+        if dtype not in _SCORER_DTYPE_BYTES:
+            raise ConfigError(f"{where}.scorer_args.dtype must be one of {', '.join(_SCORER_DTYPE_BYTES)}, got "
+                              f"{dtype!r}")
+        n = stored_parameters(local_dir(path, where=f"{where}.scorer_args.path"), where=f"{where} {scorer} {path!r}")
+        parts[f"scorer {name or scorer} ({path}, {n:,} parameters, {dtype})"] = n * _SCORER_DTYPE_BYTES[dtype]
+    return parts
+
+
+def stored_parameters(model_dir: Path, *, where: str) -> int:
+    """Parameters in ``model_dir``'s safetensors weights (``model.safetensors`` or the shards its index names),
+    read from each file's header (8 bytes of header length, then JSON of every tensor's shape): no tensor loads."""
+    single, index = model_dir / "model.safetensors", model_dir / "model.safetensors.index.json"
+    if single.is_file():
+        files = [single]
+    elif index.is_file():
+        files = [model_dir / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    else:
+        raise ConfigError(f"{where}: no model.safetensors (or sharded index) in {model_dir}: the planner counts a "
+                          f"scorer's parameters from its safetensors files")
+    total = 0
+    for f in files:
+        with open(f, "rb") as handle:
+            header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+        total += sum(math.prod(t["shape"]) for key, t in header.items() if key != "__metadata__")
+    return total
 
 
 def _vllm_parts(cfg: RunConfig, arch: Architecture, *, P: int, seq_len: int, sampling_batch: int,

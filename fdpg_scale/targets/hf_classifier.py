@@ -2,7 +2,8 @@
 
 The directory (a local one, or the snapshot of a Hub id in the local Hugging Face cache) is loaded once
 (``AutoModelForSequenceClassification`` + ``AutoTokenizer``), put in eval mode (deterministic: no dropout),
-frozen (``requires_grad_(False)``) and moved to the rank's device. Each rank scores its own samples,
+frozen (``requires_grad_(False)``), in ``dtype`` (in a run: ``scorer_args.dtype``, else the run's ``model.dtype``)
+and moved to the rank's device. Each rank scores its own samples,
 ``batch_size`` texts per forward under ``torch.no_grad``. The score of a text is
 
 - ``softmax(logits)[label]`` for a single-label classifier (num_labels ≥ 2): the probability of ``label``;
@@ -13,7 +14,8 @@ and, with ``threshold`` set, ``1.0`` where that score is > threshold, else ``0.0
 b(x) = [score > threshold] needs it: a probability is always > 0).
 
 The model is a plain torch module beside the ZeRO-3 engines, not partitioned: each rank holds a full copy,
-which suits the classifiers this is meant for (up to a few hundred million parameters). It must therefore be
+which suits the classifiers this is meant for (up to a few hundred million parameters); ``fdpg-scale plan``
+counts it in each GPU's memory. It must therefore be
 loaded before the engines switch transformers into ZeRO-3 loading (``HfDeepSpeedConfig``), which is checked.
 """
 

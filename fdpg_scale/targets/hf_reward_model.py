@@ -12,8 +12,9 @@ its completion, not the completion alone (what ``hf-classifier`` scores):
 The reward is the raw output (logit) ``logits[label]``: ``label`` defaults to the only output of a one-output
 head (the usual reward model), and must name one (an ``id2label`` name or an index) when the head has several.
 Loading is ``hf-classifier``'s (``HFClassifier``): a local directory or a Hub id in the local cache, once per
-rank, frozen, in eval mode, in ``dtype`` (``fp32`` by default, ``bf16`` to match a bf16 run), on the rank's
-device, ``batch_size`` texts per forward under ``torch.no_grad``. The prompt each sample sees is its context
+rank, frozen, in eval mode, in ``dtype`` (in a run: ``scorer_args.dtype``, else the run's ``model.dtype``), on the
+rank's device, ``batch_size`` texts per forward under ``torch.no_grad``. ``fdpg-scale plan`` counts its parameters
+(a full copy per rank) in each GPU's memory. The prompt each sample sees is its context
 text (``Samples.contexts``: a string prompt, or the last message of a chat prompt).
 """
 
@@ -39,7 +40,8 @@ class HFRewardModel:
                  where: str = "target.scorer hf-reward-model"):
         """path: a local directory or a Hub id in the local cache; label: which output is the reward (None: the
         only one); batch_size: pairs per forward; max_length: tokens kept per pair (default: the model's
-        positions); dtype: fp32, bf16 or fp16; device: the rank's device; where: the config key for errors."""
+        positions); dtype: fp32, bf16 or fp16 (a run passes its model.dtype unless scorer_args sets one); device:
+        the rank's device; where: the config key for errors."""
         if label is None:  # checked on config.json, before the weights load
             from transformers import AutoConfig
 

@@ -183,7 +183,7 @@ def _default_name(spec: str) -> str:
     return spec.split(":")[-1]
 
 
-def _values(e: _Entry, *, conditional: bool, device, metadata_columns: tuple[str, ...]
+def _values(e: _Entry, *, conditional: bool, device, dtype: str, metadata_columns: tuple[str, ...]
             ) -> Callable[[Samples], torch.Tensor]:
     """The entry's scorer as Samples -> float32 [B] (imports / loads it; one-line ConfigError if it cannot)."""
     if e.scorer in SCORERS:
@@ -200,11 +200,11 @@ def _values(e: _Entry, *, conditional: bool, device, metadata_columns: tuple[str
                               f"(b(x) = [score > threshold]; a probability alone is always > 0)")
         from fdpg_scale.targets.hf_classifier import build_hf_classifier  # imports transformers
 
-        return build_hf_classifier(e.scorer_args, where=f"{e.where}.scorer", device=device)
+        return build_hf_classifier({"dtype": dtype, **e.scorer_args}, where=f"{e.where}.scorer", device=device)
     if e.scorer == HF_REWARD_MODEL:
         from fdpg_scale.targets.hf_reward_model import build_hf_reward_model  # imports transformers
 
-        return build_hf_reward_model(e.scorer_args, where=f"{e.where}.scorer", device=device)
+        return build_hf_reward_model({"dtype": dtype, **e.scorer_args}, where=f"{e.where}.scorer", device=device)
     if ":" in e.scorer:
         return FunctionScorer.from_spec(e.scorer, e.scorer_args, where=f"{e.where}.scorer", conditional=conditional,
                                         metadata_columns=metadata_columns)
@@ -212,11 +212,12 @@ def _values(e: _Entry, *, conditional: bool, device, metadata_columns: tuple[str
                       f"{HF_CLASSIFIER!r}, {HF_REWARD_MODEL!r} or 'package.module:function'")
 
 
-def build_task(cfg: TargetConfig, tokenizer=None, *, device: str | torch.device = "cpu",
+def build_task(cfg: TargetConfig, tokenizer=None, *, device: str | torch.device = "cpu", dtype: str = "fp32",
                metadata_columns: tuple[str, ...] = ()) -> Task:
     """The task described by the ``target`` section of a run config.
 
-    device: where model-based scorers (``hf-classifier``) run: the rank's device. metadata_columns: the prompt
+    device: where model-based scorers (``hf-classifier``, ``hf-reward-model``) run: the rank's device. dtype: their
+    parameter dtype unless their ``scorer_args.dtype`` says otherwise: the run's ``model.dtype``. metadata_columns: the prompt
     dataset's columns that ``package.module:function`` scorers receive as keyword arguments (the keys of
     ``PromptSet.metadata``). Every scorer is imported or loaded here, once; a wrong path, a missing function,
     bad arguments or a column a function does not take is a one-line ConfigError.
@@ -230,7 +231,7 @@ def build_task(cfg: TargetConfig, tokenizer=None, *, device: str | torch.device 
             raise ConfigError(f"target.scorers: two scorers are named {name!r}; give each a distinct 'name'")
     conditional = cfg.prompts is not None or cfg.prompts_file is not None
     columns = tuple(Column(name=name, kind=e.kind, values=_LastBatch(_values(e, conditional=conditional,
-                                                                              device=device,
+                                                                              device=device, dtype=dtype,
                                                                               metadata_columns=metadata_columns)),
                            beta=e.beta, moment=e.moment) for e, name in zip(entries, names))
     scorers: list = []

@@ -44,7 +44,9 @@ class ZeroBackend:
             current by pushing q's weights whenever ``q_version()`` (training/sampler.py) has changed; the
             ZeRO-3 engine that is q still rescores log q.
 
-    ``timer`` holds the current step's seconds per phase (a fresh ``PhaseTimer`` at each ``sample``).
+    ``timer`` holds the current step's seconds per phase (a fresh ``PhaseTimer`` at each ``sample``);
+    ``last_samples`` the decoded samples of the last ``sample`` call (this rank's micro-batches in order), for the
+    samples table (training/samples_table.py).
     """
 
     def __init__(self, *, policy, proposal, base, task: Task, tokenizer, plan: RolloutPlan,
@@ -65,6 +67,7 @@ class ZeroBackend:
         self._device = device()  # the timer synchronises it around each phase when it is a GPU
         self.timer = PhaseTimer(self._device)
         self._stepped = False
+        self.last_samples: list = []
 
     @property
     def sampler(self):
@@ -80,6 +83,7 @@ class ZeroBackend:
         chunks = collect_chunks(sampler=self.sampler if self.vllm is None else self.vllm, q_engine=self.sampler,
                                 base=self.base, task=self.task, tokenizer=self.tokenizer, plan=self.plan, step=step,
                                 timer=self.timer, prompts=self.prompts)
+        self.last_samples = [c.samples for c in chunks]
         return [self._draws(c) for c in chunks]
 
     @staticmethod

@@ -107,8 +107,11 @@ class ScorerConfig:
     P = a · Π b_i · exp(Σ r_j/β_j + Σ λ_k φ_k)."""
 
     scorer: str
-    """A built-in scorer (``contains``, ``count``, ``parses_as_python``), ``hf-classifier`` (a local Hugging Face
-    sequence classifier; its path and label go in ``scorer_args``) or ``package.module:function``."""
+    """A built-in scorer (``contains``, ``count``, ``parses_as_python``), ``hf-classifier`` (a Hugging Face sequence
+    classifier of the completion; its path and label go in ``scorer_args``), ``hf-reward-model`` (a Hugging Face
+    reward model of prompt + completion; its path in ``scorer_args``) or ``package.module:function``. The two
+    model scorers read a local directory or a Hub id in the local cache, run in the run's ``model.dtype`` unless
+    ``scorer_args.dtype`` says otherwise, and appear in ``fdpg-scale plan``."""
     kind: str = "pointwise"
     """``pointwise`` (a constraint b(x) = [score > 0]), ``reward`` (a reward r(x), factor exp(r/β)) or ``feature``
     (a feature φ(x), factor exp(λφ) with λ fitted jointly so that E_p[φ] = ``moment``)."""
@@ -140,8 +143,10 @@ class TargetConfig:
     kind: str = "pointwise"
     """``pointwise`` (P = a·b), ``distributional`` (P = a·exp(λ·φ), λ fitted) or ``reward`` (P = a·exp(r/β))."""
     scorer: str = "contains"
-    """A built-in scorer (``contains``, ``count``, ``parses_as_python``), ``hf-classifier`` (a local Hugging Face
-    sequence classifier) or ``package.module:function`` (your own function of the decoded texts)."""
+    """A built-in scorer (``contains``, ``count``, ``parses_as_python``), ``hf-classifier`` (a Hugging Face sequence
+    classifier of the completion), ``hf-reward-model`` (a Hugging Face reward model of prompt + completion: r = its
+    logit) or ``package.module:function`` (your own function of the decoded texts). The model scorers run in the
+    run's ``model.dtype`` unless ``scorer_args.dtype`` says otherwise, and appear in ``fdpg-scale plan``."""
     scorer_args: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of the scorer, e.g. ``{substring: "def"}``; checked against its signature."""
     scorers: list[ScorerConfig] = field(default_factory=list)
@@ -359,16 +364,51 @@ class DeepSpeedConfig:
     them differently is an error."""
 
 
+_TRACKER_NAMES = ("tensorboard", "wandb", "mlflow", "trackio")   # training/trackers.py's adapters
+
+
 @dataclass(kw_only=True)
 class LoggingConfig:
     summary_every: int = 1
     """Print a one-line summary every this many steps (rank 0)."""
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Where each step's metrics (and the samples table) go besides metrics.jsonl: any of tensorboard, wandb,
+    mlflow, trackio (training/trackers.py), all writing locally under output_dir or on this machine. wandb, mlflow
+    and trackio are optional extras (``pip install 'fdpg-scale[wandb]'``); one that is not installed stops the run
+    before it starts."""
     tensorboard: bool = True
+    """false: no TensorBoard events even when ``trackers`` lists tensorboard (the older switch)."""
+    project: str = "fdpg-scale"
+    """The W&B / trackio project and the MLflow experiment the run is logged under."""
+    run_name: str | None = None
+    """The tracker run's name; null: output_dir's last component."""
+    wandb_mode: str = "offline"
+    """``offline`` (W&B writes under output_dir/wandb, nothing leaves the machine; ``wandb sync`` uploads it
+    later) or ``online``."""
+    mlflow_tracking_uri: str | None = None
+    """MLflow's tracking URI; null: a SQLite store output_dir/mlflow.db (artifacts in output_dir/mlartifacts)."""
+    samples_every: int = 0
+    """Every this many optimizer steps, rank 0's sampled completions with their log-probabilities, weights and
+    scores go to output_dir/samples.jsonl and to the trackers (training/samples_table.py); 0: never."""
     progress_bar: bool = True
 
     def __post_init__(self):
         if self.summary_every < 1:
             raise ConfigError(f"logging.summary_every must be ≥ 1, got {self.summary_every}")
+        for name in self.trackers:
+            _choice("logging.trackers[]", name, _TRACKER_NAMES)
+        if len(set(self.trackers)) != len(self.trackers):
+            raise ConfigError(f"logging.trackers names a tracker twice: {self.trackers}")
+        _choice("logging.wandb_mode", self.wandb_mode, ("offline", "online"))
+        if not self.project.strip():
+            raise ConfigError("logging.project must not be empty")
+        if self.samples_every < 0:
+            raise ConfigError(f"logging.samples_every must be ≥ 0 (0: off), got {self.samples_every}")
+
+    @property
+    def active_trackers(self) -> list[str]:
+        """``trackers`` without tensorboard when ``tensorboard`` is false."""
+        return [t for t in self.trackers if self.tensorboard or t != "tensorboard"]
 
 
 @dataclass(kw_only=True)

@@ -5,8 +5,9 @@ Each optimizer step on the global batch (``train.global_batch`` sequences, whate
 on-policy) and score, fold every sample into the running log Z, weigh and backpropagate per micro-batch
 (DeepSpeed steps at the accumulation boundary), update the baseline after its use, and replace q by π when the
 evidence accumulated since the last check says π is closer to p. This module only builds the engines and the
-state, logs ``metrics.jsonl`` / TensorBoard / a summary line, and saves a checkpoint every ``save_every``
-steps, at the end, and when SLURM (or anyone) sends SIGUSR1/SIGTERM.
+state, logs ``metrics.jsonl`` / the trackers / a summary line (and every ``logging.samples_every`` steps a table
+of sampled completions), and saves a checkpoint every ``save_every`` steps, at the end, and when SLURM (or
+anyone) sends SIGUSR1/SIGTERM.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from fdpg_scale.training.rollout import RolloutPlan, describe_logq_source, logq_
 from fdpg_scale.training.run_setup import deepspeed_config, prepare_output_dir
 from fdpg_scale.training.sampler import build_vllm_sampler, longest_prompt, q_version
 from fdpg_scale.training.run_log import RunLogger
+from fdpg_scale.training.samples_table import sample_rows
+from fdpg_scale.training.trackers import build_trackers
 from fdpg_scale.training.alignment import alignment_columns
 from fdpg_scale.training.target_fitting import describe_fit, fit_distributional_task
 from fdpg_scale.targets.tasks import build_task
@@ -57,8 +60,8 @@ def train(cfg: RunConfig) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompts = load_target_prompts(cfg.target, tokenizer)
-    task = build_task(cfg.target, tokenizer, device=device(),  # before the engines: a bad scorer fails fast
-                      metadata_columns=() if prompts is None else tuple(prompts.metadata))
+    task = build_task(cfg.target, tokenizer, device=device(), dtype=cfg.model.dtype,  # before the engines: a bad
+                      metadata_columns=() if prompts is None else tuple(prompts.metadata))  # scorer fails fast
     ds_config = deepspeed_config(cfg, world_size=world, accumulation=accumulation)
     policy = build_policy(model_dir, ds_config, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                           warmup_steps=cfg.train.warmup_steps, lr_schedule=cfg.train.lr_schedule,
@@ -92,9 +95,12 @@ def train(cfg: RunConfig) -> None:
             fit_note = f"λ = {state.lambdas} (from the checkpoint)"
     if is_rank0():  # what `fdpg-scale eval` and a later reader need to know about this run
         (Path(cfg.output_dir) / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    trackers = [] if not is_rank0() else build_trackers(
+        cfg.logging.active_trackers, output_dir=cfg.output_dir, start_step=state.step, config=config_to_dict(cfg),
+        project=cfg.logging.project, run_name=cfg.logging.run_name, wandb_mode=cfg.logging.wandb_mode,
+        mlflow_tracking_uri=cfg.logging.mlflow_tracking_uri)
     log = RunLogger(cfg.output_dir, enabled=is_rank0(), total_steps=cfg.train.steps, start_step=state.step,
-                    summary_every=cfg.logging.summary_every, tensorboard=cfg.logging.tensorboard,
-                    progress_bar=cfg.logging.progress_bar)
+                    summary_every=cfg.logging.summary_every, trackers=trackers, progress_bar=cfg.logging.progress_bar)
     log.message(f"f-DPG {divergence} | world {world} ({launch.source}) | global batch {cfg.train.global_batch} = "
                 f"{cfg.train.micro_batch} per micro-step × {accumulation} accumulation × {world} ranks | "
                 f"≤ {cfg.train.global_batch * cfg.sampling.max_new_tokens} generated tokens per step | "
@@ -128,6 +134,8 @@ def train(cfg: RunConfig) -> None:
         else:
             log.log(state.step, {**_step_metrics(state, result, backend, lr=policy.get_lr()[0]), **guard.metrics(),
                                  **evaluation})
+            if cfg.logging.samples_every and state.step % cfg.logging.samples_every == 0:   # the samples table
+                log.log_samples(state.step, sample_rows(state.step, backend.last_samples, result.batch))
 
         stop = preemption.requested()
         if stop or state.step == cfg.train.steps or state.step % cfg.train.save_every == 0:

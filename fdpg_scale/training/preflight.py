@@ -11,7 +11,8 @@ What the config dataclasses cannot see alone, because it needs the world size or
 - the longest prompt plus ``sampling.max_new_tokens`` fits the model's positions;
 - the DeepSpeed JSON and the prompts (``target.prompts`` or ``target.prompts_file``: columns, rows, chat
   template) are valid, and the target's scorers take their arguments and the prompts' metadata columns;
-- ``output_dir`` is writable.
+- ``output_dir`` is writable;
+- every tracker of ``logging.trackers`` is installed (its extra: ``training/trackers.py``).
 
 ``slurm/train.sbatch`` runs the same checks in one process before it starts any rank, so a bad input is
 one line in the job log rather than one per rank under a launcher's traceback.
@@ -26,6 +27,7 @@ from fdpg_scale.models.tokens import special_token_problem
 from fdpg_scale.errors import ConfigError
 from fdpg_scale.training.config import RunConfig
 from fdpg_scale.training.run_setup import deepspeed_config, prepare_model_dir, prepare_output_dir
+from fdpg_scale.training.trackers import check_installed
 
 __all__ = ["preflight", "check_model_files"]
 
@@ -98,6 +100,7 @@ def preflight(cfg: RunConfig, *, world_size: int) -> Path:
         from fdpg_scale.training.in_run_eval import eval_accumulation
 
         eval_accumulation(cfg.eval.samples, micro_batch=cfg.train.micro_batch, world=world_size)
+    check_installed(cfg.logging.active_trackers)
     prepare_output_dir(cfg.output_dir)
     model_dir = prepare_model_dir(cfg.model)
     config = check_model_files(model_dir)
@@ -108,7 +111,8 @@ def preflight(cfg: RunConfig, *, world_size: int) -> Path:
                           f"({' '.join(str(err).split())[:300]})") from None
     _check_tokenizer(tokenizer, config, model_dir)
     prompts = load_target_prompts(cfg.target, tokenizer)
-    build_task(cfg.target, tokenizer, metadata_columns=() if prompts is None else tuple(prompts.metadata))
+    build_task(cfg.target, tokenizer, dtype=cfg.model.dtype,
+               metadata_columns=() if prompts is None else tuple(prompts.metadata))
     prompt_len = 1 if prompts is None else max(len(ids) for ids in prompts.token_ids)
     _check_positions(cfg, config, prompt_len, model_dir)
     if cfg.model.lora is not None:

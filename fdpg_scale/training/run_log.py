@@ -1,5 +1,7 @@
-"""What a run reports: ``metrics.jsonl`` (one JSON object per optimizer step), TensorBoard scalars, a
-progress bar and a one-line summary every N steps. Rank 0 writes; other ranks get a logger that does nothing.
+"""What a run reports: ``metrics.jsonl`` (one JSON object per optimizer step), the same numbers to the experiment
+trackers of ``logging.trackers`` (TensorBoard, W&B, MLflow, trackio: training/trackers.py), the table of sampled
+completions to ``samples.jsonl`` and the trackers (training/samples_table.py), a progress bar and a one-line
+summary every N steps. Rank 0 writes; other ranks get a logger that does nothing.
 
 ``metrics.jsonl`` is appended to, so a resumed run continues the same file; on resume the lines of steps at
 or after the resumed step (written after the checkpoint the run restarts from) are dropped first, so every
@@ -12,8 +14,12 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import Any, Sequence
 
 from tqdm import tqdm
+
+from fdpg_scale.training.samples_table import SamplesFile
+from fdpg_scale.training.trackers import Tracker
 
 __all__ = ["RunLogger"]
 
@@ -22,17 +28,19 @@ class RunLogger:
     """Per-step metrics sink of one run.
 
     Args:
-        output_dir: the run directory; ``metrics.jsonl`` and ``tensorboard/`` go there.
+        output_dir: the run directory; ``metrics.jsonl`` and ``samples.jsonl`` go there.
         enabled: False on every rank but 0 (then every method is a no-op).
         total_steps / start_step: for the progress bar; ``start_step`` also truncates stale lines.
         summary_every: print a one-line summary every this many steps.
+        trackers: where each row's finite numbers and each samples table also go (``trackers.build_trackers``);
+            closed by ``close``.
     """
 
     def __init__(self, output_dir: str | Path, *, enabled: bool, total_steps: int, start_step: int = 0,
-                 summary_every: int = 1, tensorboard: bool = True, progress_bar: bool = True):
+                 summary_every: int = 1, trackers: Sequence[Tracker] = (), progress_bar: bool = True):
         self.enabled = enabled
         self.summary_every = summary_every
-        self._tb = None
+        self.trackers = list(trackers)
         self._bar = None
         if not enabled:
             return
@@ -40,10 +48,7 @@ class RunLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._drop_lines_from(start_step)
         self._file = open(self.path, "a", encoding="utf-8")
-        if tensorboard:
-            # Imported here: tensorboard pulls in protobuf/grpc, which ranks > 0 never need.
-            from torch.utils.tensorboard import SummaryWriter
-            self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"), purge_step=start_step)
+        self._samples = SamplesFile(output_dir, start_step=start_step)
         if progress_bar:
             self._bar = tqdm(total=total_steps, initial=start_step, desc="f-DPG", unit="step", dynamic_ncols=True,
                              leave=True)
@@ -55,15 +60,25 @@ class RunLogger:
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(record, allow_nan=True) + "\n")
         self._file.flush()
-        if self._tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self._tb.add_scalar(key, value, step)
+        if self.trackers:
+            numbers = {key: value for key, value in record.items()
+                       if key != "step" and isinstance(value, (int, float)) and math.isfinite(value)}
+            for tracker in self.trackers:
+                tracker.log_metrics(step, numbers)
         if self._bar is not None:
             self._bar.update(1)
             self._bar.set_postfix(loss=_short(record.get("loss")), kl_p_pi=_short(record.get("kl_p_pi")))
         if step % self.summary_every == 0:
             self.message(_summary_line(record))
+
+    def log_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
+        """The table of sampled completions of step ``step`` (``samples_table.sample_rows``): appended to
+        ``samples.jsonl`` and sent to every tracker."""
+        if not self.enabled or not rows:
+            return
+        self._samples.write(rows)
+        for tracker in self.trackers:
+            tracker.log_samples(step, rows)
 
     def message(self, text: str) -> None:
         """Print a line on rank 0 without breaking the progress bar."""
@@ -78,8 +93,8 @@ class RunLogger:
         if not self.enabled:
             return
         self._file.close()
-        if self._tb is not None:
-            self._tb.close()
+        for tracker in self.trackers:
+            tracker.close()
         if self._bar is not None:
             self._bar.close()
 

@@ -16,7 +16,7 @@ def rows(out) -> list[dict]:
 
 def logger(out, **kw) -> RunLogger:
     return RunLogger(out, enabled=kw.pop("enabled", True), total_steps=kw.pop("total_steps", 5),
-                     tensorboard=kw.pop("tensorboard", False), progress_bar=kw.pop("progress_bar", False), **kw)
+                     progress_bar=kw.pop("progress_bar", False), **kw)
 
 
 def test_one_json_row_per_step_with_plain_numbers_and_a_summary_line(tmp_path, capsys):
@@ -67,7 +67,9 @@ def test_ranks_other_than_0_write_and_print_nothing(tmp_path, capsys):
 
 
 def test_tensorboard_gets_the_finite_scalars(tmp_path):
-    log = logger(tmp_path, tensorboard=True)
+    from fdpg_scale.training.trackers import TensorBoardTracker
+
+    log = logger(tmp_path, trackers=[TensorBoardTracker(tmp_path / "tensorboard", start_step=0)])
     log.log(1, {"loss": 0.5, "kl_p_pi": float("inf"), "log_z": None})
     log.close()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -10,6 +10,8 @@ inputs are a table of one-line errors, as in tests/test_bad_inputs.py: ``train``
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -382,6 +384,17 @@ def test_the_reward_model_renders_the_pair_with_its_own_chat_template(files):
     torch.testing.assert_close(rm(_pairs())[1], expected)
 
 
+@pytest.mark.parametrize("run_dtype, args, expected", [("bf16", {}, "bfloat16"), ("fp32", {}, "float32"),
+                                                       ("bf16", {"dtype": "fp32"}, "float32")])
+def test_a_model_scorer_runs_in_the_runs_dtype_unless_its_scorer_args_say_otherwise(files, run_dtype, args, expected):
+    from fdpg_scale.targets.tasks import build_task
+    from fdpg_scale.training.config import TargetConfig
+
+    target = TargetConfig(kind="reward", scorer="hf-reward-model", scorer_args={"path": str(files["reward"]), **args})
+    model = build_task(target, dtype=run_dtype).columns[0].values.fn.classifier.model
+    assert {str(p.dtype) for p in model.parameters()} == {f"torch.{expected}"}
+
+
 def test_plan_reads_the_architecture_of_a_cached_hub_id(files, monkeypatch, capsys):
     from huggingface_hub import constants
 
@@ -390,6 +403,51 @@ def test_plan_reads_the_architecture_of_a_cached_hub_id(files, monkeypatch, caps
                        "model.path=someone/tiny-gpt2", "model.build=null"])
     out = capsys.readouterr().out
     assert status == 0 and "models--someone--tiny-gpt2" in out.splitlines()[0], out
+
+
+@pytest.mark.parametrize("dtype, classifier_dtype", [("bf16", None), ("fp32", None), ("bf16", "fp32")])
+def test_plan_counts_a_full_copy_of_each_model_scorer_per_gpu_in_its_dtype(files, monkeypatch, capsys, dtype,
+                                                                          classifier_dtype):
+    """A reward model (local directory) and a classifier (Hub id) beside the policy: each is a resident part of
+    P_s·b bytes per GPU, whatever the world size, in the run's dtype unless its scorer_args.dtype says otherwise."""
+    from huggingface_hub import constants
+    from transformers import AutoModelForSequenceClassification
+
+    from fdpg_scale.apps.plan import scorer_parts
+    from fdpg_scale.training.config import load_config
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(files["hub"]))
+    classifier_args = "path: someone/tiny-classifier, label: positive" + (f", dtype: {classifier_dtype}"
+                                                                          if classifier_dtype else "")
+    ds_config = ROOT / "configs" / "deepspeed" / ("zero3_bf16.json" if dtype == "bf16" else "zero3_cpu.json")
+    overrides = ["model.build=null", f"model.path={files['model']}", f"model.dtype={dtype}", "target.scorer_args={}",
+                 f"deepspeed.config={ds_config}",
+                 "target.scorers=[{scorer: hf-reward-model, kind: reward, scorer_args: {path: " + str(files["reward"]) +
+                 "}}, {scorer: hf-classifier, kind: reward, scorer_args: {" + classifier_args + "}}]"]
+    status = cli.main(["plan", "--config", str(SMOKE), "--nodes", "1", "--gpus-per-node", "2", *overrides])
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    n_reward, n_classifier = (sum(p.numel() for p in AutoModelForSequenceClassification.from_pretrained(d).parameters())
+                              for d in (files["reward"], files["root"] / "classifier"))
+    width = {"fp32": 4, "bf16": 2}
+    expected = {f"scorer hf-reward-model ({files['reward']}, {n_reward:,} parameters, {dtype})":
+                n_reward * width[dtype],
+                f"scorer hf-classifier (someone/tiny-classifier, {n_classifier:,} parameters, "
+                f"{classifier_dtype or dtype})": n_classifier * width[classifier_dtype or dtype]}
+    assert scorer_parts(load_config(SMOKE, overrides)) == expected
+    resident = out[:out.index("  generation")]        # listed among the resident parts of each GPU
+    assert all(f"    {name}" in resident for name in expected), out
+
+
+def test_plan_names_a_model_scorer_that_is_not_on_this_machine(files, monkeypatch, capsys):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(files["hub"]))
+    status = cli.main(["plan", "--config", str(SMOKE), "--nodes", "1", "--gpus-per-node", "1", "model.build=null",
+                       f"model.path={files['model']}", "target.kind=reward", "target.scorer=hf-reward-model",
+                       "target.scorer_args={path: someone/absent-reward}"])
+    line = one_line(capsys.readouterr().err)
+    assert status == 2 and "target.scorer_args.path 'someone/absent-reward' is not a local path" in line, line
 
 
 # --------------------------------------------------------------------------- evaluation during training
@@ -495,24 +553,48 @@ def test_train_rejects_in_one_line(case, args, world, culprit, files, tmp_path, 
     assert culprit.format(hub=files["hub"]) in line, line
 
 
-def test_the_readme_example_data_passes_the_pre_start_checks(tmp_path, monkeypatch, capsys):
-    """README, "Your own model and data": the data script's model has no BOS and a chat template, and the
-    README's overrides pass every check `train` makes before its engines start."""
+def readme_commands(data: Path, run: Path) -> list[list[str]]:
+    """The commands of README's "Your own model and data" block, as argument lists, with its data and run
+    directories replaced by ``data`` and ``run``."""
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index("## Your own model and data"):].split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = re.split(r"\n(?=\.venv/bin/)", block.replace("\\\n", " ").strip())
+    return [[a.replace(".cache/user-data", str(data)).replace("runs/mine", str(run)) for a in shlex.split(c)]
+            for c in commands]
+
+
+@pytest.mark.slow
+def test_the_readme_example_passes_the_pre_start_checks_for_its_2_ranks(tmp_path, monkeypatch, capsys):
+    """README, "Your own model and data", as written: the data script's model has no BOS and a chat template, and
+    its train command checks the run for 2 ranks, then would start torchrun with the same overrides."""
     from transformers import AutoTokenizer
 
-    subprocess.run([sys.executable, "examples/build_user_data.py", str(tmp_path / "data")], cwd=ROOT, check=True,
-                   capture_output=True, timeout=300)
+    from fdpg_scale.apps import train_launch
+
+    build, train, evaluate = readme_commands(tmp_path / "data", tmp_path / "run")
+    assert build[:2] == [".venv/bin/python", "examples/build_user_data.py"] and evaluate[1] == "eval"
+    subprocess.run([sys.executable, *build[1:]], cwd=ROOT, check=True, capture_output=True, timeout=300)
     tok = AutoTokenizer.from_pretrained(tmp_path / "data" / "chat-model")
     assert tok.bos_token_id is None and tok.chat_template is not None
-    checked = []
-    monkeypatch.setattr(loop, "train", lambda cfg: checked.append(preflight(cfg, world_size=1)))
+    started = []
+
+    class Torchrun:                                      # records the ranks' command instead of starting them
+        pid = -1
+
+        def __init__(self, cmd, **kwargs):
+            started.append(cmd)
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(train_launch.subprocess, "Popen", Torchrun)
     monkeypatch.chdir(ROOT)                              # examples.my_scorers resolves from the repository root
-    status = cli.main(["train", "--config", str(SMOKE), f"output_dir={tmp_path / 'run'}",
-                       f"model.path={tmp_path / 'data' / 'chat-model'}", "model.build=null",
-                       f"target.prompts={tmp_path / 'data' / 'prompts.parquet'}", "target.prompt_column=question",
-                       "target.kind=reward", "target.scorer=examples.my_scorers:mentions_answer",
-                       "target.scorer_args={}"])
-    assert status == 0 and checked == [tmp_path / "data" / "chat-model"], capsys.readouterr().err
+    assert train[0] == ".venv/bin/fdpg-scale" and train[1:4] == ["train", "--nproc-per-node", "2"]
+    status = cli.main(train[1:])
+    assert status == 0, capsys.readouterr().err
+    (cmd,) = started
+    assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    assert cmd[-len(train[4:]):] == train[4:]            # --config and every override, unchanged
 
 
 # ---------------------------------------------------------------------------------------- processes
