@@ -324,7 +324,8 @@ class SamplingConfig(SamplingSettings):
     rescore_logq: bool = True
     """Rescore log q of the sampled tokens with the proposal's fused forward (the function log π comes from)
     instead of using what ``generate`` recorded; exact for temperature-only sampling. With top_k/top_p the
-    recorded (truncated, renormalised) log q is kept, and the run log says so."""
+    recorded (truncated, renormalised) log q is kept, and the run log says so. With fp32 weights on the CPU the
+    recorded value already is the fused forward's (within 1e-5), so no rescoring forward runs there."""
     engine: str = "hf"
     """What samples q: ``hf`` (transformers generate on the ZeRO-3 proposal, as ``generation_mode`` says) or
     ``vllm`` (a vLLM engine per rank holding a copy of q, refreshed when q changes; needs the ``vllm`` extra)."""

@@ -11,6 +11,7 @@ steps, at the end, and when SLURM (or anyone) sends SIGUSR1/SIGTERM.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -99,7 +100,7 @@ def train(cfg: RunConfig) -> None:
         log.message(f"samples with P(x) = 0 get the chosen pseudo-reward r = {cfg.divergence.outside_support_reward} "
                     f"(divergence.outside_support_reward: {divergence}'s f′ is +∞ there); their share is logged "
                     f"as outside_support_fraction")
-    log.message(describe_logq_source(plan.settings, plan.rescore_logq))
+    log.message(describe_logq_source(plan.settings, plan.rescore_logq, plan.recorded_logq_exact))
     if cfg.train.baseline and divergence.exact_baseline is not None:
         log.message(f"baseline: B = {divergence.exact_baseline:g}, {divergence}'s exact E_π[r] (no moving average)")
     guard = NonFiniteGuard(cfg.train, log.message, policy)
@@ -110,6 +111,7 @@ def train(cfg: RunConfig) -> None:
     step_settings = StepSettings(divergence=divergence, clip=cfg.divergence.clip,
                                  outside_support_reward=cfg.divergence.outside_support_reward)
     for step in range(state.step, cfg.train.steps):
+        started = time.perf_counter()   # step_wall_s: the whole step, phases and everything between them
         result = fdpg_step(backend, state, step_settings, step, guard)
         state.step = step + 1
         evaluation = {}       # eval.every: fresh samples from π, logged as eval/* in the step's row
@@ -118,10 +120,10 @@ def train(cfg: RunConfig) -> None:
                                          plan=plan, step=state.step, samples=cfg.eval.samples)
         if result.skipped:   # non-finite values (train.on_nonfinite: skip): nothing of this step reached the state
             log.log(state.step, {"loss": None, "log_z": no_estimate(float(state.log_z.value.mean())), "skipped": 1,
-                                 **guard.metrics(), **evaluation})
+                                 **guard.metrics(), **evaluation, "step_wall_s": time.perf_counter() - started})
         else:
             log.log(state.step, {**_step_metrics(state, result, backend, lr=policy.get_lr()[0]), **guard.metrics(),
-                                 **evaluation})
+                                 **evaluation, "step_wall_s": time.perf_counter() - started})
 
         stop = preemption.requested()
         if stop or state.step == cfg.train.steps or state.step % cfg.train.save_every == 0:

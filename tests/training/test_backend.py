@@ -110,3 +110,33 @@ def test_evidence_rows_rescore_to_the_warped_policy_log_probs(backend):
     rescored = backend.rescore_sampling(merged)
     assert rescored.shape == (4,)
     assert torch.allclose(rescored, direct.cpu(), rtol=1e-5, atol=1e-5), (rescored, direct)
+
+
+def test_skipping_the_log_q_rescoring_in_fp32_on_cpu_keeps_every_value(backend, monkeypatch):
+    """``recorded_logq_exact`` (fp32 weights on the CPU) skips the proposal's rescoring forward: the same seeds
+    draw the same tokens, and the recorded log q equals the rescored one within the fp32 tolerance."""
+    import dataclasses
+
+    plan = backend.plan
+    assert plan.recorded_logq_exact          # from_config: fp32 on the CPU
+    from fdpg_scale.training import rollout
+
+    scored = []          # the engine of each scoring forward
+    real = rollout.sequence_logprobs
+    monkeypatch.setattr(rollout, "sequence_logprobs",
+                        lambda engine, *a, **k: scored.append(engine) or real(engine, *a, **k))
+    try:
+        backend.plan = dataclasses.replace(plan, recorded_logq_exact=False)
+        rescored = backend.sample(step=4)
+        backend.plan = dataclasses.replace(plan, recorded_logq_exact=True)
+        forwards_rescored = list(scored)
+        recorded = backend.sample(step=4)
+    finally:
+        backend.plan = plan
+    for a, b in zip(rescored, recorded):
+        assert torch.equal(a.payload.rollout.input_ids, b.payload.rollout.input_ids)
+        assert torch.equal(a.log_target, b.log_target) and torch.equal(a.log_base, b.log_base)
+        assert torch.allclose(a.logq, b.logq, rtol=0, atol=1e-5), (a.logq, b.logq)
+        assert torch.equal(b.extras["logq_mismatch"], torch.zeros(2))   # nothing was rescored
+    assert forwards_rescored == [backend.base, backend.proposal] * 2   # a and q per micro-batch
+    assert scored[4:] == [backend.base] * 2                            # a alone
