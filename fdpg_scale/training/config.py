@@ -240,6 +240,11 @@ class TrainConfig:
     """Recompute each transformer block's activations in the backward pass instead of keeping them (less
     memory, about one more forward of compute). Dropout is set to 0 in the model's config so that the
     recomputed forward is the same deterministic function as the first."""
+    inference_copies: bool = False
+    """Keep a whole, hook-free copy of each frozen model (the base a; the proposal q, refreshed when q ← π) on
+    every rank, and sample and score through it instead of through its ZeRO-3 engine (no gather per rollout,
+    no per-module hooks per forward): the same values, faster for small models, at the memory of one whole
+    model per copy and rank (``distributed/inference_copy.py``)."""
     save_every: int = 5
     """Checkpoint every this many steps (and at the end, and on SIGUSR1/SIGTERM)."""
     keep_checkpoints: int = 2

@@ -26,6 +26,7 @@ from fdpg_scale.core.divergences import get_divergence
 from fdpg_scale.core.metrics import importance_sampled_metrics
 from fdpg_scale.core.step import StepResult, StepSettings, fdpg_step, no_estimate
 from fdpg_scale.distributed.engines import build_frozen, build_policy
+from fdpg_scale.distributed.inference_copy import InferenceCopy
 from fdpg_scale.training.nonfinite import NonFiniteGuard
 from fdpg_scale.training.preemption import PreemptionSignal
 from fdpg_scale.training.in_run_eval import evaluate_policy, is_due
@@ -105,9 +106,13 @@ def train(cfg: RunConfig) -> None:
         log.message(f"baseline: B = {divergence.exact_baseline:g}, {divergence}'s exact E_π[r] (no moving average)")
     guard = NonFiniteGuard(cfg.train, log.message, policy)
 
-    backend = ZeroBackend(policy=policy, proposal=proposal, base=base, task=task, tokenizer=tokenizer, plan=plan,
-                          prompts=prompts, vllm=build_vllm_sampler(cfg, model_dir, prompt_tokens=longest_prompt(prompts)),
-                          q_version=lambda: q_version(cfg, state))
+    # train.inference_copies: a and q sampled and scored through whole copies (after a resume has loaded q).
+    base_scorer = InferenceCopy(base) if cfg.train.inference_copies else base
+    q_copy = InferenceCopy(proposal) if cfg.train.inference_copies and proposal is not None else None
+    backend = ZeroBackend(policy=policy, proposal=proposal, base=base_scorer, task=task, tokenizer=tokenizer,
+                          plan=plan, prompts=prompts,
+                          vllm=build_vllm_sampler(cfg, model_dir, prompt_tokens=longest_prompt(prompts)),
+                          q_version=lambda: q_version(cfg, state), q_copy=q_copy)
     step_settings = StepSettings(divergence=divergence, clip=cfg.divergence.clip,
                                  outside_support_reward=cfg.divergence.outside_support_reward)
     for step in range(state.step, cfg.train.steps):
@@ -116,7 +121,7 @@ def train(cfg: RunConfig) -> None:
         state.step = step + 1
         evaluation = {}       # eval.every: fresh samples from π, logged as eval/* in the step's row
         if is_due(state.step, every=cfg.eval.every, total=cfg.train.steps):
-            evaluation = evaluate_policy(policy=policy, base=base, task=task, tokenizer=tokenizer, prompts=prompts,
+            evaluation = evaluate_policy(policy=policy, base=base_scorer, task=task, tokenizer=tokenizer, prompts=prompts,
                                          plan=plan, step=state.step, samples=cfg.eval.samples)
         if result.skipped:   # non-finite values (train.on_nonfinite: skip): nothing of this step reached the state
             log.log(state.step, {"loss": None, "log_z": no_estimate(float(state.log_z.value.mean())), "skipped": 1,
