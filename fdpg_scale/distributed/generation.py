@@ -7,7 +7,8 @@ Two modes:
   gathered, and the next token would gather it again: the recipe of TRL's ``unwrap_model_for_generation``),
   generate with plain transformers, put the hooks back, re-partition. For models that fit one device.
   ``sample_batches`` draws several batches (each with its own seed) inside one such gather: one gather per
-  rank per training step, however many ``generate`` calls the step's share needs.
+  rank per training step, however many ``generate`` calls the step's share needs. An ``InferenceCopy``
+  (inference_copy.py: a frozen engine's model gathered once and kept whole) samples as it is, in either mode.
 - ``"sharded"``: leave the parameters partitioned; each module gathers its weights as it runs, and
   ``synced_gpus=True`` keeps a rank whose sequences all ended joining the other ranks' all-gathers until every
   rank is done (otherwise the collectives deadlock).
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 
 from fdpg_scale.core.sequences import first_eos_mask
+from fdpg_scale.distributed.inference_copy import InferenceCopy
 from fdpg_scale.distributed.settings import SamplingSettings
 
 __all__ = ["SamplingSettings", "Rollout", "sample", "sample_batches", "pad_prompts"]
@@ -200,11 +202,13 @@ def sample_batches(engine, batches: list[list[list[int]]], settings: SamplingSet
     # Eval mode while sampling: transformers turns the KV cache off in a training model with gradient
     # checkpointing. (Dropout is 0 in every engine's config, so the mode changes nothing else.)
     model.eval()
-    gather = _gathered_without_hooks(engine) if mode == "gathered" else contextlib.nullcontext()
+    # An InferenceCopy (inference_copy.py) is whole and hook-free on every rank: nothing to gather or sync.
+    whole = isinstance(engine, InferenceCopy)
+    gather = _gathered_without_hooks(engine) if mode == "gathered" and not whole else contextlib.nullcontext()
     try:
         with torch.no_grad(), gather, _quiet_all_ones_mask_warning():
             return [_generate(model, engine.device, prompts, settings, seed=seed, bos_id=bos_id, eos_id=eos_id,
-                              pad_id=pad_id, synced_gpus=(mode == "sharded"))
+                              pad_id=pad_id, synced_gpus=(mode == "sharded" and not whole))
                     for prompts, seed in zip(batches, seeds)]
     finally:
         model.generation_config = saved_defaults

@@ -17,6 +17,7 @@ import torch
 from fdpg_scale.core.collectives import LocalCollective, TorchDistCollective
 from fdpg_scale.core.step import Draws
 from fdpg_scale.distributed.engines import copy_policy_into_proposal, sequence_logprobs, train_step
+from fdpg_scale.distributed.inference_copy import InferenceCopy
 from fdpg_scale.distributed.launch import all_gather_rows, device
 from fdpg_scale.distributed.vllm_engine import VllmProposal
 from fdpg_scale.targets.tasks import Task
@@ -43,6 +44,8 @@ class ZeroBackend:
         vllm: a vLLM copy of q that samples instead of the ZeRO-3 engine (``sampling.engine: vllm``), kept
             current by pushing q's weights whenever ``q_version()`` (training/sampler.py) has changed; the
             ZeRO-3 engine that is q still rescores log q.
+        q_copy: a whole copy of the proposal (``InferenceCopy``, ``train.inference_copies``) that samples and
+            rescores instead of its engine; refreshed after each q ← π. ``base`` may be such a copy too.
 
     ``timer`` holds the current step's seconds per phase (a fresh ``PhaseTimer`` at each ``sample``);
     ``last_samples`` the decoded samples of the last ``sample`` call (this rank's micro-batches in order), for the
@@ -51,7 +54,7 @@ class ZeroBackend:
 
     def __init__(self, *, policy, proposal, base, task: Task, tokenizer, plan: RolloutPlan,
                  prompts: PromptSet | None = None, vllm: VllmProposal | None = None,
-                 q_version: Callable[[], tuple[str, int]] | None = None):
+                 q_version: Callable[[], tuple[str, int]] | None = None, q_copy: InferenceCopy | None = None):
         if not isinstance(plan, RolloutPlan):
             raise TypeError(f"plan must be a RolloutPlan, got {type(plan).__name__}")
         self.policy, self.proposal, self.base = policy, proposal, base
@@ -62,6 +65,9 @@ class ZeroBackend:
         if vllm is not None and q_version is None:
             raise ValueError("a vLLM sampler needs q_version, to know when q's weights must be pushed")
         self.vllm, self.q_version = vllm, q_version
+        if q_copy is not None and (proposal is None or q_copy.engine is not proposal):
+            raise ValueError("q_copy must be an InferenceCopy of the proposal engine (none on-policy)")
+        self.q_copy = q_copy
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         self.collective = TorchDistCollective() if distributed else LocalCollective()
         self._device = device()  # the timer synchronises it around each phase when it is a GPU
@@ -80,7 +86,8 @@ class ZeroBackend:
         if self.vllm is not None and self.vllm.version != self.q_version():   # q changed: push it (collective)
             with self.timer.phase("refresh"):
                 self.vllm.refresh_from(self.sampler, version=self.q_version())
-        chunks = collect_chunks(sampler=self.sampler if self.vllm is None else self.vllm, q_engine=self.sampler,
+        q = self.sampler if self.q_copy is None else self.q_copy
+        chunks = collect_chunks(sampler=q if self.vllm is None else self.vllm, q_engine=q,
                                 base=self.base, task=self.task, tokenizer=self.tokenizer, plan=self.plan, step=step,
                                 timer=self.timer, prompts=self.prompts)
         self.last_samples = [c.samples for c in chunks]
@@ -128,8 +135,10 @@ class ZeroBackend:
         self._stepped = False
 
     def replace_proposal(self) -> None:
-        """q ← π shard by shard (no gather); collective."""
+        """q ← π shard by shard (no gather), then q's inference copy if any (a gather); collective."""
         copy_policy_into_proposal(self.policy, self.proposal)
+        if self.q_copy is not None:
+            self.q_copy.refresh()
 
     def gather_rows(self, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The global batch's rows on every rank (rank order)."""

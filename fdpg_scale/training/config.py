@@ -258,6 +258,11 @@ class TrainConfig:
     """Recompute each transformer block's activations in the backward pass instead of keeping them (less
     memory, about one more forward of compute). Dropout is set to 0 in the model's config so that the
     recomputed forward is the same deterministic function as the first."""
+    inference_copies: bool = False
+    """Keep a whole, hook-free copy of each frozen model (the base a; the proposal q, refreshed when q ← π) on
+    every rank, and sample and score through it instead of through its ZeRO-3 engine (no gather per rollout,
+    no per-module hooks per forward): the same values, faster for small models, at the memory of one whole
+    model per copy and rank (``distributed/inference_copy.py``)."""
     save_every: int = 5
     """Checkpoint every this many steps (and at the end, and on SIGUSR1/SIGTERM)."""
     keep_checkpoints: int = 2
@@ -342,7 +347,8 @@ class SamplingConfig(SamplingSettings):
     rescore_logq: bool = True
     """Rescore log q of the sampled tokens with the proposal's fused forward (the function log π comes from)
     instead of using what ``generate`` recorded; exact for temperature-only sampling. With top_k/top_p the
-    recorded (truncated, renormalised) log q is kept, and the run log says so."""
+    recorded (truncated, renormalised) log q is kept, and the run log says so. With fp32 weights on the CPU the
+    recorded value already is the fused forward's (within 1e-5), so no rescoring forward runs there."""
     engine: str = "hf"
     """What samples q: ``hf`` (transformers generate on the ZeRO-3 proposal, as ``generation_mode`` says) or
     ``vllm`` (a vLLM engine per rank holding a copy of q, refreshed when q changes; needs the ``vllm`` extra)."""
@@ -450,6 +456,10 @@ class RunConfig:
         if self.sampling.batch is not None and self.sampling.batch % self.train.micro_batch:
             raise ConfigError(f"sampling.batch={self.sampling.batch} must be a multiple of "
                               f"train.micro_batch={self.train.micro_batch}")
+        if self.train.inference_copies and self.model.lora is not None:
+            # LoRA shares one base among π, q and a to hold one model; whole copies of a and q would hold three.
+            raise ConfigError("train.inference_copies keeps whole copies of a and q, which model.lora's one shared "
+                              "base is there to avoid: set train.inference_copies=false with model.lora")
         _seed("seed", self.seed)
         if not self.output_dir.strip():
             raise ConfigError("output_dir must not be empty")

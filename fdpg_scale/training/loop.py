@@ -12,6 +12,7 @@ anyone) sends SIGUSR1/SIGTERM.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from fdpg_scale.core.metrics import importance_sampled_metrics
 from fdpg_scale.core.step import StepResult, StepSettings, fdpg_step, no_estimate
 from fdpg_scale.distributed.adapters import adapter_views
 from fdpg_scale.distributed.engines import build_frozen, build_policy
+from fdpg_scale.distributed.inference_copy import InferenceCopy
 from fdpg_scale.training.nonfinite import NonFiniteGuard
 from fdpg_scale.training.preemption import PreemptionSignal
 from fdpg_scale.training.in_run_eval import evaluate_policy, is_due
@@ -111,29 +113,34 @@ def train(cfg: RunConfig) -> None:
         log.message(f"samples with P(x) = 0 get the chosen pseudo-reward r = {cfg.divergence.outside_support_reward} "
                     f"(divergence.outside_support_reward: {divergence}'s f′ is +∞ there); their share is logged "
                     f"as outside_support_fraction")
-    log.message(describe_logq_source(plan.settings, plan.rescore_logq))
+    log.message(describe_logq_source(plan.settings, plan.rescore_logq, plan.recorded_logq_exact))
     if cfg.train.baseline and divergence.exact_baseline is not None:
         log.message(f"baseline: B = {divergence.exact_baseline:g}, {divergence}'s exact E_π[r] (no moving average)")
     guard = NonFiniteGuard(cfg.train, log.message, policy)
 
-    backend = ZeroBackend(policy=policy, proposal=proposal, base=base, task=task, tokenizer=tokenizer, plan=plan,
-                          prompts=prompts, vllm=build_vllm_sampler(cfg, model_dir, prompt_tokens=longest_prompt(prompts)),
-                          q_version=lambda: q_version(cfg, state))
+    # train.inference_copies: a and q sampled and scored through whole copies (after a resume has loaded q).
+    base_scorer = InferenceCopy(base) if cfg.train.inference_copies else base
+    q_copy = InferenceCopy(proposal) if cfg.train.inference_copies and proposal is not None else None
+    backend = ZeroBackend(policy=policy, proposal=proposal, base=base_scorer, task=task, tokenizer=tokenizer,
+                          plan=plan, prompts=prompts,
+                          vllm=build_vllm_sampler(cfg, model_dir, prompt_tokens=longest_prompt(prompts)),
+                          q_version=lambda: q_version(cfg, state), q_copy=q_copy)
     step_settings = StepSettings(divergence=divergence, clip=cfg.divergence.clip,
                                  outside_support_reward=cfg.divergence.outside_support_reward)
     for step in range(state.step, cfg.train.steps):
+        started = time.perf_counter()   # step_wall_s: the whole step, phases and everything between them
         result = fdpg_step(backend, state, step_settings, step, guard)
         state.step = step + 1
         evaluation = {}       # eval.every: fresh samples from π, logged as eval/* in the step's row
         if is_due(state.step, every=cfg.eval.every, total=cfg.train.steps):
-            evaluation = evaluate_policy(policy=policy, base=base, task=task, tokenizer=tokenizer, prompts=prompts,
+            evaluation = evaluate_policy(policy=policy, base=base_scorer, task=task, tokenizer=tokenizer, prompts=prompts,
                                          plan=plan, step=state.step, samples=cfg.eval.samples)
         if result.skipped:   # non-finite values (train.on_nonfinite: skip): nothing of this step reached the state
             log.log(state.step, {"loss": None, "log_z": no_estimate(float(state.log_z.value.mean())), "skipped": 1,
-                                 **guard.metrics(), **evaluation})
+                                 **guard.metrics(), **evaluation, "step_wall_s": time.perf_counter() - started})
         else:
             log.log(state.step, {**_step_metrics(state, result, backend, lr=policy.get_lr()[0]), **guard.metrics(),
-                                 **evaluation})
+                                 **evaluation, "step_wall_s": time.perf_counter() - started})
             if cfg.logging.samples_every and state.step % cfg.logging.samples_every == 0:   # the samples table
                 log.log_samples(state.step, sample_rows(state.step, backend.last_samples, result.batch))
 

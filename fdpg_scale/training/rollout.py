@@ -19,6 +19,12 @@ is the same function of the weights as log π. That is exact for temperature-onl
 the sampled distribution is truncated and renormalised, which the fused head does not model: the recorded,
 warped log q is kept (``logq_source`` says which applies). Either way each chunk keeps what generate
 recorded, and ``logq_mismatch_metrics`` reports recorded − rescored per sequence.
+
+Rescoring is skipped where it would recompute the same numbers (``RolloutPlan.recorded_logq_exact``): fp32
+weights on the CPU, where generate's lm_head is an fp32 matmul followed by an fp32 log-softmax, as the fused
+head's CPU path (the chunked torch reference) is. The two agree within 1e-5 per sequence there
+(tests/distributed/test_zero3.py), and the skipped forward is a third of the step's scoring. On a GPU the
+fused head runs Triton tiles (TF32 dot products) and bf16 rounds the logits, so log q is rescored there.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import numpy as np
 import torch
 
 from fdpg_scale.distributed.engines import sequence_logprobs
+from fdpg_scale.distributed.launch import device
 from fdpg_scale.distributed.generation import MODES, Rollout, SamplingSettings, sample_batches
 from fdpg_scale.models.tokens import padding_id, start_id
 from fdpg_scale.distributed.vllm_engine import VllmProposal
@@ -71,6 +78,9 @@ class RolloutPlan:
     """Rescore log q with q's fused forward where that is exact (``sampling.rescore_logq``; module docstring)."""
     stream: int = TRAIN_STREAM
     """Seed stream: ``TRAIN_STREAM`` for the training batches, ``FIT_STREAM`` for the λ fit's draws."""
+    recorded_logq_exact: bool = False
+    """True when generate's recorded log q already equals the fused forward's (fp32 weights on the CPU: module
+    docstring), so ``rescore_logq`` has nothing to correct and the rescoring forward is skipped."""
 
     def __post_init__(self):
         if not isinstance(self.settings, SamplingSettings):
@@ -90,7 +100,8 @@ class RolloutPlan:
         return cls(settings=cfg.sampling.sampling_settings(), mode=cfg.sampling.generation_mode, run_seed=cfg.seed,
                    rank=rank, world=world, accumulation=cfg.train.accumulation_steps(world),
                    micro_batch=cfg.train.micro_batch, sampling_batch=cfg.sampling.batch,
-                   rescore_logq=cfg.sampling.rescore_logq)
+                   rescore_logq=cfg.sampling.rescore_logq,
+                   recorded_logq_exact=cfg.model.dtype == "fp32" and device().type == "cpu")
 
     @property
     def sequences(self) -> int:
@@ -144,17 +155,21 @@ def chunk_seed(run_seed: int, step: int, chunk: int, stream: int = TRAIN_STREAM)
     return int(np.random.SeedSequence([run_seed, stream, step, chunk]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def logq_source(settings: SamplingSettings, rescore_logq: bool) -> str:
-    """Where log q comes from for these settings: ``"rescored"`` or ``"recorded"`` (see module docstring)."""
+def logq_source(settings: SamplingSettings, rescore_logq: bool, recorded_exact: bool = False) -> str:
+    """Where log q comes from for these settings: ``"rescored"`` or ``"recorded"`` (see module docstring).
+    recorded_exact: ``RolloutPlan.recorded_logq_exact`` (the recorded value is already the fused forward's)."""
     truncated = settings.top_k > 0 or settings.top_p < 1.0
-    return "rescored" if rescore_logq and not truncated else "recorded"
+    return "rescored" if rescore_logq and not truncated and not recorded_exact else "recorded"
 
 
-def describe_logq_source(settings: SamplingSettings, rescore_logq: bool) -> str:
+def describe_logq_source(settings: SamplingSettings, rescore_logq: bool, recorded_exact: bool = False) -> str:
     """One line for the run log saying where log q comes from and why."""
-    if logq_source(settings, rescore_logq) == "rescored":
+    if logq_source(settings, rescore_logq, recorded_exact) == "rescored":
         return ("log q: rescored by the proposal's fused forward (fp32 accumulation, as log π); "
                 "logq_mismatch_mean/std = recorded − rescored per sequence")
+    if rescore_logq and recorded_exact and not (settings.top_k > 0 or settings.top_p < 1.0):
+        return ("log q: recorded by generate in fp32 on the CPU, the fused forward's own numerics (within 1e-5 "
+                "per sequence), so the rescoring forward is skipped")
     if rescore_logq:
         return (f"log q: recorded by generate under top_k={settings.top_k}, top_p={settings.top_p} (the truncated, "
                 f"renormalised q the fused head cannot rescore); it carries the generate path's rounding")
@@ -211,7 +226,7 @@ def collect_chunks(*, sampler, base, task, tokenizer, plan: RolloutPlan, step: i
         else:
             rollouts = sample_batches(sampler, batches, settings, seeds=seeds, bos_id=start_id(tokenizer),
                                       eos_id=tokenizer.eos_token_id, pad_id=pad, mode=plan.mode)
-    rescore = logq_source(settings, plan.rescore_logq) == "rescored"
+    rescore = logq_source(settings, plan.rescore_logq, plan.recorded_logq_exact) == "rescored"
     chunks = []
     for big, (context_ids, texts_c, meta_c) in zip(rollouts, contexts):
         for start in range(0, size, micro_batch):

@@ -110,3 +110,71 @@ def test_evidence_rows_rescore_to_the_warped_policy_log_probs(backend):
     rescored = backend.rescore_sampling(merged)
     assert rescored.shape == (4,)
     assert torch.allclose(rescored, direct.cpu(), rtol=1e-5, atol=1e-5), (rescored, direct)
+
+
+def test_skipping_the_log_q_rescoring_in_fp32_on_cpu_keeps_every_value(backend, monkeypatch):
+    """``recorded_logq_exact`` (fp32 weights on the CPU) skips the proposal's rescoring forward: the same seeds
+    draw the same tokens, and the recorded log q equals the rescored one within the fp32 tolerance."""
+    import dataclasses
+
+    plan = backend.plan
+    assert plan.recorded_logq_exact          # from_config: fp32 on the CPU
+    from fdpg_scale.training import rollout
+
+    scored = []          # the engine of each scoring forward
+    real = rollout.sequence_logprobs
+    monkeypatch.setattr(rollout, "sequence_logprobs",
+                        lambda engine, *a, **k: scored.append(engine) or real(engine, *a, **k))
+    try:
+        backend.plan = dataclasses.replace(plan, recorded_logq_exact=False)
+        rescored = backend.sample(step=4)
+        backend.plan = dataclasses.replace(plan, recorded_logq_exact=True)
+        forwards_rescored = list(scored)
+        recorded = backend.sample(step=4)
+    finally:
+        backend.plan = plan
+    for a, b in zip(rescored, recorded):
+        assert torch.equal(a.payload.rollout.input_ids, b.payload.rollout.input_ids)
+        assert torch.equal(a.log_target, b.log_target) and torch.equal(a.log_base, b.log_base)
+        assert torch.allclose(a.logq, b.logq, rtol=0, atol=1e-5), (a.logq, b.logq)
+        assert torch.equal(b.extras["logq_mismatch"], torch.zeros(2))   # nothing was rescored
+    assert forwards_rescored == [backend.base, backend.proposal] * 2   # a and q per micro-batch
+    assert scored[4:] == [backend.base] * 2                            # a alone
+
+
+def test_inference_copies_sample_and_score_as_the_engines(backend):
+    """``train.inference_copies``: a whole copy of q draws the same tokens with the same log q for the same seed
+    as q's ZeRO-3 engine, a copy of a scores as a's engine, and q's copy follows q ← π on ``refresh``."""
+    import dataclasses
+
+    from fdpg_scale.distributed.engines import sequence_logprobs
+    from fdpg_scale.distributed.generation import sample_batches
+    from fdpg_scale.distributed.inference_copy import InferenceCopy
+
+    with pytest.raises(ValueError, match="of a frozen engine"):
+        InferenceCopy(backend.policy)
+    q_copy, a_copy = InferenceCopy(backend.proposal), InferenceCopy(backend.base)
+    settings = dataclasses.replace(backend.plan.settings, top_k=5)   # the warpers too
+    kw = dict(seeds=[3, 4], bos_id=0, eos_id=backend.tokenizer.eos_token_id, pad_id=0)
+    prompts = [[[]] * 3, [[5, 6], [7], []]]                          # BOS-only and left-padded prompts
+    for mode in ("gathered", "sharded"):
+        ours = sample_batches(q_copy, prompts, settings, mode=mode, **kw)
+        theirs = sample_batches(backend.proposal, prompts, settings, mode=mode, **kw)
+        for a, b in zip(ours, theirs):
+            assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.gen_mask, b.gen_mask)
+            assert torch.allclose(a.logprobs, b.logprobs, rtol=0, atol=1e-6)
+    r = theirs[1]
+    with torch.no_grad():
+        for copy, engine in ((a_copy, backend.base), (q_copy, backend.proposal)):
+            assert torch.allclose(sequence_logprobs(copy, r.input_ids, r.attention_mask, r.gen_mask, temperature=0.8),
+                                  sequence_logprobs(engine, r.input_ids, r.attention_mask, r.gen_mask,
+                                                    temperature=0.8), rtol=0, atol=1e-6)
+    for d in backend.sample(step=5):   # π moves away from q
+        backend.backward(-backend.policy_logprobs(d).mean())
+    backend.optimizer_step()
+    backend.replace_proposal()   # the proposal engine only: the backend holds no copy
+    stale = sequence_logprobs(q_copy, r.input_ids, r.attention_mask, r.gen_mask)
+    q_copy.refresh()
+    with torch.no_grad():
+        fresh, pi = (sequence_logprobs(e, r.input_ids, r.attention_mask, r.gen_mask) for e in (q_copy, backend.policy))
+    assert torch.allclose(fresh, pi, rtol=0, atol=1e-6) and not torch.allclose(stale, fresh)

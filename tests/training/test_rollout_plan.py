@@ -27,7 +27,7 @@ def test_plan_from_a_run_config():
     plan = RolloutPlan.from_config(cfg, rank=1, world=2)
     assert plan == RolloutPlan(settings=cfg.sampling.sampling_settings(), mode=cfg.sampling.generation_mode,
                                run_seed=11, rank=1, world=2, accumulation=2, micro_batch=2, sampling_batch=4,
-                               rescore_logq=False, stream=TRAIN_STREAM)
+                               rescore_logq=False, stream=TRAIN_STREAM, recorded_logq_exact=True)  # fp32, CPU
     assert plan.sequences == 4 and plan.layout() == [1]           # one chunk of 4: global chunk 1 of 0..1
     assert type(plan.settings) is SamplingSettings and plan.settings.temperature == 0.7
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -47,9 +47,9 @@ def test_smoke_run_resume_equals_straight_run_and_exports(smoke_runs, tiny_gpt2,
         for key in ("loss", "log_z", "kl_p_pi"):
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (a["step"], key)
     assert all(k in m_straight[0] for k in ("step", "loss", "log_z"))
-    # log q is rescored by the fused head (temperature only): recorded − rescored is rounding, logged each step
-    assert all(abs(m["logq_mismatch_mean"]) < 1e-5 and m["logq_mismatch_std"] < 1e-5 for m in m_straight)
-    assert "log q: rescored by the proposal's fused forward" in log
+    # fp32 on the CPU: generate's recorded log q is the fused forward's own numerics, so it is not rescored
+    assert all(m["logq_mismatch_mean"] == 0.0 and m["logq_mismatch_std"] == 0.0 for m in m_straight)
+    assert "log q: recorded by generate in fp32 on the CPU" in log
 
     p_straight = export(straight, tmp_path / "hf_straight")
     p_split = export(split, tmp_path / "hf_split")
