@@ -27,6 +27,7 @@ BAD = [
     ("model.lora.target_modules=[q_proj,c_attn,v_proj]", "q_proj, v_proj name no linear layer of GPT2LMHeadModel"),
     ("model.lora.target_modules=[lm_head]", "lm_head is the output head"),
     ("model.lora.rank=8", "unknown config key 'model.lora.rank'"),
+    ("model.lora.r=8 train.inference_copies=true", "set train.inference_copies=false with model.lora"),
 ]
 
 
@@ -35,7 +36,7 @@ def test_a_bad_lora_value_is_one_line(override, culprit, tiny_gpt2, tmp_path, mo
     # Everything `train` does before it starts an engine (the target modules are checked on the meta device).
     monkeypatch.setattr(loop, "train", lambda cfg: preflight(cfg, world_size=1))
     capsys.readouterr()
-    status = cli.main(["train", "--config", str(SMOKE), f"model.path={tiny_gpt2}", f"output_dir={tmp_path}", override])
+    status = cli.main(["train", "--config", str(SMOKE), f"model.path={tiny_gpt2}", f"output_dir={tmp_path}", *override.split()])
     line = one_line(capsys.readouterr().err)
     assert status == EXIT_BAD_INPUT and culprit in line, (status, line)
 
