@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from fdpg_scale.distributed.checkpoint_files import hash_files, load_plain, verify_files
+from fdpg_scale.distributed.checkpoint_writes import SaveGuard
 from fdpg_scale.distributed.reshard import UNIVERSAL_PREFIX, load_policy_resharded, reshard_proposal_state
 from fdpg_scale.errors import CheckpointError
 from fdpg_scale.distributed.launch import barrier, get_rank, get_world_size, is_rank0
@@ -129,6 +130,30 @@ def find_intact(output_dir: str | os.PathLike) -> Path | None:
         raise CheckpointError(f"no intact checkpoint in {ckdir}: {'; '.join(found)} (move the directory away to "
                               f"start afresh)", every_rank=True)
     return None
+
+
+#: What fdpg-scale itself writes in checkpoints/ besides step_* directories (see the module docstring).
+_OWN_PREFIXES = (".tmp-", ".old-", ".damaged-", UNIVERSAL_PREFIX)
+_OWN_NAMES = ("latest", ".latest.tmp")
+
+
+def _warn_about_strangers(ckdir: Path) -> None:
+    """Rank 0, on resume: one warning per entry of ``ckdir`` that fdpg-scale did not write (a stray file, a
+    copied directory: never loaded, rotated or deleted), and for a ``latest`` that names no checkpoint (the
+    resume takes the newest intact ``step_*`` whatever ``latest`` says; the next save rewrites it)."""
+    for p in sorted(ckdir.iterdir()):
+        ours = (_STEP_RE.match(p.name) and p.is_dir()) or p.name.startswith(_OWN_PREFIXES) or p.name in _OWN_NAMES
+        if not ours:
+            print(f"fdpg-scale: warning: {p} is not a checkpoint (fdpg-scale did not write it): ignored", flush=True)
+    pointer = ckdir / "latest"
+    if pointer.is_file():
+        try:
+            name = pointer.read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            name = "?"
+        if not (_STEP_RE.match(name) and (ckdir / name / "meta.json").is_file()):
+            print(f"fdpg-scale: warning: {pointer} names {name[:40]!r}, which is not a checkpoint here: ignored, "
+                  f"resuming from the newest intact checkpoint", flush=True)
 
 
 def verify_checkpoint(ckpt_dir: Path) -> str | None:
@@ -288,26 +313,43 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, policy, proposa
     final = ckdir / f"step_{step:08d}"
     tmp = ckdir / f".tmp-{final.name}"
     rank, world = get_rank(), get_world_size()
+    dirs = _step_dirs(ckdir)
+    # Every write goes through the guard: a full disk on any rank ends the save on all of them in one line, the
+    # unfinished directory removed, the previous checkpoint and `latest` untouched (checkpoint_writes.py).
+    guard = SaveGuard(tmp, previous=dirs[-1][1] if dirs else None)
     if is_rank0():
-        ckdir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "rng").mkdir(parents=True)
-        if proposal is not None:
-            (tmp / "proposal").mkdir()
-    barrier()
-    policy.save_checkpoint(str(tmp / "policy"), tag=_DS_TAG, save_latest=False)
-    if proposal is not None:
-        torch.save(_shard_state(proposal), tmp / "proposal" / f"rank_{rank:05d}.pt")
-    torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
-    barrier()
+        with guard.writing("the checkpoint's directories"):
+            ckdir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "rng").mkdir(parents=True)
+            (tmp / "policy" / _DS_TAG).mkdir(parents=True)  # so that DeepSpeed's own makedirs write nothing
+            if proposal is not None:
+                (tmp / "proposal").mkdir()
+    guard.agree()
+    with guard.writing("policy/ (DeepSpeed's shards)"):
+        policy.save_checkpoint(str(tmp / "policy"), tag=_DS_TAG, save_latest=False)
+    if guard.failed:
+        barrier()  # the one DeepSpeed's save ends with, where the ranks whose writes succeeded are waiting
+    if proposal is not None and not guard.failed:
+        with guard.writing(f"proposal/rank_{rank:05d}.pt"):
+            torch.save(_shard_state(proposal), tmp / "proposal" / f"rank_{rank:05d}.pt")
+    if not guard.failed:
+        with guard.writing(f"rng/rank_{rank:05d}.pt"):
+            torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+    guard.agree()
     if is_rank0():
-        _copy_model_meta(policy.module.hf_model, tmp / "hf")
-        torch.save(dict(trainer_state), tmp / "trainer_state.pt")
-    barrier()
+        with guard.writing("hf/ and trainer_state.pt"):
+            _copy_model_meta(policy.module.hf_model, tmp / "hf")
+            torch.save(dict(trainer_state), tmp / "trainer_state.pt")
+    guard.agree()
     files = hash_files(tmp)  # every file but meta.json, which records them (hashing shared out by rank)
     if is_rank0():
-        _write_json_atomic(tmp / "meta.json", {"step": step, "world_size": world, "has_proposal": proposal is not None,
-                                               "fingerprint": dict(fingerprint), "files": files})
+        with guard.writing("meta.json"):
+            _write_json_atomic(tmp / "meta.json", {"step": step, "world_size": world,
+                                                   "has_proposal": proposal is not None,
+                                                   "fingerprint": dict(fingerprint), "files": files})
+    guard.agree()
+    if is_rank0():
         _commit(tmp, final, ckdir)
         _rotate(ckdir, keep, final)
     barrier()
