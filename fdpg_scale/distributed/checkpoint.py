@@ -28,6 +28,9 @@ missing or altered file) is reported in one line and set aside as ``.damaged-ste
 from the newest intact one; if none is intact it stops with one line listing what it found. Rotation
 renames a directory to ``.old-step_*`` before deleting it, so a kill halfway never leaves a partial
 ``step_*``; ``step_*`` directories without ``meta.json`` (left by older versions) are removed.
+Anything else in ``checkpoints/`` (a stray file, a directory copied in by hand) is left alone and named in a
+warning on resume, and so is a ``latest`` that names no checkpoint: the resume takes the newest intact
+``step_*`` whatever ``latest`` says.
 
 Trust: the project's own files (proposal shards, RNG states, trainer state) hold tensors and plain
 containers and load with ``weights_only=True``; a planted pickle is refused. DeepSpeed's files under
@@ -113,6 +116,7 @@ def find_intact(output_dir: str | os.PathLike) -> Path | None:
         for p in ckdir.iterdir():
             if _STEP_RE.match(p.name) and p.is_dir() and not (p / "meta.json").exists():
                 shutil.rmtree(p, ignore_errors=True)
+        _warn_about_strangers(ckdir)
     barrier()
     found = []
     for _, d in reversed(_step_dirs(ckdir)):
