@@ -30,7 +30,7 @@ renames a directory to ``.old-step_*`` before deleting it, so a kill halfway nev
 ``step_*``; ``step_*`` directories without ``meta.json`` (left by older versions) are removed.
 Anything else in ``checkpoints/`` (a stray file, a directory copied in by hand) is left alone and named in a
 warning on resume, and so is a ``latest`` that names no checkpoint: the resume takes the newest intact
-``step_*`` whatever ``latest`` says.
+``step_*`` whatever ``latest`` says, and points ``latest`` at it.
 
 Trust: the project's own files (proposal shards, RNG states, trainer state) hold tensors and plain
 containers and load with ``weights_only=True``; a planted pickle is refused. DeepSpeed's files under
@@ -122,6 +122,8 @@ def find_intact(output_dir: str | os.PathLike) -> Path | None:
     for _, d in reversed(_step_dirs(ckdir)):
         problem = verify_checkpoint(d)
         if problem is None:
+            if is_rank0():
+                _point_latest_at(ckdir, d)
             return d
         found.append(f"{d.name}: {problem}")
         if is_rank0():
@@ -139,6 +141,20 @@ def find_intact(output_dir: str | os.PathLike) -> Path | None:
 #: What fdpg-scale itself writes in checkpoints/ besides step_* directories (see the module docstring).
 _OWN_PREFIXES = (".tmp-", ".old-", ".damaged-", UNIVERSAL_PREFIX)
 _OWN_NAMES = ("latest", ".latest.tmp")
+
+
+def _point_latest_at(ckdir: Path, ckpt: Path) -> None:
+    """Rank 0, on resume: make ``latest`` name the checkpoint the run resumes from when it names another (one set
+    aside as damaged, one that is gone, an older one left by a kill between a save's rename and its pointer)."""
+    pointer = ckdir / "latest"
+    try:
+        if pointer.is_file() and pointer.read_text().strip() == ckpt.name:
+            return
+        tmp = ckdir / ".latest.tmp"
+        tmp.write_text(ckpt.name + "\n")
+        os.replace(tmp, pointer)
+    except (OSError, UnicodeDecodeError):
+        pass  # the pointer is a convenience for readers: the resume never depends on it
 
 
 def _warn_about_strangers(ckdir: Path) -> None:

@@ -110,4 +110,6 @@ def test_strays_in_checkpoints_are_ignored_with_a_warning_and_a_dangling_latest_
         assert any(f"{ck / name} is not a checkpoint (fdpg-scale did not write it): ignored" in w for w in warnings)
     assert any("latest names 'step_00000099', which is not a checkpoint here" in w for w in warnings)
     assert (ck / "notes.txt").exists() and (ck / "backup").is_dir()   # left alone
-    assert find_latest(tmp_path) == newest
+    assert (ck / "latest").read_text() == "step_00000004\n"           # repointed at what the run resumes from
+    assert find_intact(tmp_path) == newest
+    assert not [line for line in capsys.readouterr().out.splitlines() if "latest" in line]
