@@ -17,7 +17,7 @@ generation, backward, a checkpoint save or the resume itself:
 - ``term``: SIGTERM to torchrun, which forwards it to the ranks (a scheduler's cancel).
 
 After a kill, half of the time the last line of ``metrics.jsonl`` is cut in the middle, as a kill during its
-write leaves it (too short a window to hit by chance). Every process of a launch is gone before the next starts.
+write leaves it (too short a window to hit by chance), when a kill could have: while that step has no checkpoint. Every process of a launch is gone before the next starts.
 After ``--faults`` faults the run goes on to its last step undisturbed. Then the reference run (same settings,
 no fault) runs, and every step's loss, log Z, baseline and proposal version must equal it (to ``--tol``), and
 ``metrics.jsonl`` must hold each step once, in order, every line whole.
@@ -73,13 +73,14 @@ def launch_env() -> dict[str, str]:
     return env
 
 
-def start_training(out: Path, overrides: list[str], log: Path, *, nproc: int = 2) -> subprocess.Popen:
+def start_training(out: Path, overrides: list[str], log: Path, *, nproc: int = 2,
+                   launcher_args: tuple[str, ...] = ()) -> subprocess.Popen:
     """torchrun on ``nproc`` ranks of ``fdpg-scale train``, torchrun ignoring SIGUSR1 as slurm/train.sbatch makes
     it; output to ``log``. torchrun starts each rank in a session of its own, so the job's processes are found by
     a variable they all inherit (``JOB_MARKER``, unique per launch; the product never reads it): that finds the
-    ranks even after their launcher died."""
+    ranks even after their launcher died. launcher_args: more torchrun options."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "fdpg_scale.cli", "train", "--config", str(SMOKE), f"output_dir={out}",
+           *launcher_args, "-m", "fdpg_scale.cli", "train", "--config", str(SMOKE), f"output_dir={out}",
            "logging.progress_bar=false", "logging.tensorboard=false", *overrides]
     token = f"{os.getpid()}-{time.monotonic_ns()}"
     with open(log, "w") as sink:
@@ -167,9 +168,17 @@ def read_metrics(metrics: Path) -> list[dict]:
     return rows
 
 
+def newest_checkpoint_step(out: Path) -> int:
+    """The step of the newest committed checkpoint of run ``out`` (0 if none)."""
+    steps = [int(p.name[5:]) for p in (out / "checkpoints").glob("step_*") if (p / "meta.json").is_file()]
+    return max(steps, default=0)
+
+
 def tear_last_line(metrics: Path) -> bool:
-    """Cut the last line of ``metrics.jsonl`` in the middle (what a kill during its write leaves)."""
-    if not metrics.exists():
+    """Cut the last line of ``metrics.jsonl`` in the middle (what a kill during its write leaves), if a kill could
+    have cut it: only while its step has no checkpoint (a step's line is written before its checkpoint, so a kill
+    during the write comes before the save)."""
+    if not metrics.exists() or last_step(metrics) <= newest_checkpoint_step(metrics.parent):
         return False
     data = metrics.read_bytes()
     start = data.rstrip(b"\n").rfind(b"\n") + 1

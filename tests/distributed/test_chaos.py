@@ -36,6 +36,10 @@ def test_the_comparison_catches_a_difference_a_missing_step_and_a_torn_line(tmp_
     assert chaos.compare(ref, [ref[0], ref[2], ref[2]], 1e-6)[0].startswith("steps [1, 3, 3]")
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1}\n{"step": 2}\n')
+    (tmp_path / "checkpoints" / "step_00000002").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step_00000002" / "meta.json").write_text("{}")
+    assert not chaos.tear_last_line(path)   # step 2 has a checkpoint: a kill cannot have cut its line
+    (tmp_path / "checkpoints" / "step_00000002" / "meta.json").unlink()
     assert chaos.tear_last_line(path) and chaos.last_step(path) == 1
     with pytest.raises(AssertionError, match="the last line is not whole"):
         chaos.read_metrics(path)
