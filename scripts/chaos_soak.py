@@ -1,7 +1,7 @@
 """Chaos soak: a 2-rank training run hit by faults at random moments, restarted with resume after each one, and
 compared step by step with the same run left alone.
 
-    .venv/bin/python scripts/chaos_soak.py --out runs/chaos --steps 40 --faults 5 --seed 0
+    .venv/bin/python scripts/chaos_soak.py --out runs/chaos --steps 60 --faults 5 --seed 0
     .venv/bin/python scripts/chaos_soak.py --out runs/soak --steps 80 --faults 24 --seed 1 --record soak.json
 
 Each launch is ``torchrun --standalone --nproc_per_node 2 -m fdpg_scale.cli train`` on ``configs/smoke.yaml``
@@ -306,7 +306,7 @@ def soak(out: Path, *, steps: int, faults: int, seed: int, model: Path, save_eve
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="working directory (emptied first)")
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--steps", type=int, default=60)
     p.add_argument("--faults", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=2)
