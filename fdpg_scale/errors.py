@@ -8,12 +8,15 @@ one rank's samples), so each rank that raises it prints it with its rank.
 """
 
 __all__ = ["ConfigError", "CheckpointError", "CheckpointMismatchError", "ConstraintNeverSatisfied", "ScorerError",
-           "NonFiniteScoreError", "NonFiniteError", "EXIT_BAD_INPUT", "EXIT_NONFINITE"]
+           "NonFiniteScoreError", "NonFiniteError", "RankLostError", "CheckpointWriteError", "EXIT_BAD_INPUT", "EXIT_NONFINITE",
+           "EXIT_RANK_LOST"]
 
 EXIT_BAD_INPUT = 2
 """Exit status of a run refused or stopped by one of these errors (a crash exits 1)."""
 EXIT_NONFINITE = 3
 """Exit status of a run stopped by the non-finite guard (``train.on_nonfinite``)."""
+EXIT_RANK_LOST = 4
+"""Exit status of a rank whose collective failed: another rank hung past ``distributed.timeout_s`` or died."""
 
 
 class ConfigError(ValueError):
@@ -28,6 +31,14 @@ class CheckpointError(ValueError):
     def __init__(self, message: str, *, every_rank: bool = False):
         super().__init__(message)
         self.every_rank = every_rank
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (a full disk, a quota); every rank agreed on it, and the previous
+    checkpoint is untouched."""
+
+    def __init__(self, message: str):
+        super().__init__(message, every_rank=True)
 
 
 class CheckpointMismatchError(CheckpointError):
@@ -60,3 +71,10 @@ class NonFiniteError(RuntimeError):
     """A step's loss, gradients or weights are not finite and the run stops (decided on all ranks together)."""
 
     every_rank = True
+
+
+class RankLostError(RuntimeError):
+    """A collective failed on this rank: another rank stopped answering within ``distributed.timeout_s`` or died.
+    The message names the step and phase; only the ranks that were waiting see it."""
+
+    every_rank = False

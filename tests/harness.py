@@ -183,3 +183,15 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 1
             if proc.is_alive():
                 proc.kill()
     return [out[rank] for rank in range(world)]
+
+
+def load_script(relative: str):
+    """A script of the repository (e.g. ``scripts/chaos_soak.py``) imported as a module, for its functions."""
+    import importlib.util
+
+    path = REPO / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module

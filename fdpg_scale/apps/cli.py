@@ -19,7 +19,8 @@ the top, loads none of them (``tests/apps/test_cli.py`` checks it); each command
 (``args.argv`` holds the command line after ``fdpg-scale``).
 
 Exit status: the job's own, or 2 with one line on stderr for a user error (``fdpg_scale.errors``, a missing
-file) and for a bad option (argparse's usage error).
+file) and for a bad option (argparse's usage error), 3 for a run stopped on non-finite values, 4 for a rank whose
+collective failed (another rank hung past ``distributed.timeout_s`` or died).
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from fdpg_scale.errors import (EXIT_BAD_INPUT, EXIT_NONFINITE, CheckpointError, ConfigError, ConstraintNeverSatisfied,
-                               NonFiniteError, ScorerError)
+from fdpg_scale.errors import (EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_RANK_LOST, CheckpointError, ConfigError,
+                               ConstraintNeverSatisfied, NonFiniteError, RankLostError, ScorerError)
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
@@ -270,6 +271,15 @@ def _report(err: Exception, prefix: str, status: int) -> int:
 
 
 
+def _hard_exit(status: int) -> None:
+    """Leave at once with ``status``, skipping the interpreter's teardown. After a failed collective the process
+    group's threads still wait on the lost rank: a normal exit would hang in their destructors or abort in them
+    ("terminate called without an active exception", SIGABRT), replacing the status and adding lines after ours."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``), run the command, return its exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -288,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         return _report(err, "config error: ", EXIT_BAD_INPUT)
     except NonFiniteError as err:
         return _report(err, "", EXIT_NONFINITE)
+    except RankLostError as err:
+        _hard_exit(_report(err, "", EXIT_RANK_LOST))
     except (FileNotFoundError, FileExistsError, CheckpointError, ConstraintNeverSatisfied,
             ScorerError) as err:
         # Errors about the user's files or task: one line, no traceback.

@@ -36,7 +36,7 @@ from fdpg_scale.core.logspace import log_mean_exp_groups
 from fdpg_scale.core.metrics import diversity_metrics
 from fdpg_scale.core.sequences import first_eos_mask, position_ids_from_mask
 from fdpg_scale.distributed.generation import pad_prompts
-from fdpg_scale.errors import ConstraintNeverSatisfied
+from fdpg_scale.errors import ConfigError, ConstraintNeverSatisfied
 from fdpg_scale.kernels.reference import IGNORE_INDEX
 from fdpg_scale.kernels import token_logprobs
 from fdpg_scale.models.hub import local_dir
@@ -268,6 +268,11 @@ def _rejection_sampled_gain(policy_model, base_model, tokenizer, task: Task, *, 
 
 def run(args) -> int:
     """``fdpg-scale eval OUTPUT_DIR [--samples N] [--seed S]`` (arguments parsed by ``fdpg_scale.apps.cli``)."""
+    for option, value in (("--samples", args.samples), ("--base-samples", args.base_samples)):
+        if value < 1:
+            raise ConfigError(f"eval {option} must be ≥ 1, got {value}")
+    if args.seed is not None and not 0 <= args.seed < 2 ** 63:
+        raise ConfigError(f"eval --seed must be in [0, 2**63), got {args.seed}")
     r = evaluate_run(args.output_dir, n=args.samples, seed=args.seed, n_base=args.base_samples)
     keys = (*[k for k in r["policy"] if k.startswith("alignment") and not k.startswith("alignment_se")],
             "kl_p_pi", "kl_pi_a", "distinct_1", "distinct_2", "self_bleu_3")

@@ -9,7 +9,7 @@ runs go through the reproduction's runner (``fdpg_scale.experiments.runner.run_s
 
 from __future__ import annotations
 
-from fdpg_scale.experiments.runner import run_sweep
+from fdpg_scale.experiments.runner import check_sweep, run_sweep
 
 __all__ = ["run"]
 
@@ -17,9 +17,8 @@ __all__ = ["run"]
 def run(args) -> int:
     """``fdpg-scale sweep --configs A.yaml [B.yaml ...] [--divergences ...] [key=value ...]`` (arguments parsed
     by ``fdpg_scale.apps.cli``)."""
-    for config in args.configs:
-        if not config.is_file():
-            raise FileNotFoundError(f"sweep: config file not found: {config}")
+    check_sweep(args.configs, args.divergences, nproc=args.nproc, eval_samples=args.eval_samples,
+                overrides=args.overrides)
     report = run_sweep(args.configs, args.divergences, args.out, nproc=args.nproc, eval_samples=args.eval_samples,
                        overrides=args.overrides)
     print(f"report: {report}")

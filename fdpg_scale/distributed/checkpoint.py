@@ -31,6 +31,9 @@ missing or altered file) is reported in one line and set aside as ``.damaged-ste
 from the newest intact one; if none is intact it stops with one line listing what it found. Rotation
 renames a directory to ``.old-step_*`` before deleting it, so a kill halfway never leaves a partial
 ``step_*``; ``step_*`` directories without ``meta.json`` (left by older versions) are removed.
+Anything else in ``checkpoints/`` (a stray file, a directory copied in by hand) is left alone and named in a
+warning on resume, and so is a ``latest`` that names no checkpoint: the resume takes the newest intact
+``step_*`` whatever ``latest`` says, and points ``latest`` at it.
 
 Trust: the project's own files (proposal shards, RNG states, trainer state) hold tensors and plain
 containers and load with ``weights_only=True``; a planted pickle is refused. DeepSpeed's files under
@@ -53,6 +56,7 @@ import numpy as np
 import torch
 
 from fdpg_scale.distributed.checkpoint_files import hash_files, load_plain, verify_files
+from fdpg_scale.distributed.checkpoint_writes import SaveGuard
 from fdpg_scale.distributed.reshard import UNIVERSAL_PREFIX, load_policy_resharded, reshard_proposal_state
 from fdpg_scale.errors import CheckpointError
 from fdpg_scale.distributed.launch import barrier, get_rank, get_world_size, is_rank0
@@ -115,11 +119,14 @@ def find_intact(output_dir: str | os.PathLike) -> Path | None:
         for p in ckdir.iterdir():
             if _STEP_RE.match(p.name) and p.is_dir() and not (p / "meta.json").exists():
                 shutil.rmtree(p, ignore_errors=True)
+        _warn_about_strangers(ckdir)
     barrier()
     found = []
     for _, d in reversed(_step_dirs(ckdir)):
         problem = verify_checkpoint(d)
         if problem is None:
+            if is_rank0():
+                _point_latest_at(ckdir, d)
             return d
         found.append(f"{d.name}: {problem}")
         if is_rank0():
@@ -132,6 +139,44 @@ def find_intact(output_dir: str | os.PathLike) -> Path | None:
         raise CheckpointError(f"no intact checkpoint in {ckdir}: {'; '.join(found)} (move the directory away to "
                               f"start afresh)", every_rank=True)
     return None
+
+
+#: What fdpg-scale itself writes in checkpoints/ besides step_* directories (see the module docstring).
+_OWN_PREFIXES = (".tmp-", ".old-", ".damaged-", UNIVERSAL_PREFIX)
+_OWN_NAMES = ("latest", ".latest.tmp")
+
+
+def _point_latest_at(ckdir: Path, ckpt: Path) -> None:
+    """Rank 0, on resume: make ``latest`` name the checkpoint the run resumes from when it names another (one set
+    aside as damaged, one that is gone, an older one left by a kill between a save's rename and its pointer)."""
+    pointer = ckdir / "latest"
+    try:
+        if pointer.is_file() and pointer.read_text().strip() == ckpt.name:
+            return
+        tmp = ckdir / ".latest.tmp"
+        tmp.write_text(ckpt.name + "\n")
+        os.replace(tmp, pointer)
+    except (OSError, UnicodeDecodeError):
+        pass  # the pointer is a convenience for readers: the resume never depends on it
+
+
+def _warn_about_strangers(ckdir: Path) -> None:
+    """Rank 0, on resume: one warning per entry of ``ckdir`` that fdpg-scale did not write (a stray file, a
+    copied directory: never loaded, rotated or deleted), and for a ``latest`` that names no checkpoint (the
+    resume takes the newest intact ``step_*`` whatever ``latest`` says; the next save rewrites it)."""
+    for p in sorted(ckdir.iterdir()):
+        ours = (_STEP_RE.match(p.name) and p.is_dir()) or p.name.startswith(_OWN_PREFIXES) or p.name in _OWN_NAMES
+        if not ours:
+            print(f"fdpg-scale: warning: {p} is not a checkpoint (fdpg-scale did not write it): ignored", flush=True)
+    pointer = ckdir / "latest"
+    if pointer.is_file():
+        try:
+            name = pointer.read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            name = "?"
+        if not (_STEP_RE.match(name) and (ckdir / name / "meta.json").is_file()):
+            print(f"fdpg-scale: warning: {pointer} names {name[:40]!r}, which is not a checkpoint here: ignored, "
+                  f"resuming from the newest intact checkpoint", flush=True)
 
 
 def verify_checkpoint(ckpt_dir: Path) -> str | None:
@@ -291,32 +336,49 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, policy, proposa
     final = ckdir / f"step_{step:08d}"
     tmp = ckdir / f".tmp-{final.name}"
     rank, world = get_rank(), get_world_size()
+    dirs = _step_dirs(ckdir)
+    # Every write goes through the guard: a full disk on any rank ends the save on all of them in one line, the
+    # unfinished directory removed, the previous checkpoint and `latest` untouched (checkpoint_writes.py).
+    guard = SaveGuard(tmp, previous=dirs[-1][1] if dirs else None)
     if is_rank0():
-        ckdir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "rng").mkdir(parents=True)
-        if proposal is not None:
-            (tmp / "proposal").mkdir()
-    barrier()
+        with guard.writing("the checkpoint's directories"):
+            ckdir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "rng").mkdir(parents=True)
+            (tmp / "policy" / _DS_TAG).mkdir(parents=True)  # so that DeepSpeed's own makedirs write nothing
+            if proposal is not None:
+                (tmp / "proposal").mkdir()
+    guard.agree()
     adapters = getattr(policy.module, "adapters", None)
     # LoRA: the frozen base is the model directory itself; only the adapters and their optimizer state are saved.
-    policy.save_checkpoint(str(tmp / "policy"), tag=_DS_TAG, save_latest=False,
-                           exclude_frozen_parameters=adapters is not None)
-    if proposal is not None:
-        torch.save(_shard_state(proposal), tmp / "proposal" / f"rank_{rank:05d}.pt")
-    torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
-    barrier()
+    with guard.writing("policy/ (DeepSpeed's shards)"):
+        policy.save_checkpoint(str(tmp / "policy"), tag=_DS_TAG, save_latest=False,
+                               exclude_frozen_parameters=adapters is not None)
+    if guard.failed:
+        barrier()  # the one DeepSpeed's save ends with, where the ranks whose writes succeeded are waiting
+    if proposal is not None and not guard.failed:
+        with guard.writing(f"proposal/rank_{rank:05d}.pt"):
+            torch.save(_shard_state(proposal), tmp / "proposal" / f"rank_{rank:05d}.pt")
+    if not guard.failed:
+        with guard.writing(f"rng/rank_{rank:05d}.pt"):
+            torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+    guard.agree()
     if is_rank0():
-        _copy_model_meta(policy.module.hf_model, tmp / "hf")
-        if adapters is not None:  # what export needs to rebuild the adapter on its base (PEFT's adapter_config.json)
-            base = Path(getattr(policy.module.hf_model.config, "_name_or_path", "")).resolve()
-            adapters.config(str(base)).save_pretrained(str(tmp / "lora"))
-        torch.save(dict(trainer_state), tmp / "trainer_state.pt")
-    barrier()
+        with guard.writing("hf/, lora/ and trainer_state.pt"):
+            _copy_model_meta(policy.module.hf_model, tmp / "hf")
+            if adapters is not None:  # what export needs to rebuild the adapter on its base (PEFT's adapter_config)
+                base = Path(getattr(policy.module.hf_model.config, "_name_or_path", "")).resolve()
+                adapters.config(str(base)).save_pretrained(str(tmp / "lora"))
+            torch.save(dict(trainer_state), tmp / "trainer_state.pt")
+    guard.agree()
     files = hash_files(tmp)  # every file but meta.json, which records them (hashing shared out by rank)
     if is_rank0():
-        _write_json_atomic(tmp / "meta.json", {"step": step, "world_size": world, "has_proposal": proposal is not None,
-                                               "fingerprint": dict(fingerprint), "files": files})
+        with guard.writing("meta.json"):
+            _write_json_atomic(tmp / "meta.json", {"step": step, "world_size": world,
+                                                   "has_proposal": proposal is not None,
+                                                   "fingerprint": dict(fingerprint), "files": files})
+    guard.agree()
+    if is_rank0():
         _commit(tmp, final, ckdir)
         _rotate(ckdir, keep, final)
     barrier()

@@ -16,6 +16,7 @@ CUDA (the CPU accelerator would otherwise ask for oneCCL).
 
 from __future__ import annotations
 
+import datetime
 import os
 import re
 import socket
@@ -27,7 +28,7 @@ import torch
 
 __all__ = ["LaunchInfo", "resolve_launch", "expand_hostlist", "device_index", "init_distributed", "device",
            "get_rank", "get_world_size", "is_rank0", "barrier", "all_reduce_floats", "all_gather_rows",
-           "LAUNCHER_VARIABLES", "child_env"]
+           "LAUNCHER_VARIABLES", "child_env", "DEFAULT_TIMEOUT_S", "is_collective_failure"]
 
 #: Under SLURM without MASTER_PORT, the rendezvous port is chosen from the job id in [BASE, BASE + COUNT).
 _SLURM_PORT_BASE, _SLURM_PORT_COUNT = 20000, 20000
@@ -178,11 +179,18 @@ def device_index(local_rank: int, visible_devices: int) -> int:
     return local_rank % visible_devices
 
 
-def init_distributed(env: Mapping[str, str] | None = None) -> LaunchInfo:
+#: Seconds a collective may wait for the other ranks when the caller gives none (``distributed.timeout_s``).
+DEFAULT_TIMEOUT_S = 600.0
+
+
+def init_distributed(env: Mapping[str, str] | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> LaunchInfo:
     """Start the process group (idempotent) and select this process's device; returns the LaunchInfo.
 
     env: the environment to read (default ``os.environ``); the resolved variables are written back into
     ``os.environ`` because torch's env:// rendezvous reads them from there.
+    timeout_s: how long the rendezvous and every collective of the group (and of the groups DeepSpeed derives
+    from it) wait for the other ranks before failing. Without it a rank that stops answering keeps the others
+    waiting forever (gloo) or for torch's default (nccl's watchdog). Ignored when the group is already up.
     """
     import deepspeed
     from deepspeed.accelerator import get_accelerator
@@ -199,9 +207,27 @@ def init_distributed(env: Mapping[str, str] | None = None) -> LaunchInfo:
     else:
         backend = accel.communication_backend_name()
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
+        _clone_world_group(timeout)
     ignore_deepspeed_collective_deprecations()
     return info
+
+
+def _clone_world_group(timeout: datetime.timedelta) -> None:
+    """Make DeepSpeed's clone of the world group now, with ``timeout``.
+
+    ZeRO's collectives (parameter all-gathers, gradient reduce-scatters) run on a clone of the world group that
+    DeepSpeed makes on first use (``deepspeed.utils.groups._clone_world_group``) with ``new_group(ranks)``, which
+    takes torch's default timeout (30 min for gloo), not the world group's: a hung rank would then hold the others
+    for 30 minutes whatever ``distributed.timeout_s`` says. Collective: every rank calls it.
+    """
+    from deepspeed.utils import groups
+
+    # Called right after a fresh init_process_group, so a clone already there belongs to a group destroyed before
+    # (a second run in one process: the tests, a sweep); DeepSpeed would hand that dead group to ZeRO.
+    groups._WORLD_GROUP = torch.distributed.new_group(ranks=list(range(torch.distributed.get_world_size())),
+                                                      timeout=timeout)
 
 
 # DeepSpeed 0.19's ZeRO-3 parameter coordinator calls these two torch collectives, which torch 2.13 marks as
@@ -214,6 +240,23 @@ _DEEPSPEED_DEPRECATED_COLLECTIVES = r"`torch\.distributed\.(all_gather_into_tens
 def ignore_deepspeed_collective_deprecations() -> None:
     """Ignore torch's FutureWarning for the two deprecated collectives DeepSpeed's ZeRO-3 uses (see above)."""
     warnings.filterwarnings("ignore", message=_DEEPSPEED_DEPRECATED_COLLECTIVES, category=FutureWarning)
+
+
+# What gloo's and NCCL's failures of a collective say; torch raises most of them as plain RuntimeErrors. Seen with
+# torch 2.13 and a stopped rank: "[.../gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms for recv
+# operation to complete" (a blocking collective), "Application timeout caused pair closure" (an async one's
+# wait(), as ZeRO-3's parameter all-gathers); with a killed rank: "Connection closed by peer".
+_COLLECTIVE_FAILURES = ("gloo/transport", "third_party/gloo", "Timed out waiting", "Application timeout",
+                        "pair closure", "Connection closed by peer", "Connection reset by peer", "NCCL error",
+                        "ncclRemoteError", "Watchdog caught collective")
+
+
+def is_collective_failure(err: BaseException) -> bool:
+    """True for the errors a failed collective raises (torch's DistError family, gloo's and NCCL's messages):
+    another rank hung past the group's timeout, or died."""
+    if isinstance(err, torch.distributed.DistError):
+        return True
+    return isinstance(err, RuntimeError) and any(m in str(err) for m in _COLLECTIVE_FAILURES)
 
 
 def device() -> torch.device:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from fdpg_scale.core.divergences import DIVERGENCE_NAMES
 from fdpg_scale.errors import ConfigError
 from fdpg_scale.models.base_config import DEFAULT_OUT, PretrainConfig
 from fdpg_scale.training.config import apply_overrides
@@ -60,6 +61,13 @@ class Grid:
             if size not in self.sizes:
                 raise ValueError(f"grid {self.name!r}: cell ({config}, {size}) names an unknown size "
                                  f"(known: {', '.join(self.sizes)})")
+        for divergence in self.divergences:
+            name, _, alpha = divergence.partition(":")
+            if name not in DIVERGENCE_NAMES or (name == "alpha") != bool(alpha):
+                raise ValueError(f"grid {self.name!r}: divergence {divergence!r} is not one of "
+                                 f"{', '.join(DIVERGENCE_NAMES)} (an α-divergence is written alpha:0.5)")
+        if any(seed < 0 for seed in self.seeds):
+            raise ValueError(f"grid {self.name!r}: seeds must be ≥ 0, got {list(self.seeds)}")
         if not 1 <= self.eval_points <= self.steps or self.steps % self.eval_points:
             raise ValueError(f"grid {self.name!r}: eval_points ({self.eval_points}) must divide steps ({self.steps})")
         if self.eval_samples < 1 or self.prompts < 1:

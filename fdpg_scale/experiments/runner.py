@@ -199,6 +199,30 @@ def _train_command(config: Path, output_dir: Path, divergence: str, nproc: int, 
     return [sys.executable, *args]
 
 
+def check_sweep(configs: list[Path], divergences: list[str], *, nproc: int, eval_samples: int,
+                overrides: list[str] = ()) -> None:
+    """Every (config, divergence) run of a sweep as its trainer will read it, before any starts: ConfigError (one
+    line naming the option, the config file or the key) for a bad value, so that a typo fails in a second and
+    not after the runs before it have trained."""
+    from fdpg_scale.training.config import load_config
+
+    for option, value in (("--nproc", nproc), ("--eval-samples", eval_samples)):
+        if value < 1:
+            raise ConfigError(f"sweep {option} must be ≥ 1, got {value}")
+    if len(set(divergences)) < len(divergences):
+        raise ConfigError(f"sweep --divergences repeats an entry ({' '.join(divergences)})")
+    for config in configs:
+        if not config.is_file():
+            raise FileNotFoundError(f"sweep: config file not found: {config}")
+        for divergence in divergences:
+            name, _, alpha = divergence.partition(":")  # in the order _train_command passes them
+            try:
+                load_config(config, [f"divergence.name={name}", *overrides,
+                                     *([f"divergence.alpha={alpha}"] if alpha else [])])
+            except ConfigError as err:
+                raise ConfigError(f"sweep: {config} with --divergences {divergence}: {err}") from None
+
+
 def train_run(config: Path, run_dir: Path, divergence: str, *, nproc: int = 1, overrides: list[str] = ()) -> None:
     """Train ``config`` with ``divergence`` into ``run_dir`` in its own processes (its log beside it, in
     ``<run_dir>.log``); a complete run is resumed and finds nothing to do. Raises RuntimeError naming the log."""

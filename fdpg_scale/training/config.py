@@ -2,8 +2,8 @@
 overrides by the generic loader (``training.config_loader``).
 
 A config file is a YAML mapping whose sections mirror the dataclasses below (``model:``, ``divergence:``,
-``target:``, ``train:``, ``sampling:``, ``deepspeed:``, ``logging:``, ``eval:``) plus the top-level ``seed`` and
-``output_dir``. Unknown keys and wrong types are rejected with the dotted key's name; nothing is ever
+``target:``, ``train:``, ``sampling:``, ``deepspeed:``, ``distributed:``, ``logging:``, ``eval:``) plus the
+top-level ``seed`` and ``output_dir``. Unknown keys and wrong types are rejected with the dotted key's name; nothing is ever
 ``eval``-ed. Overrides use the same dotted names: ``train.steps=20 divergence.name=js``.
 """
 
@@ -374,6 +374,21 @@ _TRACKER_NAMES = ("tensorboard", "wandb", "mlflow", "trackio")   # training/trac
 
 
 @dataclass(kw_only=True)
+class DistributedConfig:
+    """The process group (``distributed/launch.py``)."""
+    timeout_s: float = 600.0
+    """Seconds a collective (and the rendezvous) may wait for the other ranks before it fails. A rank that
+    stops answering (a hung GPU, a stopped process, a dead node whose sockets stay open) then ends the run with
+    one line naming the step and phase, non-zero, so that the scheduler can requeue it, instead of holding the
+    nodes until the wall-clock limit. Long enough for the slowest legitimate wait: a checkpoint save or a
+    resume's verification on the other ranks, the first build of DeepSpeed's C++ op (35-47 s on a CPU)."""
+
+    def __post_init__(self):
+        if not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
+            raise ConfigError(f"distributed.timeout_s must be a finite number of seconds > 0, got {self.timeout_s}")
+
+
+@dataclass(kw_only=True)
 class LoggingConfig:
     summary_every: int = 1
     """Print a one-line summary every this many steps (rank 0)."""
@@ -440,6 +455,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0

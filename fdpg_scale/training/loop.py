@@ -31,6 +31,7 @@ from fdpg_scale.distributed.engines import build_frozen, build_policy
 from fdpg_scale.distributed.inference_copy import InferenceCopy
 from fdpg_scale.training.nonfinite import NonFiniteGuard
 from fdpg_scale.training.preemption import PreemptionSignal
+from fdpg_scale.training.progress import RunProgress, collective_failures
 from fdpg_scale.training.in_run_eval import evaluate_policy, is_due
 from fdpg_scale.training.preflight import preflight
 from fdpg_scale.training.prompts import load_target_prompts
@@ -50,8 +51,17 @@ __all__ = ["train"]
 
 
 def train(cfg: RunConfig) -> None:
-    """Run (or resume) the f-DPG training described by ``cfg`` on the ranks this process belongs to."""
-    launch = init_distributed()
+    """Run (or resume) the f-DPG training described by ``cfg`` on the ranks this process belongs to.
+
+    A collective that fails (another rank hung past ``distributed.timeout_s``, or died) raises RankLostError,
+    naming the step and phase (``training/progress.py``)."""
+    progress = RunProgress()
+    with collective_failures(progress, timeout_s=cfg.distributed.timeout_s):
+        _train(cfg, progress)
+
+
+def _train(cfg: RunConfig, progress: RunProgress) -> None:
+    launch = init_distributed(timeout_s=cfg.distributed.timeout_s)
     rank, world = launch.rank, launch.world_size
     accumulation = cfg.train.accumulation_steps(world)
     preemption = PreemptionSignal.install()
@@ -81,7 +91,8 @@ def train(cfg: RunConfig) -> None:
     fingerprint = {"model": ckpt.model_config_hash(model_dir), "divergence": str(divergence),
                    "target": asdict(cfg.target), "on_policy": cfg.train.on_policy,
                    **({} if cfg.model.lora is None else {"lora": asdict(cfg.model.lora)})}
-    latest = ckpt.find_intact(cfg.output_dir)
+    progress.at("resume")
+    latest = progress.last_checkpoint = ckpt.find_intact(cfg.output_dir)
     if latest is not None:
         # Target settings added in a later release resume at their defaults (field_defaults).
         state.load_state_dict(ckpt.load_checkpoint(latest, policy=policy, proposal=proposal, fingerprint=fingerprint,
@@ -129,10 +140,12 @@ def train(cfg: RunConfig) -> None:
                                  outside_support_reward=cfg.divergence.outside_support_reward)
     for step in range(state.step, cfg.train.steps):
         started = time.perf_counter()   # step_wall_s: the whole step, phases and everything between them
+        progress.at("optimizer step", step + 1, detail=lambda: backend.timer.current)
         result = fdpg_step(backend, state, step_settings, step, guard)
         state.step = step + 1
         evaluation = {}       # eval.every: fresh samples from π, logged as eval/* in the step's row
         if is_due(state.step, every=cfg.eval.every, total=cfg.train.steps):
+            progress.at("in-run evaluation")
             evaluation = evaluate_policy(policy=policy, base=base_scorer, task=task, tokenizer=tokenizer, prompts=prompts,
                                          plan=plan, step=state.step, samples=cfg.eval.samples)
         if result.skipped:   # non-finite values (train.on_nonfinite: skip): nothing of this step reached the state
@@ -144,17 +157,21 @@ def train(cfg: RunConfig) -> None:
             if cfg.logging.samples_every and state.step % cfg.logging.samples_every == 0:   # the samples table
                 log.log_samples(state.step, sample_rows(state.step, backend.last_samples, result.batch))
 
+        progress.at("stop-signal check")
         stop = preemption.requested()
         if stop or state.step == cfg.train.steps or state.step % cfg.train.save_every == 0:
+            progress.at("checkpoint save")
             path = ckpt.save_checkpoint(cfg.output_dir, state.step, policy=policy, proposal=proposal,
                                         trainer_state=state.state_dict(), fingerprint=fingerprint,
                                         keep=cfg.train.keep_checkpoints)
+            progress.last_checkpoint = path
             log.message(f"checkpoint {path}")
         if stop:
             log.message(f"stopping at step {state.step} on a stop signal ({preemption.name or 'another rank'}): "
                         f"rerun with the same output_dir to resume")
             break
     log.close()
+    progress.at("shutdown")
     barrier()
     # Tear the group down explicitly: gloo/nccl threads left to interpreter exit can abort the process
     # ("terminate called without an active exception") after a successful run.

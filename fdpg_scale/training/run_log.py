@@ -3,9 +3,9 @@ trackers of ``logging.trackers`` (TensorBoard, W&B, MLflow, trackio: training/tr
 completions to ``samples.jsonl`` and the trackers (training/samples_table.py), a progress bar and a one-line
 summary every N steps. Rank 0 writes; other ranks get a logger that does nothing.
 
-``metrics.jsonl`` is appended to, so a resumed run continues the same file; on resume the lines of steps at
-or after the resumed step (written after the checkpoint the run restarts from) are dropped first, so every
-step appears exactly once.
+``metrics.jsonl`` is appended to, so a resumed run continues the same file; on resume the lines of steps after
+the resumed step (written after the checkpoint the run restarts from) are dropped first, and so is a line a kill
+cut short (a torn write), so every step appears exactly once, each line whole.
 """
 
 from __future__ import annotations
@@ -101,8 +101,18 @@ class RunLogger:
     def _drop_lines_from(self, start_step: int) -> None:
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line)["step"] <= start_step]
+        kept = []
+        for number, line in enumerate(self.path.read_text(encoding="utf-8").splitlines(), 1):
+            try:
+                step = json.loads(line)["step"] if line.strip() else None
+            except (ValueError, KeyError, TypeError):
+                # A kill while this line was being written leaves it cut short: it belongs to a step after the
+                # checkpoint (the save comes after the step's line), so the resumed run writes it again.
+                print(f"fdpg-scale: {self.path} line {number} is not a whole record (a write cut short by a "
+                      f"kill?): dropped, its step is logged again", flush=True)
+                continue
+            if step is not None and step <= start_step:
+                kept.append(line)
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         os.replace(tmp, self.path)

@@ -29,18 +29,34 @@ class PhaseTimer:
             cuda_device = torch.device(device)
             sync = lambda: torch.cuda.synchronize(cuda_device)  # noqa: E731
         self._sync = sync
+        self._open: list[str] = []
+        self._left_by_error: str | None = None
+
+    @property
+    def current(self) -> str | None:
+        """The innermost phase running now; once an exception has left a phase, that phase (so that the error's
+        report can name where it struck); None between phases."""
+        return self._open[-1] if self._open else self._left_by_error
 
     @contextlib.contextmanager
     def phase(self, name: str):
-        if self._sync is not None:
-            self._sync()
-        start = time.perf_counter()
+        self._open.append(name)
         try:
-            yield
-        finally:
             if self._sync is not None:
                 self._sync()
-            self.seconds[name] += time.perf_counter() - start
+            start = time.perf_counter()
+            try:
+                yield
+            except BaseException:
+                if self._left_by_error is None:
+                    self._left_by_error = name  # the innermost phase: the first one the exception leaves
+                raise
+            finally:
+                if self._sync is not None:
+                    self._sync()
+                self.seconds[name] += time.perf_counter() - start
+        finally:
+            self._open.pop()
 
     @property
     def total(self) -> float:

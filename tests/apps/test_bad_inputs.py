@@ -1,4 +1,5 @@
-"""Every bad input is one line naming the culprit, with exit status 2: a table of 110+ cases.
+"""Every bad input is one line naming the culprit, with exit status 2: a table of 150+ cases across ``train``,
+``plan``, ``export``, ``eval``, ``sweep`` and ``reproduce --grid``.
 
 In-process (milliseconds each): ``fdpg_scale.cli.main`` with the real argument parser, config loader, pre-start
 checks (``training/preflight.py``, what ``train`` runs before any engine) and error reporting; only the
@@ -77,6 +78,31 @@ def files(tmp_path_factory, tiny_gpt2):
         (root / name).write_text(body)
     return f
 
+
+_GRID = "name: g\nsizes: {tiny: {n_layer: 2}}\ncells: [[SMOKE, tiny]]\n"
+# grid files of `reproduce --grid`: name -> (the file's text, what the one line must contain)
+GRIDS = {
+    "unknown-key": (_GRID + "bogus: 1\n", "'bogus'"),
+    "no-name": (_GRID.replace("name: g\n", ""), "'name'"),
+    "no-cells": (_GRID.replace("[[SMOKE, tiny]]", "[]"), "at least one cell"),
+    "cell-not-a-pair": (_GRID.replace("[[SMOKE, tiny]]", "[SMOKE]"), "cells[0]"),
+    "unknown-size": (_GRID.replace(", tiny]]", ", huge]]"), "unknown size"),
+    "size-unknown-key": (_GRID.replace("n_layer", "n_lyer"), "sizes.tiny.n_lyer"),
+    "no-divergences": (_GRID + "divergences: []\n", "at least one cell, divergence and seed"),
+    "unknown-divergence": (_GRID + "divergences: [foo]\n", "divergence 'foo'"),
+    "alpha-without-value": (_GRID + "divergences: [alpha]\n", "divergence 'alpha'"),
+    "no-seeds": (_GRID + "seeds: []\n", "at least one cell, divergence and seed"),
+    "seed-negative": (_GRID + "seeds: [-1]\n", "seeds must be ≥ 0"),
+    "seed-twice": (_GRID + "seeds: [0, 0]\n", "seeds repeat"),
+    "steps-str": (_GRID + "steps: many\n", "'steps'"),
+    "steps-0": (_GRID + "steps: 0\n", "steps (0)"),
+    "eval-points": (_GRID + "steps: 10\neval_points: 3\n", "eval_points (3)"),
+    "eval-samples-0": (_GRID + "eval_samples: 0\n", "eval_samples (0)"),
+    "prompts-0": (_GRID + "prompts: 0\n", "prompts (0)"),
+    "task-missing": (_GRID.replace("SMOKE", "configs/nope.yaml"), "configs/nope.yaml"),
+    "bad-override": (_GRID + "overrides: [trian.steps=3]\n", "'trian.steps'"),
+    "corpus-missing": (_GRID + "corpus: /nonexistent/corpus\n", "corpus"),
+}
 
 # (id, argv after `fdpg-scale`, world size for the pre-start checks, what the one line must contain).
 # "{x}" in argv is filled from the `files` fixture; every train row also gets model.path={model} unless set.
@@ -197,6 +223,13 @@ TRAIN_ROWS = [
     ("ds-batch-mismatch", ["deepspeed.config={root}/ds_batch.json"], 1, "train_batch_size"),
     ("ds-bf16-contradiction", ["deepspeed.config={root}/ds_bf16.json"], 1, "model.dtype"),
     ("output-dir-under-file", ["output_dir={not_a_dir}/run"], 1, "output_dir"),
+    # ---- the process group
+    ("timeout-0", ["distributed.timeout_s=0"], 1, "distributed.timeout_s"),
+    ("timeout-neg", ["distributed.timeout_s=-5"], 1, "distributed.timeout_s"),
+    ("timeout-inf", ["distributed.timeout_s=inf"], 1, "distributed.timeout_s"),
+    ("timeout-nan", ["distributed.timeout_s=.nan"], 1, "distributed.timeout_s"),
+    ("timeout-str", ["distributed.timeout_s=soon"], 1, "distributed.timeout_s"),
+    ("distributed-unknown-key", ["distributed.backend=nccl"], 1, "distributed.backend"),
 ]
 
 PLAN_ROWS = [
@@ -208,12 +241,66 @@ PLAN_ROWS = [
     ("plan-gpu-memory-0", ["--nodes", "1", "--gpus-per-node", "1", "--gpu-memory-gib", "0"], "--gpu-memory-gib"),
     ("plan-reserve-neg", ["--nodes", "1", "--gpus-per-node", "1", "--reserve-gib", "-1"], "--reserve-gib"),
     ("plan-reserve-inf", ["--nodes", "1", "--gpus-per-node", "1", "--reserve-gib", "inf"], "--reserve-gib"),
+    ("plan-gpu-memory-neg", ["--nodes", "1", "--gpus-per-node", "1", "--gpu-memory-gib", "-3"], "--gpu-memory-gib"),
+    ("plan-indivisible", ["--nodes", "3", "--gpus-per-node", "1"], "train.global_batch=128"),
+    ("plan-override-unknown", ["--nodes", "1", "--gpus-per-node", "1", "trian.x=1"], "'trian.x'"),
+    ("plan-override-bad", ["--nodes", "1", "--gpus-per-node", "1", "train.steps=0"], "train.steps"),
+    ("plan-override-timeout", ["--nodes", "1", "--gpus-per-node", "1", "distributed.timeout_s=0"],
+     "distributed.timeout_s"),
+]
+
+# (id, argv after `fdpg-scale`, what the one line must contain); "{x}" is filled from the `entry_files` fixture.
+OTHER_ROWS = [
+    # ---- plan: the config file itself
+    ("plan-config-missing", ["plan", "--config", "{root}/none.yaml", "--nodes", "1", "--gpus-per-node", "1"],
+     "none.yaml"),
+    ("plan-config-bad-yaml", ["plan", "--config", "{root}/bad.yaml", "--nodes", "1", "--gpus-per-node", "1"],
+     "bad.yaml"),
+    # ---- export: what it reads
+    ("export-missing-dir", ["export", "{root}/absent", "--to", "{root}/hf1"], "has no checkpoint"),
+    ("export-no-checkpoints", ["export", "{empty}", "--to", "{root}/hf2"], "has no checkpoint"),
+    ("export-empty-checkpoints", ["export", "{no_ckpt}", "--to", "{root}/hf3"], "has no checkpoint"),
+    ("export-a-file", ["export", "{file}", "--to", "{root}/hf4"], "has no checkpoint"),
+    ("export-not-ours", ["export", "{foreign}", "--to", "{root}/hf5"], "not a checkpoint written by"),
+    ("export-damaged", ["export", "{damaged}", "--to", "{root}/hf6"], "step_00000002"),
+    # ---- eval: options and what it reads
+    ("eval-missing-dir", ["eval", "{root}/absent"], "config.yaml"),
+    ("eval-no-config", ["eval", "{empty}"], "config.yaml"),
+    ("eval-a-file", ["eval", "{file}"], "config.yaml"),
+    ("eval-no-checkpoint", ["eval", "{no_ckpt}"], "has no checkpoint to evaluate"),
+    ("eval-not-ours", ["eval", "{foreign}"], "not a checkpoint written by"),
+    ("eval-samples-0", ["eval", "{no_ckpt}", "--samples", "0"], "--samples"),
+    ("eval-samples-neg", ["eval", "{no_ckpt}", "--samples", "-4"], "--samples"),
+    ("eval-base-samples-0", ["eval", "{no_ckpt}", "--base-samples", "0"], "--base-samples"),
+    ("eval-seed-neg", ["eval", "{no_ckpt}", "--seed", "-1"], "--seed"),
+    ("eval-bad-config", ["eval", "{bad_run}"], "train.steps"),
+    # ---- sweep: checked before any run starts
+    ("sweep-config-missing", ["sweep", "--configs", "{root}/none.yaml"], "none.yaml"),
+    ("sweep-config-bad-yaml", ["sweep", "--configs", "{root}/bad.yaml"], "bad.yaml"),
+    ("sweep-divergence-unknown", ["sweep", "--configs", "{smoke}", "--divergences", "foo"], "divergence.name"),
+    ("sweep-alpha-without-value", ["sweep", "--configs", "{smoke}", "--divergences", "alpha"], "divergence.alpha"),
+    ("sweep-alpha-not-a-number", ["sweep", "--configs", "{smoke}", "--divergences", "alpha:x"], "divergence.alpha"),
+    ("sweep-alpha-1", ["sweep", "--configs", "{smoke}", "--divergences", "alpha:1"], "divergence.alpha"),
+    ("sweep-divergence-twice", ["sweep", "--configs", "{smoke}", "--divergences", "kl", "kl"], "repeats"),
+    ("sweep-nproc-0", ["sweep", "--configs", "{smoke}", "--nproc", "0"], "--nproc"),
+    ("sweep-eval-samples-0", ["sweep", "--configs", "{smoke}", "--eval-samples", "0"], "--eval-samples"),
+    ("sweep-override-unknown", ["sweep", "trian.steps=3", "--configs", "{smoke}"], "'trian.steps'"),
+    ("sweep-override-bad-value", ["sweep", "train.steps=0", "--configs", "{smoke}"], "train.steps"),
+    ("sweep-override-timeout", ["sweep", "distributed.timeout_s=-1", "--configs", "{smoke}"], "distributed.timeout_s"),
+    ("sweep-second-config-bad", ["sweep", "--configs", "{smoke}", "{root}/list.yaml"], "list.yaml"),
+    ("sweep-out-is-a-file", ["sweep", "--configs", "{smoke}", "--out", "{file}"], "File exists"),
+    # ---- reproduce --grid: the grid file
+    ("grid-missing", ["reproduce", "--grid", "{root}/none.yaml", "--count"], "none.yaml"),
+    ("grid-bad-yaml", ["reproduce", "--grid", "{root}/bad.yaml", "--count"], "bad.yaml"),
+    ("grid-a-list", ["reproduce", "--grid", "{root}/list.yaml", "--count"], "list.yaml"),
+    *[(f"grid-{name}", ["reproduce", "--grid", f"{{grid_{name}}}", "--count"], culprit)
+      for name, (_, culprit) in GRIDS.items()],
 ]
 
 
-def test_the_table_holds_at_least_100_distinct_cases():
-    ids = [r[0] for r in TRAIN_ROWS] + [r[0] for r in PLAN_ROWS] + [r[0] for r in PROCESS_ROWS]
-    assert len(ids) == len(set(ids)) and len(ids) >= 100, len(ids)
+def test_the_table_holds_at_least_150_distinct_cases():
+    ids = [r[0] for rows in (TRAIN_ROWS, PLAN_ROWS, OTHER_ROWS, PROCESS_ROWS, COMMAND_PROCESS_ROWS) for r in rows]
+    assert len(ids) == len(set(ids)) and len(ids) >= 150, len(ids)
 
 
 @pytest.mark.parametrize("case, args, world, culprit", TRAIN_ROWS, ids=[r[0] for r in TRAIN_ROWS])
@@ -240,6 +327,43 @@ def test_plan_rejects_in_one_line(case, args, culprit, capsys):
     assert status == EXIT_BAD_INPUT and culprit in line, (status, line)
 
 
+@pytest.fixture(scope="module")
+def entry_files(tmp_path_factory):
+    """Run directories and grid files for the commands other than train: none holds a usable checkpoint."""
+    root = tmp_path_factory.mktemp("entry")
+    f = {"root": root, "smoke": SMOKE, "file": root / "file.txt", "empty": root / "empty",
+         "no_ckpt": root / "no_ckpt", "foreign": root / "foreign", "damaged": root / "damaged",
+         "bad_run": root / "bad_run"}
+    f["file"].write_text("x")
+    f["empty"].mkdir()
+    for run in ("no_ckpt", "foreign", "damaged", "bad_run"):
+        (f[run] / "checkpoints").mkdir(parents=True)
+        (f[run] / "config.yaml").write_text(SMOKE.read_text())
+    (f["bad_run"] / "config.yaml").write_text(SMOKE.read_text().replace("steps: 6", "steps: 0"))
+    step = f["foreign"] / "checkpoints" / "step_00000002"   # a meta.json, but nothing fdpg-scale writes beside it
+    step.mkdir()
+    (step / "meta.json").write_text(json.dumps({"step": 2, "fingerprint": {}}))
+    step = f["damaged"] / "checkpoints" / "step_00000002"   # recorded sizes and hashes that the files fail
+    (step / "hf").mkdir(parents=True)
+    (step / "hf" / "config.json").write_text("{}")
+    (step / "meta.json").write_text(json.dumps({"step": 2, "fingerprint": {}, "files": {"hf/config.json": [9, "0" * 64]}}))
+    for name, body in {"bad.yaml": "train: [1, 2\n", "list.yaml": "- 1\n- 2\n"}.items():
+        (root / name).write_text(body)
+    for name, (text, _) in GRIDS.items():
+        f[f"grid_{name}"] = root / f"grid_{name}.yaml"
+        f[f"grid_{name}"].write_text(text.replace("SMOKE", str(SMOKE)))
+    return f
+
+
+@pytest.mark.parametrize("case, args, culprit", OTHER_ROWS, ids=[r[0] for r in OTHER_ROWS])
+def test_other_commands_reject_in_one_line(case, args, culprit, entry_files, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)       # the grids' task configs are relative to the current directory
+    capsys.readouterr()
+    status = cli.main(fill_paths(args, entry_files))
+    line = one_line(capsys.readouterr().err)
+    assert status == EXIT_BAD_INPUT and culprit in line, (status, line)
+
+
 def test_a_second_run_seed_reuses_the_built_model(files, tmp_path):
     """seed=1 after seed=0: the build has its own seed (model.build_seed), so the cached model is reused."""
     from fdpg_scale.training.config import load_config
@@ -257,6 +381,24 @@ PROCESS_ROWS = [
     ("process-unreachable-moment", 1, ["target.kind=distributional", "target.moment=1.5", "target.fit_samples=8",
                                        "train.steps=1"], "target.moment=1.5"),
 ]
+
+
+# (id, argv after `fdpg-scale`, culprit): the other commands through the installed console script.
+COMMAND_PROCESS_ROWS = [
+    ("process-export-not-ours", ["export", "{foreign}", "--to", "{root}/hf"], "not a checkpoint written by"),
+    ("process-eval-samples-0", ["eval", "{no_ckpt}", "--samples", "0"], "--samples"),
+    ("process-sweep-unknown-divergence", ["sweep", "--configs", "{smoke}", "--divergences", "foo"], "divergence.name"),
+    ("process-grid-unknown-divergence", ["reproduce", "--grid", "{grid_unknown-divergence}", "--count"],
+     "divergence 'foo'"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case, args, culprit", COMMAND_PROCESS_ROWS, ids=[r[0] for r in COMMAND_PROCESS_ROWS])
+def test_other_commands_in_a_real_process_print_one_line(case, args, culprit, entry_files):
+    proc = run_cli(*fill_paths(args, entry_files), console_script=True, check=False, timeout=300)
+    assert proc.returncode == EXIT_BAD_INPUT, proc.stderr[-3000:]
+    assert culprit in one_line(proc.stderr), proc.stderr[-3000:]
 
 
 @pytest.mark.slow

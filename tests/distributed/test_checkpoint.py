@@ -90,3 +90,26 @@ def test_settings_added_later_resume_at_their_default(tmp_path):
                           defaults)
     with pytest.raises(CheckpointMismatchError, match="target="):   # without defaults a new key is a difference
         check_fingerprint(d, {"model": "abc", "target": {"kind": "pointwise", "beta": 1.0, "split": "train"}})
+
+
+def test_strays_in_checkpoints_are_ignored_with_a_warning_and_a_dangling_latest_falls_back(tmp_path, capsys):
+    from fdpg_scale.distributed.checkpoint import find_intact
+
+    ck = tmp_path / "checkpoints"
+    _fake(ck, 2)
+    newest = _fake(ck, 4)
+    (ck / "notes.txt").write_text("copied by hand")
+    (ck / "backup").mkdir()
+    (ck / "step_00000009").write_text("a file, not a checkpoint")
+    (ck / "latest").write_text("step_00000099\n")     # names a directory that is gone
+    capsys.readouterr()
+    assert find_intact(tmp_path) == newest
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    assert len(warnings) == 4, warnings
+    for name in ("notes.txt", "backup", "step_00000009"):
+        assert any(f"{ck / name} is not a checkpoint (fdpg-scale did not write it): ignored" in w for w in warnings)
+    assert any("latest names 'step_00000099', which is not a checkpoint here" in w for w in warnings)
+    assert (ck / "notes.txt").exists() and (ck / "backup").is_dir()   # left alone
+    assert (ck / "latest").read_text() == "step_00000004\n"           # repointed at what the run resumes from
+    assert find_intact(tmp_path) == newest
+    assert not [line for line in capsys.readouterr().out.splitlines() if "latest" in line]

@@ -58,6 +58,24 @@ def test_a_resumed_run_drops_the_rows_written_after_its_checkpoint(tmp_path):
     assert not (tmp_path / "metrics.jsonl.tmp").exists()
 
 
+def test_a_line_cut_by_a_kill_is_dropped_on_resume_and_its_step_written_once(tmp_path, capsys):
+    log = logger(tmp_path)
+    for step in range(1, 5):
+        log.log(step, {"loss": float(step)})
+    log.close()
+    path = tmp_path / "metrics.jsonl"
+    text = path.read_text()
+    path.write_text(text[:len(text) - 12])     # step 4's line cut mid-write, no newline
+    capsys.readouterr()
+    resumed = logger(tmp_path, start_step=3)   # the checkpoint is step 3's: the save comes after a step's line
+    resumed.log(4, {"loss": 40.0})
+    resumed.close()
+    assert path.read_text().endswith("\n")
+    assert [(r["step"], r["loss"]) for r in rows(tmp_path)] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+    said = capsys.readouterr().out.splitlines()
+    assert said[0].startswith("fdpg-scale:") and "line 4 is not a whole record" in said[0], said
+
+
 def test_ranks_other_than_0_write_and_print_nothing(tmp_path, capsys):
     log = logger(tmp_path / "run", enabled=False)
     log.log(1, {"loss": 1.0})
