@@ -58,7 +58,8 @@ def _record(impl: str, divergence: str, seed: int, kl: float, tokens_per_s: floa
     end = {"step": 60, "samples": 1920, "kl_p_pi": kl, "kl_p_pi_se": 0.1, "alignment": 0.5,
            "kl_gain_rs": 3.0 - kl, "kl_gain_rs_se": 0.1}
     return {"impl": impl, "divergence": divergence, "lr": 3e-5, "seed": seed, "steps": 60, "batch": 32,
-            "curve": [base, end], "tokens_per_s": tokens_per_s, "process_seconds": 50.0}
+            "curve": [base, end], "tokens_per_s": tokens_per_s, "tokens_per_cpu_s": tokens_per_s / 2,
+            "process_seconds": 50.0}
 
 
 def test_summary_pairs_seeds_and_judges_within_one_se(tmp_path):
@@ -79,7 +80,7 @@ def test_summary_pairs_seeds_and_judges_within_one_se(tmp_path):
     assert rows[0]["paired"]["seeds"] == [0, 1, 2] and rows[0]["disco"]["seeds"] == 4
     table = vs_disco.markdown(vs_disco.summarise(records))
     assert table.count("\n") == 2 + 4 - 1
-    assert "| kl | 3e-05 | fdpg-scale | 3 | 2.100 ± 0.058 |" in table and "4.00× disco's tokens/s" in table
+    assert "| kl | 3e-05 | fdpg-scale | 3 | 2.100 ± 0.058 |" in table and "4.00× disco's tokens/s, 4.00× per CPU s" in table
     vs_disco.plot(records, tmp_path / "fig.png")
     assert (tmp_path / "fig.png").stat().st_size > 0
 
