@@ -342,6 +342,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="the interpreter disco's environment is built with (default: this one)")
     ap.add_argument("--disco-env", type=Path, default=ROOT / ".cache" / "bench-envs" / "disco")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "vs_disco")
+    ap.add_argument("--report-only", action="store_true",
+                    help="train nothing: table, JSON and figure from the finished runs (run.json) in --out")
     ap.add_argument("overrides", nargs="*", help="key=value for both sides' config (fdpg-scale trains with them; "
                                                   "the disco side reads model, target, sampling and train from it)")
     args = ap.parse_args(argv)
@@ -360,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)   # the fdpg-scale training processes inherit it
     args.disco_source_label = None
+    if args.report_only:
+        return report(args)
     if "disco" in args.impls:
         args.disco_python = ensure_disco(args.disco_env, args.disco_python, args.disco_source)
         args.disco_source_label = disco_source_label(args.disco_source)
@@ -367,6 +371,25 @@ def main(argv: list[str] | None = None) -> int:
     # Both sides of a cell run back to back, so that load on a shared machine falls on both alike.
     records = [run_one(args, impl, divergence, lr, seed)
                for divergence, lr, seed, impl in itertools.product(args.divergences, args.lrs, args.seeds, args.impls)]
+    return write_outputs(args, records)
+
+
+def report(args) -> int:
+    """``--report-only``: the outputs from the finished runs among the requested ones; names the missing."""
+    cells = itertools.product(args.impls, args.divergences, args.lrs, args.seeds)
+    found = {cell: run_dir(args.out, *cell) / "run.json" for cell in cells}
+    missing = [path.parent.name for path in found.values() if not path.is_file()]
+    records = [json.loads(path.read_text()) for path in found.values() if path.is_file()]
+    if not records:
+        raise SystemExit(f"vs_disco: no finished run in {args.out}")
+    if missing:
+        print(f"[vs_disco] not finished, left out: {', '.join(missing)}", flush=True)
+    args.disco_source_label = None if args.disco_source is None else disco_source_label(args.disco_source)
+    return write_outputs(args, records)
+
+
+def write_outputs(args, records: list[dict]) -> int:
+    """Table on stdout, ``OUT/vs_disco.json`` and ``OUT/vs_disco.png``."""
     rows = summarise(records)
     (args.out / "vs_disco.json").write_text(json.dumps({"records": records, "rows": rows, "command": " ".join(sys.argv),
                                                         "disco_source": args.disco_source_label}, indent=1))

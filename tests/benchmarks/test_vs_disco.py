@@ -6,6 +6,7 @@ benchmarks/_disco_worker.py's token count, which runs in disco's environment and
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -98,3 +99,18 @@ def test_worker_counts_tokens_up_to_the_first_eos():
     assert worker.generated_tokens(torch.tensor([5, 6, 2, 0, 0]), eos, pad) == 3
     assert worker.generated_tokens(torch.tensor([5, 6, 7, 8]), eos, pad) == 4
     assert worker.generated_tokens(torch.tensor([2, 5, 2]), eos, pad) == 1
+
+
+def test_report_only_reads_finished_runs_and_names_the_missing(tmp_path, capsys):
+    out = tmp_path / "out"
+    for record in (_record("fdpg-scale", "kl", 0, 2.0, 900.0), _record("disco", "kl", 0, 2.1, 600.0)):
+        directory = vs_disco.run_dir(out, record["impl"], "kl", 3e-5, 0)
+        directory.mkdir(parents=True)
+        (directory / "run.json").write_text(json.dumps(record))
+    assert vs_disco.main(["--report-only", "--divergences", "kl", "--seeds", "0", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "left out: fdpg-scale_kl_lr3e-05_s1, disco_kl_lr3e-05_s1" in printed
+    assert "| kl | 3e-05 | disco | 1 | 2.100 |" in printed
+    written = json.loads((out / "vs_disco.json").read_text())
+    assert len(written["records"]) == 2 and written["rows"][0]["paired"]["seeds"] == [0]
+    assert (out / "vs_disco.png").is_file()
