@@ -234,7 +234,8 @@ def _mean_se(xs: list[float]) -> tuple[float, float]:
 def summarise(records: list[dict]) -> list[dict]:
     """One row per (divergence, lr): each side's final figures (mean ± SE over seeds) and the per-seed paired
     difference of final KL(p‖π), fdpg-scale − disco, with the verdicts: "no worse" when that difference's
-    mean is at most one SE above 0, "faster" when fdpg-scale's mean tokens/s is higher.
+    mean is at most one SE above 0 (None, undecided, with fewer than 2 paired seeds), "faster" when
+    fdpg-scale's mean tokens/s and tokens per CPU second are both higher.
 
     Seeds present on one side only are left out of the paired difference."""
     rows = []
@@ -262,7 +263,7 @@ def summarise(records: list[dict]) -> list[dict]:
             mean, se = _mean_se(diff)
             speed = row["fdpg-scale"]["tokens_per_s"][0] / row["disco"]["tokens_per_s"][0]
             cpu_speed = row["fdpg-scale"]["tokens_per_cpu_s"][0] / row["disco"]["tokens_per_cpu_s"][0]
-            row["paired"] = {"seeds": paired, "kl_diff": (mean, se), "no_worse": bool(mean <= (0 if math.isnan(se) else se)),
+            row["paired"] = {"seeds": paired, "kl_diff": (mean, se), "no_worse": None if len(paired) < 2 else bool(mean <= se),
                              "speedup": speed, "cpu_speedup": cpu_speed, "faster": speed > 1 and cpu_speed > 1}
         rows.append(row)
     return rows
@@ -287,7 +288,9 @@ def markdown(rows: list[dict]) -> str:
             if impl == "fdpg-scale" and "paired" in row:
                 p = row["paired"]
                 diff = _pm(p["kl_diff"])
-                verdict = (f"{'no worse' if p['no_worse'] else 'WORSE'} than disco beyond 1 SE; "
+                closeness = {None: "undecided (one paired seed: no SE)", True: "no worse than disco beyond 1 SE",
+                             False: "WORSE than disco beyond 1 SE"}[p["no_worse"]]
+                verdict = (f"{closeness}; "
                            f"{p['speedup']:.2f}× disco's tokens/s, {p['cpu_speedup']:.2f}× per CPU s")
             lines.append(f"| {row['divergence']} | {row['lr']:g} | {impl} | {s['seeds']} | {_pm(s['kl_p_pi'])} | "
                          f"{_pm(s['kl_gain_rs'])} | {_pm(s['alignment'])} | {_pm(s['tokens_per_s'], 0)} | "

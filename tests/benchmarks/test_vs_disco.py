@@ -113,4 +113,5 @@ def test_report_only_reads_finished_runs_and_names_the_missing(tmp_path, capsys)
     assert "| kl | 3e-05 | disco | 1 | 2.100 |" in printed
     written = json.loads((out / "vs_disco.json").read_text())
     assert len(written["records"]) == 2 and written["rows"][0]["paired"]["seeds"] == [0]
+    assert written["rows"][0]["paired"]["no_worse"] is None and "undecided (one paired seed" in printed
     assert (out / "vs_disco.png").is_file()
