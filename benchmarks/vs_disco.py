@@ -103,7 +103,7 @@ def disco_source_label(source: Path | None) -> str:
     if source is None:
         return DISCO_PYPI
     commit = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True)
-    return f"{source.resolve()} @ {commit.stdout.strip()}" if commit.returncode == 0 else str(source.resolve())
+    return f"{source} @ {commit.stdout.strip()}" if commit.returncode == 0 else str(source)
 
 
 # -------------------------------------------------------------------------------------------- one run
