@@ -11,7 +11,8 @@ proposal updates and disco's version.
 
 The target is disco's own EBM, the base times a ``BooleanScorer``; the sampling and the empty context follow
 disco's conventions (an empty context is the BOS token's text, which ``sample_batch`` does not add itself).
-The two patches of ``patch_disco`` adapt disco 1.1.2 to itself; they are this file's own code, not disco's.
+Two adaptations make disco 1.1.2 run here: ``patch_disco`` (its offline proposal check) and building the
+``Tuner`` directly instead of ``FDPGTuner`` (see ``main``). Both are this file's own code, not disco's.
 """
 
 from __future__ import annotations
