@@ -47,7 +47,7 @@ from fdpg_scale.targets.tasks import Task, build_task
 from fdpg_scale.training.config import RunConfig, load_config
 from fdpg_scale.training.alignment import column
 
-__all__ = ["evaluate_run", "eval_seed", "sample_and_score", "run", "BASE_SAMPLES"]
+__all__ = ["evaluate_run", "evaluate_model", "eval_seed", "sample_and_score", "run", "BASE_SAMPLES"]
 
 #: Generated samples scored per forward pass.
 BATCH_SIZE = 64
@@ -159,6 +159,13 @@ def eval_seed(run_seed: int) -> int:
     return 1234 + 7919 * run_seed
 
 
+def _check_counts(n: int, n_base: int) -> None:
+    """ValueError unless both draw counts are ints ≥ 1."""
+    for name, value in (("samples", n), ("base samples", n_base)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"eval: {name} must be an int ≥ 1, got {value!r}")
+
+
 def evaluate_run(output_dir: str | Path, *, n: int = 256, seed: int | None = None,
                  checkpoint: str | Path | None = None, n_base: int = BASE_SAMPLES) -> dict:
     """Evaluate run ``output_dir`` (its config.yaml and latest checkpoint) → {"base": row, "policy": row, ...}.
@@ -167,31 +174,51 @@ def evaluate_run(output_dir: str | Path, *, n: int = 256, seed: int | None = Non
     again for the rejection-sampled ``kl_gain_rs``); seed: None for ``eval_seed`` of the run's seed.
     checkpoint: evaluate this checkpoint directory of the run instead of the latest (for curves over
     training); the result is then returned only, not written to ``eval.json``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from fdpg_scale.distributed.checkpoint import find_latest
-    from fdpg_scale.distributed.checkpoint_files import load_plain
     from fdpg_scale.distributed.export import export_checkpoint
 
-    for name, value in (("samples", n), ("base samples", n_base)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"eval: {name} must be an int ≥ 1, got {value!r}")
+    _check_counts(n, n_base)
     output_dir = Path(output_dir)
     cfg: RunConfig = load_config(output_dir / "config.yaml")
-    seed = eval_seed(cfg.seed) if seed is None else seed
     ckpt = find_latest(output_dir) if checkpoint is None else Path(checkpoint)
     if ckpt is None or not ckpt.is_dir():
         raise FileNotFoundError(f"{output_dir} has no checkpoint to evaluate (looked in {output_dir / 'checkpoints'})")
     hf_dir = output_dir / "eval" / ckpt.name
     if not (hf_dir / "config.json").is_file():
         export_checkpoint(ckpt, hf_dir)
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    result = {"checkpoint": str(ckpt), **evaluate_model(cfg, hf_dir, n=n, seed=seed, n_base=n_base,
+                                                        trainer_state=ckpt / "trainer_state.pt")}
+    if checkpoint is None:
+        (output_dir / "eval.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def evaluate_model(cfg: RunConfig, policy_dir: str | Path, *, n: int = 256, seed: int | None = None,
+                   n_base: int = BASE_SAMPLES, trainer_state: str | Path | None = None) -> dict:
+    """Evaluate the Hugging Face causal LM saved in ``policy_dir`` as the policy π of run config ``cfg``
+    (its base ``model.path``, target and ``sampling.max_new_tokens``) → {"base": row, "policy": row, ...}.
+
+    The evaluation behind ``evaluate_run``, for any model with the base's tokenizer, however it was trained
+    (benchmarks/vs_disco.py evaluates another library's tuned model with it). n, n_base, seed: as in
+    ``evaluate_run``; trainer_state: a checkpoint's ``trainer_state.pt``, read only for the trained λ of a
+    distributional target (required then)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fdpg_scale.distributed.checkpoint_files import load_plain
+
+    _check_counts(n, n_base)
+    policy_dir = Path(policy_dir)
+    seed = eval_seed(cfg.seed) if seed is None else seed
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
     prompts = load_target_prompts(cfg.target, tokenizer)
     task = build_task(cfg.target, metadata_columns=() if prompts is None else tuple(prompts.metadata))  # on the CPU
     if task.moment is not None:
-        state = load_plain(ckpt / "trainer_state.pt")  # tensors and plain containers only: no pickle runs
+        if trainer_state is None:
+            raise ValueError(f"eval: the target of {policy_dir} is distributional: pass the checkpoint's "
+                             f"trainer_state.pt (its trained λ)")
+        state = load_plain(Path(trainer_state))  # tensors and plain containers only: no pickle runs
         task = task.with_lambdas(state["lambdas"])
-    policy_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    policy_model = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32).eval()
     base_dir = local_dir(cfg.model.path, where="model.path")   # a Hub id: its snapshot in the local cache
     base_model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
     max_new = cfg.sampling.max_new_tokens
@@ -216,20 +243,17 @@ def evaluate_run(output_dir: str | Path, *, n: int = 256, seed: int | None = Non
     # The base row is scored on the policy-sized share of the base draws (its alignment and diversity compare
     # with π's n draws); KL(p‖a) uses them all, like KL(p‖π).
     base_row = _row(_first(base, n), base, log_z=log_z, pi_on_base=base["logp"])
-    result = {"checkpoint": str(ckpt), "n": n, "n_base": drawn, "seed": seed,
-              "log_z": float(log_z[torch.isfinite(log_z)].mean()),
-              "base_satisfaction_rate": satisfied / drawn,
-              "contexts_with_support": f"{int(torch.isfinite(log_z).sum())}/{len(log_z)}",
-              "base": base_row,
-              "policy": _row(policy, base, log_z=log_z, pi_on_base=pi_on_base),
-              **_rejection_sampled_gain(policy_model, base_model, tokenizer, task, n=drawn, max_new_tokens=max_new,
-                                        seed=seed + 2, prompts=prompts),
-              "divergence": str(cfg.divergence.name if cfg.divergence.alpha is None
-                                else f"alpha({cfg.divergence.alpha:g})"),
-              "samples": policy["samples"].texts[:SHOWN_SAMPLES]}
-    if checkpoint is None:
-        (output_dir / "eval.json").write_text(json.dumps(result, indent=2))
-    return result
+    return {"policy_dir": str(policy_dir), "n": n, "n_base": drawn, "seed": seed,
+            "log_z": float(log_z[torch.isfinite(log_z)].mean()),
+            "base_satisfaction_rate": satisfied / drawn,
+            "contexts_with_support": f"{int(torch.isfinite(log_z).sum())}/{len(log_z)}",
+            "base": base_row,
+            "policy": _row(policy, base, log_z=log_z, pi_on_base=pi_on_base),
+            **_rejection_sampled_gain(policy_model, base_model, tokenizer, task, n=drawn, max_new_tokens=max_new,
+                                      seed=seed + 2, prompts=prompts),
+            "divergence": str(cfg.divergence.name if cfg.divergence.alpha is None
+                              else f"alpha({cfg.divergence.alpha:g})"),
+            "samples": policy["samples"].texts[:SHOWN_SAMPLES]}
 
 
 def _first(draws: dict, n: int) -> dict:

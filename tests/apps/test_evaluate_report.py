@@ -96,3 +96,20 @@ def test_report_of_a_several_scorer_target_has_one_alignment_column_per_scorer(t
     one = [{"eval": {"divergence": "kl", "base": _eval_row(alignment=0.1, alignment_se=0.01),
                      "policy": _eval_row(alignment=0.6, alignment_se=0.03)}}]
     assert results_table(one).splitlines()[0].startswith("| model | alignment E[φ] | KL(p‖π) |")
+
+
+@pytest.mark.slow
+def test_evaluate_model_of_the_base_itself_is_the_base_row(tiny_gpt2):
+    """``evaluate_model`` evaluates any saved model (benchmarks/vs_disco.py: another library's): given the base
+    itself as π, the policy row's KL(p‖π) is the base row's KL(p‖a) (same draws, same log-probs) and the
+    rejection-sampled gain is exactly 0."""
+    from fdpg_scale.apps.evaluate import eval_seed, evaluate_model
+    from fdpg_scale.training.config import load_config
+
+    cfg = load_config(SMOKE, [f"model.path={tiny_gpt2}", "seed=3"])
+    ev = evaluate_model(cfg, tiny_gpt2, n=16, n_base=64)
+    assert ev["seed"] == eval_seed(3) and ev["n_base"] == 64 and ev["policy_dir"] == str(tiny_gpt2)
+    assert ev["policy"]["kl_p_pi"] == pytest.approx(ev["base"]["kl_p_pi"], rel=1e-9)
+    assert ev["kl_gain_rs"] == pytest.approx(0.0, abs=1e-9) and ev["kl_gain_rs_draws"] > 0
+    with pytest.raises(ValueError, match="samples must be an int"):
+        evaluate_model(cfg, tiny_gpt2, n=0)
