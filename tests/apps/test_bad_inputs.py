@@ -107,6 +107,28 @@ GRIDS = {
 # (id, argv after `fdpg-scale`, world size for the pre-start checks, what the one line must contain).
 # "{x}" in argv is filled from the `files` fixture; every train row also gets model.path={model} unless set.
 TRAIN_ROWS = [
+    # ---- LoRA (model.lora) and what it rules out
+    ("lora-r-0", ["model.lora.r=0"], 1, "model.lora.r"),
+    ("lora-r-str", ["model.lora.r=eight"], 1, "model.lora.r"),
+    ("lora-alpha-neg", ["model.lora.r=8", "model.lora.alpha=-2"], 1, "model.lora.alpha"),
+    ("lora-dropout-neg", ["model.lora.r=8", "model.lora.dropout=-0.1"], 1, "model.lora.dropout"),
+    ("lora-dropout-1", ["model.lora.r=8", "model.lora.dropout=1"], 1, "model.lora.dropout"),
+    ("lora-targets-absent", ["model.lora.r=8", "model.lora.target_modules=[q_proj]"], 1, "q_proj"),
+    ("lora-targets-head", ["model.lora.r=8", "model.lora.target_modules=[lm_head]"], 1, "lm_head"),
+    ("lora-unknown-key", ["model.lora.rank=4"], 1, "model.lora.rank"),
+    ("lora-with-inference-copies", ["model.lora.r=8", "train.inference_copies=true"], 1,
+     "train.inference_copies"),
+    # ---- trackers, the samples table and in-run evaluation
+    ("trackers-unknown", ["logging.trackers=[comet]"], 1, "logging.trackers"),
+    ("trackers-twice", ["logging.trackers=[tensorboard,tensorboard]"], 1, "logging.trackers"),
+    ("trackers-not-installed", ["logging.trackers=[trackio]"], 1, "trackio"),
+    ("wandb-mode-bad", ["logging.wandb_mode=cloudy"], 1, "logging.wandb_mode"),
+    ("samples-every-neg", ["logging.samples_every=-1"], 1, "logging.samples_every"),
+    ("samples-every-str", ["logging.samples_every=often"], 1, "logging.samples_every"),
+    ("eval-every-neg", ["eval.every=-1"], 1, "eval.every"),
+    ("in-run-eval-samples-0", ["eval.every=2", "eval.samples=0"], 1, "eval.samples"),
+    # ---- prompt datasets
+    ("prompts-dataset-missing", ["target.prompts={root}/none.parquet"], 1, "none.parquet"),
     # ---- the config loader: types, ranges, choices, unknown keys
     ("steps-0", ["train.steps=0"], 1, "train.steps"),
     ("steps-neg", ["train.steps=-1"], 1, "train.steps"),
@@ -251,6 +273,13 @@ PLAN_ROWS = [
 
 # (id, argv after `fdpg-scale`, what the one line must contain); "{x}" is filled from the `entry_files` fixture.
 OTHER_ROWS = [
+    # ---- train --nproc-per-node: checked for N ranks before torchrun starts
+    ("nproc-0", ["train", "--config", "{smoke}", "--nproc-per-node", "0"], "--nproc-per-node"),
+    ("nproc-str", ["train", "--config", "{smoke}", "--nproc-per-node", "two"], "--nproc-per-node"),
+    ("nproc-indivisible", ["train", "--config", "{smoke}", "--nproc-per-node", "2", "train.global_batch=12",
+                           "train.micro_batch=4", "output_dir={root}/nproc"], "train.global_batch=12"),
+    ("nproc-unknown-key", ["train", "--config", "{smoke}", "--nproc-per-node", "2", "trian.steps=2",
+                           "output_dir={root}/nproc"], "'trian.steps'"),
     # ---- plan: the config file itself
     ("plan-config-missing", ["plan", "--config", "{root}/none.yaml", "--nodes", "1", "--gpus-per-node", "1"],
      "none.yaml"),
