@@ -21,7 +21,7 @@ warped log q is kept (``logq_source`` says which applies). Either way each chunk
 recorded, and ``logq_mismatch_metrics`` reports recorded − rescored per sequence.
 
 Rescoring is skipped where it would recompute the same numbers (``RolloutPlan.recorded_logq_exact``): fp32
-weights on the CPU, where generate's lm_head is an fp32 matmul followed by an fp32 log-softmax, as the fused
+weights on the CPU with the Hugging Face engine (not vLLM, whose own kernels record log q), where generate's lm_head is an fp32 matmul followed by an fp32 log-softmax, as the fused
 head's CPU path (the chunked torch reference) is. The two agree within 1e-5 per sequence there
 (tests/distributed/test_zero3.py), and the skipped forward is a third of the step's scoring. On a GPU the
 fused head runs Triton tiles (TF32 dot products) and bf16 rounds the logits, so log q is rescored there.
@@ -101,7 +101,9 @@ class RolloutPlan:
                    rank=rank, world=world, accumulation=cfg.train.accumulation_steps(world),
                    micro_batch=cfg.train.micro_batch, sampling_batch=cfg.sampling.batch,
                    rescore_logq=cfg.sampling.rescore_logq,
-                   recorded_logq_exact=cfg.model.dtype == "fp32" and device().type == "cpu")
+                   # generate's numerics only: vLLM records log q with its own kernels (≈1e-3 apart), so rescore
+                   recorded_logq_exact=(cfg.model.dtype == "fp32" and device().type == "cpu"
+                                        and cfg.sampling.engine != "vllm"))
 
     @property
     def sequences(self) -> int:

@@ -34,6 +34,18 @@ def test_plan_from_a_run_config():
         plan.rank = 0
 
 
+def test_recorded_logq_is_trusted_only_from_generate_in_fp32():
+    """Skipping the rescoring forward is exact for generate's fp32 CPU numerics only: vLLM's kernels record log q
+    about 1e-3 away, and bf16 rounds the logits, so those are rescored."""
+    def exact(*overrides):
+        cfg = load_config(ROOT / "configs/smoke.yaml", list(overrides))
+        return RolloutPlan.from_config(cfg, rank=0, world=1).recorded_logq_exact
+
+    assert exact()
+    assert not exact("sampling.engine=vllm")
+    assert not exact("model.dtype=bf16")
+
+
 def test_the_global_batch_is_laid_out_the_same_on_any_world_size():
     """Chunk c lives on rank c mod world: 1 rank draws chunks 0..3, 2 ranks split them (0, 2) and (1, 3)."""
     one = _plan(accumulation=4, micro_batch=2)
