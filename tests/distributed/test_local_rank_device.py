@@ -7,6 +7,7 @@ engine's device). Under ``srun --gpus-per-task=1`` task 3 of a node sees one GPU
 
 from __future__ import annotations
 
+import datetime
 import os
 
 import pytest
@@ -58,13 +59,15 @@ def test_init_distributed_exports_the_device_index_deepspeed_uses(monkeypatch, c
     accel = FakeCudaAccelerator(count)
     started = {}
 
-    def fake_init(dist_backend, auto_mpi_discovery):
+    def fake_init(dist_backend, auto_mpi_discovery, timeout):
         # What DeepSpeed itself then does with LOCAL_RANK (deepspeed/comm/torch.py, partition_parameters.py).
-        started["backend"] = dist_backend
+        started["backend"], started["timeout"] = dist_backend, timeout
         accel.set_device(int(os.environ["LOCAL_RANK"]))
 
     monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: accel)
     monkeypatch.setattr(deepspeed, "init_distributed", fake_init)
+    # No process group exists here for DeepSpeed's world-group clone to be made from: record the call instead.
+    monkeypatch.setattr(launch, "_clone_world_group", lambda timeout: started.setdefault("clone_timeout", timeout))
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     saved = dict(os.environ)
     try:
@@ -80,3 +83,4 @@ def test_init_distributed_exports_the_device_index_deepspeed_uses(monkeypatch, c
     assert exported == str(want)
     assert accel.selected == [want, want]
     assert started["backend"] == "nccl"
+    assert started["timeout"] == started["clone_timeout"] == datetime.timedelta(seconds=600)  # the default
