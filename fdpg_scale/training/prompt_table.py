@@ -82,11 +82,12 @@ def _load(read, label: str):
 
 @contextlib.contextmanager
 def _quiet(datasets):
-    """No progress bars or info logs from ``datasets`` while a table is read (they would go to every rank's
-    stderr); the previous settings are restored after."""
+    """No progress bars or logs from ``datasets`` while a table is read (they would go to every rank's stderr);
+    the previous settings are restored after. Its parsers log their ERROR before raising: that error is what
+    ``_load``'s one line reports, so it is not said twice."""
     bars, verbosity = datasets.is_progress_bar_enabled(), datasets.logging.get_verbosity()
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
         yield
     finally:
