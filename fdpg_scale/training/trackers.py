@@ -128,9 +128,7 @@ class WandbTracker:
         self.run.log(metrics, step=step)
 
     def log_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
-        columns = list(rows[0])
-        self.run.log({"samples": self.wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])},
-                     step=step)
+        self.run.log({"samples": _table(self.wandb, rows)}, step=step)
 
     def close(self) -> None:
         self.run.finish()
@@ -183,12 +181,16 @@ class TrackioTracker:
         self.trackio.log(metrics, step=step)
 
     def log_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
-        columns = list(rows[0])
-        self.trackio.log({"samples": self.trackio.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])},
-                         step=step)
+        self.trackio.log({"samples": _table(self.trackio, rows)}, step=step)
 
     def close(self) -> None:
         self.trackio.finish()
+
+
+def _table(library, rows: list[dict[str, Any]]):
+    """``library.Table`` (W&B's, or trackio's, which copies its API) of ``rows``: one column per key of the first."""
+    columns = list(rows[0])
+    return library.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])
 
 
 # MLflow metric names allow letters, digits, '_', '-', '.', ' ', '/' (a scorer's name may hold other characters).
