@@ -2,20 +2,23 @@
 # Sets up .venv (scripts/setup.sh) and runs the test suite; extra arguments go to pytest.
 #   bash scripts/test.sh          the whole suite (what CI runs)
 #   bash scripts/test.sh --fast   only the tests not marked slow: unit tests of every module, no torchrun, no
-#                                 CLI training run, no SLURM cluster, no vLLM engine (minutes instead of half an hour)
+#                                 CLI training run, no SLURM cluster, no vLLM engine (minutes instead of half an hour);
+#                                 its set-up leaves out the vllm extra, which no such test needs
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 select=()
+setup_args=()
 pytest_args=()
 for arg in "$@"; do
     if [ "$arg" = "--fast" ]; then
         select=(-m "not slow")
+        setup_args=(--without-vllm)
     else
         pytest_args+=("$arg")
     fi
 done
-bash scripts/setup.sh
+bash scripts/setup.sh ${setup_args[@]+"${setup_args[@]}"}
 # Triton kernels run on CPU tensors through the interpreter in tests; it must be on before triton.jit runs.
 export TRITON_INTERPRET=1 DS_ACCELERATOR=cpu TORCH_EXTENSIONS_DIR="$root/.cache/torch_extensions"
 # DeepSpeed's C++ shared-memory op, built once here, before any test: a test process killed while building it

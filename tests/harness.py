@@ -13,15 +13,17 @@ rendezvous port, so concurrent test runs do not collide. Failures raise with the
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import multiprocessing
+import os
 import socket
 import subprocess
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -139,6 +141,29 @@ def run_workers(script: str, nprocs: int, *args: str, timeout: float = 300) -> s
         raise AssertionError(f"{script} on {nprocs} ranks exited with {proc.returncode}:\n"
                              f"{proc.stdout[-6000:]}\n{proc.stderr[-12000:]}")
     return proc.stdout + proc.stderr
+
+
+@contextlib.contextmanager
+def one_rank_zero3() -> Iterator[None]:
+    """This test process as rank 0 of a world of 1 (gloo), for building ZeRO-3 engines in-process; on exit the
+    group is destroyed (if this opened it), transformers' ZeRO-3 loading switched off again (the engines leave
+    it on, and later tests build plain models) and the rendezvous variables init_distributed wrote into
+    os.environ removed."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    from fdpg_scale.distributed.launch import init_distributed
+
+    saved_env = dict(os.environ)
+    started = not torch.distributed.is_initialized()
+    init_distributed()
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        if started:
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(saved_env)
 
 
 def _free_port() -> int:

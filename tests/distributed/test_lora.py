@@ -8,7 +8,6 @@ read without a gather sees an empty placeholder (the pitfall of adapters exporte
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ import torch
 
 from fdpg_scale.distributed.settings import LoraSettings
 from fdpg_scale.training.config import load_config
-from tests.harness import run_cli
+from tests.harness import one_rank_zero3, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 LORA = LoraSettings(r=4, alpha=8.0)
@@ -27,16 +26,12 @@ def lora(tmp_path_factory, tiny_gpt2):
     """{policy engine with adapters, its q and a views, the base loaded alone as a frozen engine, rows}."""
     from fdpg_scale.distributed.adapters import adapter_views
     from fdpg_scale.distributed.engines import build_frozen, build_policy
-    from fdpg_scale.distributed.launch import init_distributed
     from fdpg_scale.training.run_setup import deepspeed_config
 
     tmp = tmp_path_factory.mktemp("lora")
     cfg = load_config(ROOT / "configs/smoke.yaml", [f"model.path={tiny_gpt2}", f"output_dir={tmp / 'run'}",
                                                     "train.global_batch=4", "train.micro_batch=4"])
-    saved_env = dict(os.environ)   # init_distributed writes the rendezvous variables into os.environ
-    started = not torch.distributed.is_initialized()
-    init_distributed()
-    try:
+    with one_rank_zero3():
         ds = deepspeed_config(cfg, world_size=1, accumulation=1)
         ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
         policy = build_policy(tiny_gpt2, ds, lr=5e-2, lora=LORA, lora_seed=3)
@@ -50,14 +45,6 @@ def lora(tmp_path_factory, tiny_gpt2):
         loss_mask[1, :5] = 0                    # a row's first real token has no context: never scored
         yield {"policy": policy, "q": proposal, "a": base, "alone": build_frozen(tiny_gpt2, ds),
                "rows": (ids, mask, loss_mask), "tmp": tmp, "model": tiny_gpt2}
-    finally:
-        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-        unset_hf_deepspeed_config()
-        if started:
-            torch.distributed.destroy_process_group()
-        os.environ.clear()
-        os.environ.update(saved_env)
 
 
 def _logp(engine, rows) -> torch.Tensor:

@@ -94,27 +94,27 @@ def test_two_nodes_torchrun(cluster, tmp_path):
 
 
 def test_bad_input_fails_fast(cluster, tmp_path):
+    # The three jobs are submitted together (they fail independently; the cluster runs them side by side).
     job, out = submit(tmp_path, "no-config", [])
+    # 3 ranks × micro_batch 4 do not divide global_batch 8
+    world_job, world_out = submit(tmp_path, "bad-world", [*SMOKE, f"output_dir={tmp_path / 'run'}"], (),
+                                  NPROC_PER_NODE="3")
+    # requeued before any checkpoint exists: the resumed job has nothing to resume from
+    ckpt_job, ckpt_out = submit(tmp_path, "no-ckpt", ["configs/smoke.yaml", "train.steps=50",
+                                                      "train.save_every=100", f"output_dir={tmp_path / 'empty'}"])
     assert wait_job(job, 60) == "FAILED"
     assert "no CONFIG given" in out.read_text()
-    # 3 ranks × micro_batch 4 do not divide global_batch 8
-    job, out = submit(tmp_path, "bad-world", [*SMOKE, f"output_dir={tmp_path / 'run'}"], (),
-                      NPROC_PER_NODE="3")
-    assert wait_job(job, 60) == "FAILED"
-    text = out.read_text()
+    end = time.monotonic() + 90
+    while "restart 0" not in (ckpt_out.read_text() if ckpt_out.exists() else ""):
+        assert time.monotonic() < end, job_field(ckpt_job, "JobState")
+        time.sleep(0.2)
+    subprocess.run(["scontrol", "requeue", ckpt_job], check=True)
+    assert wait_job(world_job, 90) == "FAILED"
+    text = world_out.read_text()
     assert "not a multiple of train.micro_batch × world size" in text and "step 1" not in text
     assert not (tmp_path / "run").exists()
-
-    # requeued before any checkpoint exists: the resumed job has nothing to resume from
-    job, out = submit(tmp_path, "no-ckpt", ["configs/smoke.yaml", "train.steps=50", "train.save_every=100",
-                                            f"output_dir={tmp_path / 'empty'}"])
-    end = time.monotonic() + 60
-    while "restart 0" not in (out.read_text() if out.exists() else ""):
-        assert time.monotonic() < end, job_field(job, "JobState")
-        time.sleep(0.2)
-    subprocess.run(["scontrol", "requeue", job], check=True)
-    assert wait_job(job, 120) == "FAILED"
-    assert "nothing to resume from" in out.read_text().splitlines()[-1]
+    assert wait_job(ckpt_job, 120) == "FAILED"
+    assert "nothing to resume from" in ckpt_out.read_text().splitlines()[-1]
 
 
 SLOW_SAVE = ROOT / "tests/slurm/slow_checkpoint"  # test-only: its sitecustomize delays the save by 35 s
@@ -127,6 +127,10 @@ def test_preemption_requeue_resumes(cluster, tmp_path):
             "logging.tensorboard=false"]
     job, out = submit(tmp_path, "preempt", [*args, f"output_dir={tmp_path / 'cut'}"], ["--nodes=1"],
                       NPROC_PER_NODE="2", PYTHONPATH=str(SLOW_SAVE))
+    # The reference runs on the other node meanwhile: the cut job spends most of its time waiting (the 35 s
+    # save, the requeue), so the two together take little longer than the cut job alone.
+    ref, ref_out = submit(tmp_path, "uncut", [*args, f"output_dir={tmp_path / 'uncut'}"], ["--ntasks-per-node=2"],
+                          FDPG_LAUNCH="srun")
     end = time.monotonic() + 180
     while not (tmp_path / "cut/metrics.jsonl").exists() or len(metrics(tmp_path / "cut")) < 2:
         assert time.monotonic() < end and job_field(job, "JobState") in ("PENDING", "RUNNING"), out.read_text()
@@ -144,8 +148,6 @@ def test_preemption_requeue_resumes(cluster, tmp_path):
     # the slow save completed (nothing SIGKILLed it after 30 s) and the requeued job resumed from it
     assert 2 <= stopped < 16 and f"resumed at step {stopped}" in text, text[-3000:]
     assert not list((tmp_path / "cut/checkpoints").glob(".tmp-*"))
-    ref, ref_out = submit(tmp_path, "uncut", [*args, f"output_dir={tmp_path / 'uncut'}"], ["--ntasks-per-node=2"],
-                          FDPG_LAUNCH="srun")
     assert wait_job(ref) == "COMPLETED", ref_out.read_text()[-3000:]
     cut, uncut = metrics(tmp_path / "cut"), metrics(tmp_path / "uncut")
     assert [m["step"] for m in cut] == [m["step"] for m in uncut] == list(range(1, 17))

@@ -4,7 +4,6 @@ gradient, and DeepSpeed steps at the accumulation boundary, which ``optimizer_st
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ import torch
 
 from fdpg_scale.training.config import load_config
 from fdpg_scale.training.rollout import RolloutPlan
+from tests.harness import one_rank_zero3
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -22,7 +22,6 @@ def backend(tmp_path_factory):
     from transformers import AutoTokenizer
 
     from fdpg_scale.distributed.engines import build_frozen, build_policy
-    from fdpg_scale.distributed.launch import init_distributed
     from fdpg_scale.models.tiny import build_tiny_model_dir
     from fdpg_scale.targets.tasks import build_task
     from fdpg_scale.training.backend import ZeroBackend
@@ -33,25 +32,13 @@ def backend(tmp_path_factory):
     cfg = load_config(ROOT / "configs/smoke.yaml", [f"model.path={model_dir}", f"output_dir={tmp / 'run'}",
                                                     "train.global_batch=4", "train.micro_batch=2",
                                                     "sampling.max_new_tokens=6", "sampling.temperature=0.8"])
-    saved_env = dict(os.environ)   # init_distributed writes the rendezvous variables into os.environ
-    started = not torch.distributed.is_initialized()
-    init_distributed()
-    try:
+    with one_rank_zero3():
         plan = RolloutPlan.from_config(cfg, rank=0, world=1)
         ds = deepspeed_config(cfg, world_size=1, accumulation=plan.accumulation)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         yield ZeroBackend(policy=build_policy(model_dir, ds, lr=1e-3), proposal=build_frozen(model_dir, ds),
                           base=build_frozen(model_dir, ds), task=build_task(cfg.target, tokenizer),
                           tokenizer=tokenizer, plan=plan)
-    finally:
-        # The engines keep transformers' ZeRO-3 loading switched on for this process; later tests build plain models.
-        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-        unset_hf_deepspeed_config()
-        if started:
-            torch.distributed.destroy_process_group()
-        os.environ.clear()
-        os.environ.update(saved_env)
 
 
 def test_sample_draws_the_plans_micro_batches_reproducibly(backend):

@@ -64,16 +64,16 @@ def test_lora_runs_on_one_and_two_ranks_resume_across_world_sizes_and_export_bot
 
     straight = tmp_path / "straight"
     run_train(straight, *STEPS, model=tiny_gpt2, nproc=1)
-    moved = tmp_path / "moved"   # steps 1-2 on 2 ranks, step 3 resumed on 2 ranks, step 4 resumed on 1 rank
+    # Steps 1-2 on 2 ranks, steps 3-4 resumed on 1 rank: the adapters' state through a change of world size
+    # (a resume on the same world size goes through the same checkpoint code).
+    moved = tmp_path / "moved"
     run_train(moved, *STEPS[:1], "train.steps=2", *STEPS[2:], model=tiny_gpt2, nproc=2)
-    log = run_train(moved, *STEPS[:1], "train.steps=3", *STEPS[2:], model=tiny_gpt2, nproc=2)
-    assert "world 2" in log and "resumed at step 2" in log, log[-3000:]
     log = run_train(moved, *STEPS, model=tiny_gpt2, nproc=1)
-    assert "world 1" in log and "resumed at step 3" in log, log[-3000:]
+    assert "world 1" in log and "resumed at step 2" in log, log[-3000:]
     a, b = metrics(straight), metrics(moved)
     assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2, 3, 4]
     assert a[-1]["proposal_version"] >= 1   # q was replaced by π at least once (the adapter copy)
-    for x, y in zip(a, b):   # measured: 2 ranks against 1 equal to 2e-15, and exactly after either resume
+    for x, y in zip(a, b):   # measured: 2 ranks against 1 equal to 2e-15, and exactly after the resume
         for key in ("loss", "log_z", "kl_p_pi", "kl_pi_a", "proposal_version"):
             assert x[key] == pytest.approx(y[key], rel=1e-6, abs=1e-9), (x["step"], key, x[key], y[key])
     ckpt = straight / "checkpoints" / "step_00000004"
