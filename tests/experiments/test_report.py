@@ -8,7 +8,8 @@ from pathlib import Path
 
 from fdpg_scale.apps.cli import main as cli_main
 from fdpg_scale.experiments.grid import Grid
-from fdpg_scale.experiments.report import _settling, _size_table, _table, verdict_lines, write_results
+from fdpg_scale.experiments.report import (_settling, _size_table, _table, closeness_table, verdict_lines,
+                                          write_results)
 from fdpg_scale.experiments.stats import METRICS, summarize
 from fdpg_scale.experiments.verdicts import claim_verdicts
 from fdpg_scale.models.base_config import PretrainConfig
@@ -41,6 +42,18 @@ def test_cell_table_has_a_column_per_metric_and_a_row_per_model():
     assert lines[0] == "| model | " + " | ".join(label for _, label in METRICS) + " |"
     assert [line.split(" |")[0] for line in lines[2:]] == ["| base model a", "| f-DPG kl", "| f-DPG js"]
     assert "1.000 ± 0.248" in lines[3] and "0.500 |" in lines[2]          # the base: one evaluation, no ±
+
+
+def test_closeness_table_counts_seeds_closer_to_p_than_their_own_base():
+    cells = synthetic_cells({("a", "small"): {"kl": LOW, "js": HIGH}})
+    for c in cells:   # each seed's base on its own draws: 2.0, 1.0, 3.0
+        c["base"]["kl_p_pi"] = [2.0, 1.0, 3.0][c["seed"]]
+        c["policy"]["kl_p_pi_draws"] = 100 + c["seed"]
+    lines = closeness_table(cells).splitlines()
+    assert lines[0].startswith("| task | size | divergence | seeds closer to p |")
+    # kl (1.0, 1.1, 0.9): gains +1.0, -0.1, +2.1 -> 2 of 3; js (3.0, 3.2, 2.8): -1.0, -2.2, +0.2 -> 1 of 3
+    assert lines[2] == "| a | small | kl | 2/3 | +1.000, -0.100, +2.100 | -0.100 | 100, 101, 102 |"
+    assert lines[3] == "| a | small | js | 1/3 | -1.000, -2.200, +0.200 | -2.200 | 100, 101, 102 |"
 
 
 def test_verdict_lines_give_each_test_with_its_interval_and_holm_p():
@@ -103,4 +116,5 @@ def test_write_results_judges_the_runs_and_renders_the_tests(tmp_path):
                                                                        {"small": 1000, "large": 8000})))
     assert results["verdicts"][2]["verdict"] == "holds"
     text = report.read_text()
+    assert "## Closer to p than the base, seed by seed" in text and "| a | large | js | 0/3 |" in text
     assert "**Claim 3: holds.**" in text and "| a | slope of (js − kl) per ln(parameters) | kl_p_pi | slope | 6 |" in text

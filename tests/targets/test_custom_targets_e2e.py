@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from fdpg_scale.models.tiny_classifier import build_tiny_classifier_dir
-from tests.harness import REPO as ROOT, SMOKE, metrics, run_cli
+from tests.harness import REPO as ROOT, SMOKE, metrics, run_cli, side_by_side
 
 SEVERAL = ROOT / "configs" / "smoke-several-scorers.yaml"
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -56,12 +56,14 @@ def test_several_scorers_with_a_classifier_train_on_one_and_two_ranks_and_evalua
     config = tmp_path / "several.yaml"
     config.write_text(yaml.safe_dump(raw))
     model = tiny_gpt2
-    logs, runs = {}, {}
-    for nproc in (1, 2):
-        runs[nproc] = tmp_path / f"ranks{nproc}"
+    runs = {nproc: tmp_path / f"ranks{nproc}" for nproc in (1, 2)}
+
+    def train(nproc):
         proc = fdpg(["train", "--config", str(config), f"model.path={model}", "train.steps=2",
                      f"output_dir={runs[nproc]}", "logging.progress_bar=false"], nproc=nproc)
-        logs[nproc] = proc.stdout + proc.stderr
+        return proc.stdout + proc.stderr
+
+    logs = dict(zip((1, 2), side_by_side(lambda: train(1), lambda: train(2))))
 
     # Both features' λ fitted jointly, to within fit_lambdas' tolerance (1e-6), the same on 1 and 2 ranks.
     fits = {n: _fit_line(logs[n]) for n in logs}

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from fdpg_scale.errors import EXIT_BAD_INPUT
-from tests.harness import SMOKE, assert_params_close, export, metrics, run_cli, run_train
+from tests.harness import SMOKE, assert_params_close, export, metrics, run_cli, run_train, side_by_side
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -29,8 +29,8 @@ def smoke_runs(tmp_path_factory, tiny_gpt2):
     ``split`` (3 steps, then the same output_dir continued to 6); ``log`` is the continuation's output."""
     root = tmp_path_factory.mktemp("smoke")
     straight, split, three = root / "straight", root / "split", root / "three"
-    run_train(straight, "train.steps=6", model=tiny_gpt2)
-    run_train(split, "train.steps=3", model=tiny_gpt2)
+    side_by_side(lambda: run_train(straight, "train.steps=6", model=tiny_gpt2),
+                 lambda: run_train(split, "train.steps=3", model=tiny_gpt2))
     shutil.copytree(split, three)
     log = run_train(split, "train.steps=6", model=tiny_gpt2)  # same output_dir, more steps: continues the run
     return {"root": root, "straight": straight, "split": split, "three": three, "log": log}
@@ -76,7 +76,8 @@ def test_two_ranks_match_one_rank_on_the_same_global_batch(smoke_runs, tiny_gpt2
     for a, b in zip(metrics(one), metrics(two)):
         for key in ("loss", "log_z", "kl_p_pi"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key, a[key], b[key])
-    assert_params_close(export(two, tmp_path / "hf_two"), export(one, tmp_path / "hf_one"), rtol=1e-5)
+    assert_params_close(*side_by_side(lambda: export(two, tmp_path / "hf_two"),
+                                      lambda: export(one, tmp_path / "hf_one")), rtol=1e-5)
 
 
 def test_resuming_with_another_divergence_is_refused(smoke_runs, tiny_gpt2, tmp_path):
@@ -92,9 +93,11 @@ def test_resuming_with_another_divergence_is_refused(smoke_runs, tiny_gpt2, tmp_
 
 
 def test_distributional_target_fits_lambda_once_and_reward_target_trains(tiny_gpt2, tmp_path):
-    out = tmp_path / "dist"
-    log = run_train(out, "train.steps=1", "target.kind=distributional", "target.moment=0.9",
-                    "target.fit_samples=32", model=tiny_gpt2)
+    out, reward = tmp_path / "dist", tmp_path / "reward"
+    log, _ = side_by_side(lambda: run_train(out, "train.steps=1", "target.kind=distributional", "target.moment=0.9",
+                                            "target.fit_samples=32", model=tiny_gpt2),
+                          lambda: run_train(reward, "train.steps=2", "target.kind=reward", "target.scorer=count",
+                                            "target.beta=0.5", model=tiny_gpt2))
     assert "fitted on 32 samples" in log and "(target 0.9)" in log
     fitted = re.search(r"E_p\[φ\] ≈ \[([-0-9.e]+)\]", log)
     assert fitted and abs(float(fitted.group(1)) - 0.9) < 1e-3, log[-2000:]   # λ hits the moment (fit tolerance)
@@ -103,9 +106,6 @@ def test_distributional_target_fits_lambda_once_and_reward_target_trains(tiny_gp
     assert "(from the checkpoint)" in log  # resumed runs keep the fitted λ instead of refitting
     assert [m["step"] for m in metrics(out)] == [1, 2]
 
-    reward = tmp_path / "reward"
-    run_train(reward, "train.steps=2", "target.kind=reward", "target.scorer=count", "target.beta=0.5",
-              model=tiny_gpt2)
     rows = metrics(reward)
     assert len(rows) == 2 and all(math.isfinite(r["loss"]) and math.isfinite(r["alignment"]) for r in rows)
     # P = a·exp(r/β), r = count ≥ 0, q = a at step 1: Ẑ = mean exp(r_i/β) ≥ exp(mean r_i / β) (Jensen) and ≥ 1.

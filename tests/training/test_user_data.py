@@ -25,7 +25,7 @@ from fdpg_scale.models.tiny import build_tiny_model_dir
 from fdpg_scale.models.tokens import padding_id, special_token_problem, start_id
 from fdpg_scale.training import loop
 from fdpg_scale.training.preflight import preflight
-from tests.harness import fill_paths, one_line, run_cli
+from tests.harness import fill_paths, one_line, run_cli, side_by_side
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "configs" / "smoke.yaml"
@@ -612,18 +612,16 @@ def test_train_eval_export_with_a_tokenizer_without_bos(files, tmp_path):
     """Unconditional and conditional, as a Qwen tokenizer (no BOS) would be used."""
     from transformers import AutoTokenizer
 
-    out = tmp_path / "run"
-    _run(*TRAIN, f"model.path={files['no_bos']}", f"output_dir={out}")
+    out, conditional = tmp_path / "run", tmp_path / "conditional"
+    side_by_side(lambda: _run(*TRAIN, f"model.path={files['no_bos']}", f"output_dir={out}"),
+                 lambda: _run(*TRAIN, f"model.path={files['no_bos']}", f"output_dir={conditional}",
+                              f"target.prompts_file={files['root'] / 'prompts.jsonl'}"))
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
-    _run("eval", str(out), "--samples", "8")
+    side_by_side(lambda: _run("eval", str(out), "--samples", "8"),
+                 lambda: _run("eval", str(conditional), "--samples", "8"),
+                 lambda: _run("export", str(out), "--to", str(tmp_path / "hf")))
     assert json.loads((out / "eval.json").read_text())["n"] == 8
-    _run("export", str(out), "--to", str(tmp_path / "hf"))
     assert AutoTokenizer.from_pretrained(tmp_path / "hf").bos_token_id is None
-
-    conditional = tmp_path / "conditional"
-    _run(*TRAIN, f"model.path={files['no_bos']}", f"output_dir={conditional}",
-         f"target.prompts_file={files['root'] / 'prompts.jsonl'}")
-    _run("eval", str(conditional), "--samples", "8")
     assert json.loads((conditional / "eval.json").read_text())["contexts_with_support"].endswith("/2")
 
 
