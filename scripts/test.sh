@@ -27,4 +27,8 @@ export TRITON_INTERPRET=1 DS_ACCELERATOR=cpu TORCH_EXTENSIONS_DIR="$root/.cache/
 shm="$TORCH_EXTENSIONS_DIR/deepspeed_shm_comm"
 if [ -e "$shm/lock" ] && ! ls "$shm"/*.so >/dev/null 2>&1; then rm -f "$shm/lock"; fi
 .venv/bin/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null
-exec .venv/bin/python -m pytest tests -q ${select[@]+"${select[@]}"} ${pytest_args[@]+"${pytest_args[@]}"}
+# One pytest worker per CPU core (pytest-xdist), each test file whole on one worker: a file's module fixtures
+# (the SLURM test cluster, in-process engines) are then set up once. Most slow tests wait on one-thread
+# subprocesses, so two files side by side keep both cores busy. `-n 0` (an extra argument) runs one process.
+exec .venv/bin/python -m pytest tests -q -n logical --dist loadfile ${select[@]+"${select[@]}"} \
+    ${pytest_args[@]+"${pytest_args[@]}"}
