@@ -26,6 +26,8 @@ from typing import Mapping, Sequence
 
 import torch
 
+from fdpg_scale.distributed.omp_threads import serial_side_threads
+
 __all__ = ["LaunchInfo", "resolve_launch", "expand_hostlist", "device_index", "init_distributed", "device",
            "get_rank", "get_world_size", "is_rank0", "barrier", "all_reduce_floats", "all_gather_rows",
            "LAUNCHER_VARIABLES", "child_env", "DEFAULT_TIMEOUT_S", "is_collective_failure"]
@@ -207,6 +209,8 @@ def init_distributed(env: Mapping[str, str] | None = None, *, timeout_s: float =
     else:
         backend = accel.communication_backend_name()
     if not torch.distributed.is_initialized():
+        # Before gloo makes its threads: else their OpenMP teams slow every op of a 1-process run (omp_threads.py).
+        serial_side_threads()
         timeout = datetime.timedelta(seconds=timeout_s)
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
         _clone_world_group(timeout)
